@@ -1,0 +1,182 @@
+"""Rendered text → token ids and labels: the one masking mechanism for every template.
+
+A token is supervised iff its character span ends inside a supervised span of the rendered
+text (offset mapping), so labels never depend on per-template length arithmetic — the source
+of LLaVA's "tokenization mismatch" that silently zeroed whole samples.
+
+Two tokenization modes:
+- `hf`: the whole prompt at once, `<image>` being an added special token — exactly what the
+  saved processor does at inference.
+- `llava`: the original's: split at `<image>`, tokenize each chunk (BOS kept on the first only),
+  join with the image id — for continuing checkpoints trained by the original code.
+Each image placeholder then becomes as many image tokens as the vision tower yields.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llava_cli.sp_original import OriginalSentencePieceTokenizer
+from llava_cli.templates import IMAGE_PLACEHOLDER, Rendered
+
+IGNORE_INDEX = -100
+TokenizationMode = Literal["hf", "llava"]
+TOKENIZATION_MODES = ("hf", "llava")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids and labels of one sample; `image_spans` are [start, end) of each image's run."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_spans: list[tuple[int, int]]
+    truncated: bool = False
+
+    @property
+    def n_supervised(self) -> int:
+        """How many positions carry a label (the loss is computed over these)."""
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+    @property
+    def n_image_tokens(self) -> int:
+        """How many positions hold image features."""
+        return sum(end - start for start, end in self.image_spans)
+
+
+Offset = tuple[int, int] | None  # None: a token the tokenizer added (BOS), not from the text
+
+
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Offset]]:
+    if isinstance(tokenizer, OriginalSentencePieceTokenizer):
+        enc = tokenizer(text)
+        return enc["input_ids"], enc["offset_mapping"]
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+    except NotImplementedError as err:  # slow (pure-Python) tokenizers have no offsets
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} gives no offset mapping; load a "
+                         "fast (tokenizers-backed) tokenizer") from err
+    # HF marks tokens it added itself (BOS, EOS) with an empty (0, 0) span.
+    offsets = [None if o is None or o[1] <= o[0] else (o[0], o[1])
+               for o in enc["offset_mapping"]]
+    return list(enc["input_ids"]), offsets
+
+
+def _tokenize_llava_style(
+    tokenizer: Any, text: str, image_id: int
+) -> tuple[list[int], list[Offset]]:
+    """The original's `tokenizer_image_token`, keeping each token's offsets in `text`.
+
+    `tokenizer` is the HF tokenizer, or for SentencePiece vocabularies the original slow
+    tokenization (`sp_original`), so that ids match what the original code produced.
+    """
+    ids: list[int] = []
+    offsets: list[Offset] = []
+    start = 0
+    bos = tokenizer.bos_token_id
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    keep_bos = False
+    for n, chunk in enumerate(chunks):
+        chunk_ids, chunk_offsets = _tokenize(tokenizer, chunk)
+        if n == 0:
+            keep_bos = bool(chunk_ids) and bos is not None and chunk_ids[0] == bos
+        elif keep_bos and chunk_ids and chunk_ids[0] == bos:
+            chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
+        if n:  # the placeholder that preceded this chunk
+            ids.append(image_id)
+            offsets.append((start - len(IMAGE_PLACEHOLDER), start))
+        ids.extend(chunk_ids)
+        offsets.extend(None if o is None else (o[0] + start, o[1] + start)
+                       for o in chunk_offsets)
+        start += len(chunk) + len(IMAGE_PLACEHOLDER)
+    return ids, offsets
+
+
+def _supervised(offset: Offset, spans: Sequence[tuple[int, int]], ends: list[int]) -> bool:
+    """A token is supervised iff its last character lies in a supervised span.
+
+    Zero-width tokens (SentencePiece's dummy "▁", the first bytes of a byte-fallback
+    character) belong to the character at their position.
+    """
+    if offset is None:
+        return False
+    start, end = offset
+    if end == start:
+        k = bisect_left(ends, start + 1)
+        return k < len(spans) and spans[k][0] <= start
+    k = bisect_left(ends, end)
+    return k < len(spans) and spans[k][0] < end
+
+
+def _labels_from_spans(
+    ids: Sequence[int], offsets: Sequence[Offset], spans: Sequence[tuple[int, int]]
+) -> list[int]:
+    ends = [end for _, end in spans]
+    return [token if _supervised(offset, spans, ends) else IGNORE_INDEX
+            for token, offset in zip(ids, offsets, strict=True)]
+
+
+def _expand_images(
+    ids: list[int], labels: list[int], image_id: int, counts: Sequence[int]
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    if len(positions) != len(counts):
+        raise ValueError(f"the prompt has {len(positions)} image token(s) for {len(counts)} "
+                         "image(s)")
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    spans = []
+    previous = 0
+    for position, count in zip(positions, counts, strict=True):
+        out_ids += ids[previous:position]
+        out_labels += labels[previous:position]
+        spans.append((len(out_ids), len(out_ids) + count))
+        out_ids += [image_id] * count
+        out_labels += [IGNORE_INDEX] * count
+        previous = position + 1
+    return out_ids + ids[previous:], out_labels + labels[previous:], spans
+
+
+def _truncate(encoded: Encoded, max_length: int | None) -> Encoded:
+    """Cut to `max_length` tokens (image tokens count) without ever splitting an image run."""
+    if max_length is None or len(encoded.input_ids) <= max_length:
+        return encoded
+    cut = max_length
+    for start, end in encoded.image_spans:
+        if start < cut < end:
+            cut = start
+    spans = [(s, e) for s, e in encoded.image_spans if e <= cut]
+    return Encoded(encoded.input_ids[:cut], encoded.labels[:cut], spans, truncated=True)
+
+
+class TextEncoder:
+    """Tokenizes rendered conversations and labels exactly their supervised spans.
+
+    Built once per dataset: in `llava` mode it prepares the original slow tokenization for
+    SentencePiece vocabularies (loading it is far costlier than using it).
+    """
+
+    def __init__(self, tokenizer: Any, image_token_id: int, mode: TokenizationMode = "hf",
+                 max_length: int | None = None) -> None:
+        if mode not in TOKENIZATION_MODES:
+            raise ValueError(f"unknown tokenization mode {mode!r}; choose 'hf' or 'llava'")
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.mode = mode
+        self.max_length = max_length
+        self._original = (OriginalSentencePieceTokenizer.from_hf(tokenizer) or tokenizer
+                          if mode == "llava" else None)
+
+    def __call__(self, rendered: Rendered, image_token_counts: Sequence[int]) -> Encoded:
+        """Encode `rendered`; image i becomes `image_token_counts[i]` image tokens."""
+        if self._original is not None:
+            ids, offsets = _tokenize_llava_style(self._original, rendered.text,
+                                                 self.image_token_id)
+        else:
+            ids, offsets = _tokenize(self.tokenizer, rendered.text)
+        labels = _labels_from_spans(ids, offsets, rendered.spans)
+        ids, labels, spans = _expand_images(ids, labels, self.image_token_id, image_token_counts)
+        return _truncate(Encoded(ids, labels, spans), self.max_length)

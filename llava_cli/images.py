@@ -1,0 +1,261 @@
+"""Image loading and LLaVA-style image preparation.
+
+Only Pillow and numpy are imported here, so the dataset scanner and the CLI can use this module
+without paying for torch/transformers imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+RGB = tuple[int, int, int]
+ASPECT_RATIOS = ("square", "pad", "anyres")
+
+# Pillow raises these for unreadable/corrupt data (DecompressionBombError is not an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageError(ValueError):
+    """An image file that is missing or cannot be decoded.
+
+    The message is about the file only; callers add the dataset record id.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, resolved: str | None = None):
+        self.path = str(path)
+        self.reason = reason
+        self.resolved = resolved
+        where = f" (resolved to {resolved})" if resolved and resolved != self.path else ""
+        super().__init__(f"image '{self.path}'{where}: {reason}")
+
+    def __reduce__(self):
+        # Keep the exception picklable across DataLoader worker processes.
+        return (type(self), (self.path, self.reason, self.resolved))
+
+
+def resolve_image_path(image_folder: str | Path | None, relative: str) -> Path:
+    """Return the absolute path of a dataset image.
+
+    Absolute ``relative`` paths are kept; relative ones are joined onto ``image_folder``
+    (the current directory when it is None). ``..`` is normalised but symlinks are not resolved.
+    """
+    base = Path(image_folder).expanduser() if image_folder is not None else Path.cwd()
+    return Path(os.path.abspath(base / relative))
+
+
+def _error(path: str | os.PathLike[str], label: str | None, exc: BaseException) -> ImageError:
+    """Translate an exception raised while reading ``path`` into an ImageError."""
+    resolved = os.path.abspath(path)
+    shown = label if label is not None else str(path)
+    if isinstance(exc, FileNotFoundError):
+        reason = "file not found"
+    elif isinstance(exc, IsADirectoryError):
+        reason = "is a directory, not a file"
+    elif isinstance(exc, PermissionError):
+        reason = "permission denied"
+    elif isinstance(exc, UnidentifiedImageError):
+        reason = "cannot be decoded: not a recognised image format"
+    else:
+        reason = f"cannot be decoded: {exc}"
+    return ImageError(shown, reason, resolved)
+
+
+def check_image_header(
+    path: str | os.PathLike[str], *, label: str | None = None
+) -> tuple[int, int]:
+    """Return ``(width, height)`` after reading only the file header.
+
+    Cheap enough to run over a whole dataset: catches missing and unidentifiable files, but NOT
+    truncated or corrupt pixel data, which only a full decode (:func:`load_image`) detects.
+    ``label`` names the image in error messages (default: ``path``).
+    """
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except _DECODE_ERRORS as exc:
+        raise _error(path, label, exc) from exc
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    background: RGB = (255, 255, 255),
+    *,
+    label: str | None = None,
+) -> Image.Image:
+    """Fully decode an image and return it in RGB mode.
+
+    EXIF orientation is applied, animated images give their first frame, and transparent
+    pixels are composited onto ``background``. Truncated or corrupt files raise
+    :class:`ImageError` here instead of being half-decoded later in a DataLoader worker.
+    ``label`` names the image in error messages (default: ``path``).
+    """
+    if len(background) != 3 or not all(0 <= int(c) <= 255 for c in background):
+        raise ValueError(f"background must be an (r, g, b) tuple of 0-255 ints, got {background}")
+    _warn_if_truncation_allowed()
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            # load() decodes every byte now, so truncation raises inside this try block.
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img, background)
+    except _DECODE_ERRORS as exc:
+        raise _error(path, label, exc) from exc
+
+
+def _warn_if_truncation_allowed() -> None:
+    # We never change this global; but if other code set it, Pillow pads truncated data
+    # silently and we cannot tell, so say so rather than pretend the check still works.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        warnings.warn(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated images "
+            "will be padded silently instead of raising ImageError",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def to_rgb(img: Image.Image, background: RGB = (255, 255, 255)) -> Image.Image:
+    """Convert any Pillow mode to RGB, compositing transparency onto ``background``."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _high_depth_to_l(img)
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        # Palette/colour-key transparency (PNG tRNS, GIF): turn it into a real alpha channel.
+        img = img.convert("RGBA")
+    if img.mode == "La":
+        img = img.convert("LA")  # Pillow has no direct premultiplied La -> RGBA conversion
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")  # also un-premultiplies RGBa
+        canvas = Image.new("RGB", rgba.size, tuple(background))
+        # Alpha-blend rather than drop alpha: a transparent pixel must become the background.
+        canvas.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return canvas
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit / float grayscale to 8-bit L.
+
+    Pillow's own convert() clips instead of scaling, which turns 16-bit images almost white.
+    16-bit modes are scaled by 255/65535; mode I is treated as 16-bit when it exceeds 255;
+    mode F is treated as [0, 1] when its maximum is <= 1, else as [0, 255] (best effort).
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        finite_max = float(np.nanmax(arr)) if arr.size else 0.0
+        scale = 255.0 if finite_max <= 1.0 else 1.0
+    elif img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    arr = np.nan_to_num(arr * scale, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def mean_color(image_mean: Sequence[float]) -> RGB:
+    """Return LLaVA's pad colour: the processor's mean (in [0, 1]) times 255, truncated."""
+    if len(image_mean) != 3:
+        raise ValueError(f"image_mean must have 3 values (R, G, B), got {list(image_mean)}")
+    r, g, b = (int(x * 255) for x in image_mean)
+    return (r, g, b)
+
+
+def expand_to_square(img: Image.Image, fill: RGB) -> Image.Image:
+    """LLaVA's ``expand2square``: centre ``img`` on a square ``fill``-coloured canvas.
+
+    The side is max(w, h); offsets are exactly LLaVA's, i.e. ``(0, (w - h) // 2)`` for wide
+    and ``((h - w) // 2, 0)`` for tall images. A square image is returned unchanged.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"expand_to_square expects an RGB image, got mode {img.mode!r}")
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(fill))
+    offset = (0, (width - height) // 2) if width > height else ((height - width) // 2, 0)
+    canvas.paste(img, offset)
+    return canvas
+
+
+def prepare_image(img: Image.Image, aspect_ratio: str, image_mean: Sequence[float]) -> Image.Image:
+    """Apply the LLaVA ``image_aspect_ratio`` policy before the image processor runs.
+
+    'square' and 'anyres' return ``img`` unchanged (the processor resizes/crops, or the
+    LLaVA-NeXT processor tiles it); 'pad' pads to a square with the mean colour.
+    """
+    if aspect_ratio == "pad":
+        return expand_to_square(img, mean_color(image_mean))
+    if aspect_ratio in ("square", "anyres"):
+        return img
+    raise ValueError(
+        f"unknown image aspect ratio {aspect_ratio!r}; valid: {', '.join(ASPECT_RATIOS)}"
+    )
+
+
+def _parse_resolutions(
+    possible_resolutions: Sequence[Sequence[int]] | str,
+) -> list[tuple[int, int]]:
+    # LLaVA configs sometimes store pinpoints as a string such as "[(336, 672), (672, 336)]".
+    if isinstance(possible_resolutions, str):
+        possible_resolutions = ast.literal_eval(possible_resolutions)
+    parsed = [(int(w), int(h)) for w, h in possible_resolutions]
+    if not parsed:
+        raise ValueError("possible_resolutions is empty")
+    return parsed
+
+
+def select_best_resolution(
+    original_size: tuple[int, int], possible_resolutions: Sequence[Sequence[int]] | str
+) -> tuple[int, int]:
+    """LLaVA-NeXT's anyres choice of canvas for an image of ``original_size``.
+
+    Everything is ``(width, height)``, as in the original LLaVA code. Note that HF
+    ``image_grid_pinpoints`` and transformers' own ``select_best_resolution`` use
+    ``(height, width)``: swap both inputs and the result to compare.
+
+    Picks the resolution that maximises the effective resolution
+    ``min(downscaled_w * downscaled_h, w * h)`` of the aspect-preserving fit; ties go to the
+    one that wastes the least canvas area. The first candidate wins exact ties.
+    """
+    orig_w, orig_h = original_size
+    if orig_w <= 0 or orig_h <= 0:
+        raise ValueError(f"original_size must be positive, got {original_size}")
+    best: tuple[int, int] | None = None
+    best_effective, best_wasted = 0, float("inf")
+    for width, height in _parse_resolutions(possible_resolutions):
+        scale = min(width / orig_w, height / orig_h)
+        # int() truncation, float arithmetic and comparison order all copied from LLaVA-NeXT
+        # so our image token counts match the processor's exactly.
+        fit_w, fit_h = int(orig_w * scale), int(orig_h * scale)
+        effective = min(fit_w * fit_h, orig_w * orig_h)
+        wasted = width * height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (width, height), effective, wasted
+    if best is None:  # only if every candidate gave an effective resolution of 0
+        raise ValueError(f"no usable resolution for {original_size} in {possible_resolutions}")
+    return best
+
+
+def anyres_grid_shape(
+    original_size: tuple[int, int],
+    pinpoints: Sequence[Sequence[int]] | str,
+    patch_size: int,
+) -> tuple[int, int]:
+    """Return the anyres tile grid ``(columns, rows)`` for an image of ``original_size`` (w, h).
+
+    As LLaVA-NeXT's ``get_anyres_image_grid_shape``: ``patch_size`` is the tile side (the
+    vision tower's input size, e.g. 336), not the ViT patch size; pinpoints are (w, h).
+    """
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    width, height = select_best_resolution(original_size, pinpoints)
+    return width // patch_size, height // patch_size
