@@ -1,0 +1,66 @@
+"""The `llava` command line: wiring only. Each command lives in `llava_cli/commands/`.
+
+Nothing heavy is imported here, so `llava --help` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llava_cli import __version__
+from llava_cli.commands import inspect_data, pending, train
+
+app = typer.Typer(
+    name="llava",
+    help="Train LLaVA-style vision-language models (vision tower + projector + LLM) whose "
+    "outputs load in stock transformers and vLLM.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llava {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Train LLaVA-style vision-language models."""
+
+
+app.command("pretrain", help=train.PRETRAIN_HELP)(train.pretrain)
+app.command("finetune", help=train.FINETUNE_HELP)(train.finetune)
+app.command("lora", help=train.LORA_HELP)(train.lora)
+app.command("merge-lora")(pending.merge_lora)
+app.command("inspect-data")(inspect_data.inspect_data)
+app.command("export-projector")(pending.export_projector)
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends `--local_rank=N`; it is in the environment anyway."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.argv = _strip_launcher_args(sys.argv)
+    app()

@@ -1,0 +1,110 @@
+"""Samples → a padded batch for `LlavaForConditionalGeneration` (and LLaVA-NeXT).
+
+Padding goes to the longest sample of the batch, never to `model_max_length`: most batches are
+far shorter, and padding them wastes most of the compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llava_cli.encoding import IGNORE_INDEX
+
+ALL_DROPPED = (
+    "every sample of this batch was dropped (records with no supervised token, or bad records "
+    "skipped with skip_bad_records); run `llava inspect-data --check` to list them"
+)
+
+
+@dataclass
+class DataCollator:
+    """Pads `input_ids` (with `pad_token_id`) and `labels` (with -100), builds `attention_mask`
+    and concatenates the images of the samples that have any.
+
+    `pad_to_multiple_of` rounds the padded length up (tensor-core friendly shapes), but never
+    past `max_length`. A sample longer than `max_length` is an error, never cut here: cutting
+    could split a run of image tokens, which the dataset's truncation is careful not to do.
+    `None` samples (dropped by the dataset) are skipped.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+        """Collate `samples` into model inputs (`record_index` is left out: not a model input)."""
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            raise ValueError(f"{ALL_DROPPED} ({len(samples)} sample(s) in the batch)")
+        length = self._padded_length([len(s["input_ids"]) for s in kept])
+        batch = {
+            "input_ids": self._pad([s["input_ids"] for s in kept], length, self.pad_token_id),
+            "labels": self._pad([s["labels"] for s in kept], length, IGNORE_INDEX),
+        }
+        mask = [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in kept]
+        batch["attention_mask"] = self._pad(mask, length, 0)
+        batch.update(_images(kept))
+        return batch
+
+    def _padded_length(self, lengths: list[int]) -> int:
+        longest = max(lengths)
+        if self.max_length is not None and longest > self.max_length:
+            raise ValueError(f"a sample has {longest} tokens, more than max_length "
+                             f"{self.max_length}; set the dataset's model_max_length to match")
+        multiple = self.pad_to_multiple_of
+        if multiple:
+            longest = -(-longest // multiple) * multiple
+        return min(longest, self.max_length) if self.max_length is not None else longest
+
+    def _pad(self, rows: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for n, row in enumerate(rows):
+            row = torch.as_tensor(row, dtype=torch.long)
+            if self.padding_side == "right":
+                out[n, : len(row)] = row
+            else:
+                out[n, length - len(row):] = row
+        return out
+
+
+def _images(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """All images of the batch, in sample order: the model scatters image features into the
+    image-token positions in order, so sample k's images must follow sample k-1's.
+    Text-only samples contribute nothing; an all-text batch has no `pixel_values` at all.
+    """
+    with_images = [s for s in samples if s.get("pixel_values") is not None]
+    if not with_images:
+        return {}
+    pixels = [s["pixel_values"] for s in with_images]
+    if pixels[0].dim() == 5:  # anyres: [images, tiles, 3, H, W]; tile counts differ by shape
+        pixels = _pad_tiles(pixels)
+    out = {"pixel_values": torch.cat(pixels, dim=0)}
+    sizes = [s["image_sizes"] for s in with_images if s.get("image_sizes") is not None]
+    if sizes:
+        if len(sizes) != len(with_images):
+            raise ValueError("some image samples have image_sizes and others do not; use one "
+                             "image processor for the whole dataset")
+        out["image_sizes"] = torch.cat([torch.as_tensor(s) for s in sizes], dim=0)
+    return out
+
+
+def _pad_tiles(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad each image's tile axis to the batch maximum; the model reads the real tile
+    count back from `image_sizes` and ignores the padding (as the HF processor pads)."""
+    tiles = max(p.shape[1] for p in pixels)
+    padded = []
+    for p in pixels:
+        if p.shape[1] < tiles:
+            filler = p.new_zeros((p.shape[0], tiles - p.shape[1], *p.shape[2:]))
+            p = torch.cat([p, filler], dim=1)
+        padded.append(p)
+    return padded

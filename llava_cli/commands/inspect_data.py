@@ -1,0 +1,83 @@
+"""`llava inspect-data DATA`: preview label masks of records, or check a whole dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llava_cli.commands.common import PrintConfig, SetOption, config_or_exit, show_config
+
+VIEW = "What to show"
+DATA = "Data and tokenizer"
+
+
+def inspect_data(
+    data: Annotated[Path | None, typer.Argument(
+        help="LLaVA .json (list) or .jsonl file.", show_default=False)] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--recipe", help="Take data/template/tokenizer settings from a recipe YAML.",
+        rich_help_panel=DATA)] = None,
+    set_: SetOption = None,
+    print_config: PrintConfig = False,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Use the bundled sample records and the built-in demo tokenizer.",
+        rich_help_panel=DATA)] = False,
+    image_folder: Annotated[str | None, typer.Option(rich_help_panel=DATA)] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="Tokenizer folder or hub id ('demo': built-in).", rich_help_panel=DATA)] = None,
+    model: Annotated[str | None, typer.Option(
+        help="A LLaVA model folder: its tokenizer and image-token count.",
+        rich_help_panel=DATA)] = None,
+    template: Annotated[str | None, typer.Option(rich_help_panel=DATA)] = None,
+    tokenization: Annotated[str | None, typer.Option(
+        help="hf (as the saved processor) | llava (as the original code).",
+        rich_help_panel=DATA)] = None,
+    model_max_length: Annotated[int | None, typer.Option(rich_help_panel=DATA)] = None,
+    image_aspect_ratio: Annotated[str | None, typer.Option(rich_help_panel=DATA)] = None,
+    image_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per image (default: from --model, else 576).", rich_help_panel=DATA)] = None,
+    index: Annotated[int | None, typer.Option(
+        "--index", help="Show record number N (0-based).", rich_help_panel=VIEW)] = None,
+    record_id: Annotated[str | None, typer.Option(
+        "--id", help="Show the record with this id.", rich_help_panel=VIEW)] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Show the first N records (default 3; jsonl: all).", rich_help_panel=VIEW)] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Scan every record and report problems (exit 1 if any).",
+        rich_help_panel=VIEW)] = False,
+    output_format: Annotated[str, typer.Option(
+        "--format", help="rich | json | jsonl.", rich_help_panel=VIEW)] = "rich",
+    show_ids: Annotated[bool, typer.Option(
+        "--show-ids", help="Also list every token id and label.", rich_help_panel=VIEW)] = False,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes for --check (default: all cores).", rich_help_panel=VIEW)] = None,
+) -> None:
+    """Preview label masks (supervised text highlighted) or --check a whole dataset."""
+    from llava_cli.data_inspect import DEMO_IMAGE_TOKENS, InspectRequest, demo_data
+    from llava_cli.data_inspect import inspect_data as run
+
+    if output_format not in ("rich", "json", "jsonl"):
+        raise typer.BadParameter("choose rich, json or jsonl", param_hint="--format")
+    flags = {"data_path": str(data) if data else None, "image_folder": image_folder,
+             "tokenizer": tokenizer, "model_name_or_path": model, "template": template,
+             "tokenization": tokenization, "model_max_length": model_max_length,
+             "image_aspect_ratio": image_aspect_ratio}
+    if demo:
+        records, folder = demo_data()
+        flags = {"data_path": records, "image_folder": folder, "tokenizer": "demo",
+                 **{k: v for k, v in flags.items() if v is not None}}
+        image_tokens = image_tokens or DEMO_IMAGE_TOKENS
+    config = config_or_exit("inspect-data", recipe, set_, flags)
+    if print_config:
+        show_config(config)
+        return
+    request = InspectRequest(index, record_id, limit, check, output_format,  # type: ignore[arg-type]
+                             show_ids, workers, image_tokens)
+    try:
+        status = run(config, request)
+    except (ValueError, OSError) as err:
+        typer.echo(f"llava inspect-data: {err}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(status)

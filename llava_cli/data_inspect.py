@@ -1,0 +1,158 @@
+"""`llava inspect-data`: look at label masks, or check a whole dataset before training on it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from llava_cli.config import RunConfig
+from llava_cli.conversation import RecordError, record_id_of
+from llava_cli.records import RecordFormatError, RecordIndex
+from llava_cli.samples import DataOptions, SampleBuilder
+from llava_cli.text_side import TextSide, load_text_side
+
+OutputFormat = Literal["rich", "json", "jsonl"]
+DEMO_IMAGE_TOKENS = 64
+
+
+def demo_data() -> tuple[str, str]:
+    """The bundled sample dataset: (records file, image folder)."""
+    root = resources.files("llava_cli") / "assets" / "sample"
+    return str(root / "records.json"), str(root)
+
+
+@dataclass
+class InspectRequest:
+    """What to show: a selection of records, or the whole-file check."""
+
+    index: int | None = None
+    record_id: str | None = None
+    limit: int | None = None
+    check: bool = False
+    output: OutputFormat = "rich"
+    show_ids: bool = False
+    workers: int | None = None
+    image_tokens: int | None = None
+
+
+def _text_side(config: RunConfig, image_tokens: int | None) -> TextSide:
+    source = config.tokenizer or config.model_name_or_path
+    if source is None:
+        raise ValueError("no tokenizer: pass --tokenizer PATH or --model PATH")
+    return load_text_side(source, config.model_name_or_path, image_tokens,
+                          config.trust_remote_code)
+
+
+def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBuilder:
+    """The sample builder that training would use for this configuration."""
+    side = _text_side(config, image_tokens)
+    options = DataOptions(config.template, config.tokenization, config.image_folder,
+                          config.image_aspect_ratio, config.model_max_length)
+    return SampleBuilder(options, side.tokenizer, side.image_token_id, side.count_image_tokens,
+                         side.image_mean)
+
+
+def _selected(index: RecordIndex, request: InspectRequest) -> Iterator[tuple[int, Any]]:
+    if request.index is not None:
+        yield request.index, index.read(request.index)
+        return
+    default_limit = None if request.output == "jsonl" else 3
+    limit = request.limit if request.limit is not None else default_limit
+    shown = 0
+    for position in range(len(index)):
+        if limit is not None and shown >= limit:
+            return
+        record = index.read(position)
+        if request.record_id is not None and record_id_of(record, position) != request.record_id:
+            continue
+        shown += 1
+        yield position, record
+    if request.record_id is not None and shown == 0:
+        raise ValueError(f"no record with id {request.record_id!r} in {index.path}")
+
+
+def show_records(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int:
+    """Print the selected records; return the exit status (1 if any failed or is dropped)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from llava_cli.data_view import legend, sample_panel
+
+    builder = make_builder(config, request.image_tokens)
+    console = Console(highlight=False)
+    if request.output == "rich":
+        side_note = _text_side_note(builder)
+        console.print(legend(), Text(f"  ·  {side_note}", style="dim"))
+    status = 0
+    for position, record in _selected(index, request):
+        try:
+            sample = builder.build(record, position, load_images=True, header_only=True)
+        except RecordError as err:
+            status = 1
+            _emit_error(console, request.output, err)
+            continue
+        status |= int(not sample.trainable)
+        if request.output == "rich":
+            console.print(sample_panel(sample, builder.tokenizer, position, request.show_ids))
+        else:
+            line = {"id": sample.record_id, "input_ids": sample.encoded.input_ids,
+                    "labels": sample.encoded.labels}
+            sys.stdout.write(json.dumps(line) + "\n")
+    return status
+
+
+def _text_side_note(builder: SampleBuilder) -> str:
+    count = builder.count_image_tokens(None)
+    return f"template {builder.template_name}, {builder.options.tokenization} tokenization, " \
+           f"{count} tokens per image"
+
+
+def _emit_error(console: Any, output: OutputFormat, err: RecordError) -> None:
+    if output == "rich":
+        console.print(f"[red]error[/] ({err.kind}): {err}")
+    else:
+        sys.stdout.write(json.dumps({"id": err.record_id, "error": str(err),
+                                     "kind": err.kind}) + "\n")
+
+
+def check(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int:
+    """Scan every record; print the report; exit status 1 when any record fails."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from llava_cli.data_report import check_dataset
+    from llava_cli.data_view import print_report
+
+    make = partial(make_builder, config, request.image_tokens)
+    console = Console(stderr=request.output != "rich")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("checking records", total=len(index))
+        report = check_dataset(make, index, request.workers,
+                               lambda n: progress.advance(task, n))
+    result = report.to_dict()
+    if request.output == "rich":
+        print_report(console, result)
+    else:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0 if result["ok"] else 1
+
+
+def inspect_data(config: RunConfig, request: InspectRequest) -> int:
+    """Run `inspect-data` for a resolved configuration; return the exit status."""
+    if config.data_path is None:
+        raise ValueError("no data file: pass DATA (a LLaVA .json or .jsonl file) or --demo")
+    if not Path(config.data_path).is_file():
+        raise ValueError(f"data file {config.data_path!r} not found")
+    try:
+        index = RecordIndex.open(config.data_path)
+    except RecordFormatError as err:
+        raise ValueError(str(err)) from None
+    if request.check:
+        return check(config, index, request)
+    return show_records(config, index, request)

@@ -1,0 +1,164 @@
+"""The training dataset: record index → tokenized sample + processed images, one record at a time.
+
+Nothing is tokenized or decoded up front: the index is numpy arrays of byte offsets, so start-up
+is instant and forked DataLoader workers share it instead of copying millions of Python objects.
+Records that cannot be trained on come back as `None` (the collator drops them) only where that
+is safe or the user asked for it (`skip_bad_records`); everything else raises with the record id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from llava_cli.conversation import RecordError
+from llava_cli.records import RecordFormatError, RecordIndex
+from llava_cli.samples import Sample, SampleBuilder
+
+logger = logging.getLogger("llava_cli")
+
+FULLY_MASKED = "fully-masked"
+# Processes (by pid) that have already logged the "records were dropped" warning: one per
+# process, however many datasets it holds, so a long run's log is not flooded.
+_WARNED_PIDS: set[int] = set()
+
+
+@dataclass
+class DropCounter:
+    """How many records were dropped, by kind, with the first few record ids of each kind.
+
+    Each DataLoader worker counts in its own copy (the dataset is forked), so the main
+    process only sees what it loaded itself; `llava inspect-data --check` gives the full list.
+    """
+
+    max_examples: int = 3
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, record_id: str) -> None:
+        """Count one dropped record of `kind`."""
+        self.counts[kind] += 1
+        ids = self.examples.setdefault(kind, [])
+        if len(ids) < self.max_examples:
+            ids.append(record_id)
+
+    @property
+    def total(self) -> int:
+        """Dropped records of every kind."""
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line per kind: `kind: n (e.g. id1, id2)`."""
+        return "; ".join(f"{kind}: {n} (e.g. {', '.join(self.examples.get(kind, []))})"
+                         for kind, n in self.counts.most_common())
+
+
+class LazySupervisedDataset(Dataset):
+    """LLaVA records as model inputs: `input_ids`, `labels`, and `pixel_values` for image records.
+
+    `processor` is an HF image processor (`CLIPImageProcessorPil`, `LlavaNextImageProcessorPil`,
+    …) or None for text-only training. `skip_bad_records` turns a malformed record or an
+    unreadable image into a dropped sample instead of an error; samples with no supervised
+    token left (e.g. truncated away) are always dropped, since training on them teaches nothing.
+    """
+
+    def __init__(self, index: RecordIndex, builder: SampleBuilder, processor: Any | None = None,
+                 skip_bad_records: bool = False) -> None:
+        self.index = index
+        self.builder = builder
+        self.processor = processor
+        self.skip_bad_records = skip_bad_records
+        self.dropped = DropCounter()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], builder: SampleBuilder,
+             processor: Any | None = None, skip_bad_records: bool = False,
+             cache_dir: str | os.PathLike[str] | None = None) -> LazySupervisedDataset:
+        """Index the LLaVA JSON/JSONL file at `path` (byte offsets only) and wrap it."""
+        return cls(RecordIndex.open(path, cache_dir=cache_dir), builder, processor,
+                   skip_bad_records)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def modality_lengths(self) -> np.ndarray:
+        """LLaVA's signed lengths (>0 image records, <0 text-only) for the grouped sampler."""
+        return self.index.modality_lengths()
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Length estimates regardless of modality (for length-grouped sampling)."""
+        return np.abs(self.modality_lengths)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        """The model inputs of record `i`, or None when the record is dropped (see class doc)."""
+        i = int(i)
+        try:
+            sample = self.builder.build(self._read(i), position=i)
+            if not sample.trainable:
+                self._drop(FULLY_MASKED, sample.record_id)
+                return None
+            return self._to_inputs(sample, i)
+        except RecordError as err:
+            if not self.skip_bad_records:
+                raise
+            self._drop(err.kind, err.record_id)
+            return None
+
+    def _read(self, i: int) -> Any:
+        try:
+            return self.index.read(i)
+        except RecordFormatError as err:
+            # Only a record that is not valid JSON (raised from the JSON decoder) is that
+            # record's fault; anything else (e.g. the file changed since indexing) would drop
+            # every record, so it stays fatal.
+            if err.__cause__ is None:
+                raise
+            raise RecordError(f"#{i}", "bad-json", str(err)) from err
+
+    def _to_inputs(self, sample: Sample, position: int) -> dict[str, Any]:
+        encoded = sample.encoded
+        item: dict[str, Any] = {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "record_index": position,
+        }
+        # Truncation may have cut whole image runs off the end: the model needs exactly one
+        # image per remaining run, in order, or it fails on a features/tokens mismatch.
+        images = sample.images[: len(encoded.image_spans)]
+        if images:
+            item.update(self._process_images(images, sample.record_id))
+        return item
+
+    def _process_images(self, images: list[Any], record_id: str) -> dict[str, torch.Tensor]:
+        if self.processor is None:
+            raise ValueError(f"record {record_id!r} has images but the dataset has no image "
+                             "processor (text-only model?); remove image records or give a "
+                             "vision model")
+        try:
+            out = self.processor(images=images, return_tensors="pt")
+        except (ValueError, OSError) as err:
+            raise RecordError(record_id, "bad-image", f"image processor failed: {err}") from err
+        result = {"pixel_values": out["pixel_values"].float()}
+        if "image_sizes" in out:  # anyres processors: the model needs each image's size
+            result["image_sizes"] = torch.as_tensor(out["image_sizes"], dtype=torch.long)
+        return result
+
+    def _drop(self, kind: str, record_id: str) -> None:
+        self.dropped.add(kind, record_id)
+        pid = os.getpid()
+        if pid in _WARNED_PIDS:
+            return
+        _WARNED_PIDS.add(pid)
+        logger.warning(
+            "dropping record %r (%s) from training; further dropped records are counted, not "
+            "logged (see dataset.dropped). `llava inspect-data --check` lists them all.",
+            record_id, kind)

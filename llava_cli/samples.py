@@ -1,0 +1,134 @@
+"""One record → one training sample: parse, render, tokenize, label, load images.
+
+`SampleBuilder` is the data path shared by `inspect-data` and every training command, so what
+inspect-data shows is exactly what the model trains on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_cli.conversation import Conversation, RecordError, llava_normalize, parse_record
+from llava_cli.encoding import Encoded, TextEncoder, TokenizationMode
+from llava_cli.templates import (
+    CHAT_TEMPLATE,
+    TEMPLATES,
+    Rendered,
+    canonical_template_name,
+    render,
+    render_with_chat_template,
+)
+
+# Image size (width, height) → number of image tokens; fixed-size towers ignore the size.
+TokenCounter = Callable[[tuple[int, int] | None], int]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The data settings a sample depends on (a slice of the run configuration)."""
+
+    template: str = "v1"
+    tokenization: TokenizationMode = "hf"
+    image_folder: str | None = None
+    image_aspect_ratio: str = "pad"
+    model_max_length: int | None = 2048
+
+
+@dataclass
+class Sample:
+    """A tokenized record; `images` are RGB PIL images prepared for the processor."""
+
+    record_id: str
+    encoded: Encoded
+    rendered: Rendered
+    conversation: Conversation
+    images: list[Any] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> bool:
+        """False when truncation or the data left no supervised token (never train on it)."""
+        return self.encoded.n_supervised > 0
+
+
+class SampleBuilder:
+    """Turns raw LLaVA records into `Sample`s with one set of data options."""
+
+    def __init__(self, options: DataOptions, tokenizer: Any, image_token_id: int,
+                 count_image_tokens: TokenCounter, image_mean: Sequence[float] | None = None):
+        self.options = options
+        self.template_name = canonical_template_name(options.template)
+        self.template = TEMPLATES.get(self.template_name)
+        self.tokenizer = tokenizer
+        self.count_image_tokens = count_image_tokens
+        self.image_mean = list(image_mean) if image_mean is not None else [0.5, 0.5, 0.5]
+        self.encoder = TextEncoder(tokenizer, image_token_id, options.tokenization,
+                                   options.model_max_length)
+
+    def conversation(self, record: Any, position: int) -> Conversation:
+        """Parse and validate a record for this template (raises `RecordError`)."""
+        strict = self.template is not None and self.template.max_rounds is not None
+        conv = parse_record(record, position, strict=strict)
+        if self.template is not None and self.template.requires_image and not conv.images:
+            raise RecordError(conv.record_id, "needs-image",
+                              f"template {self.template_name!r} needs an image in every record")
+        return llava_normalize(conv) if self.options.tokenization == "llava" else conv
+
+    def render(self, conv: Conversation) -> Rendered:
+        """Write the conversation out in the configured template."""
+        if self.template_name == CHAT_TEMPLATE:
+            return render_with_chat_template(self.tokenizer, conv.messages, conv.system)
+        assert self.template is not None
+        return render(self.template, conv.messages, conv.system)
+
+    def image_path(self, relative: str) -> Path:
+        """Where a record's image lives (relative paths resolve against `image_folder`)."""
+        from llava_cli.images import resolve_image_path
+
+        return resolve_image_path(self.options.image_folder, relative)
+
+    def build(self, record: Any, position: int = 0, load_images: bool = True,
+              header_only: bool = False) -> Sample:
+        """Make the sample for `record`. `load_images=False` skips the files entirely (counts
+        then assume a fixed-size tower); `header_only` reads sizes without decoding pixels.
+        Raises `RecordError` (structure) or `ImageError` (missing/corrupt file, wrapped in
+        a `RecordError` of kind 'bad-image').
+        """
+        conv = self.conversation(record, position)
+        images, sizes = self._images(conv, load_images, header_only)
+        counts = [self.count_image_tokens(size) for size in (sizes or [None] * len(conv.images))]
+        rendered = self.render(conv)
+        try:
+            encoded = self.encoder(rendered, counts)
+        except ValueError as err:
+            raise RecordError(conv.record_id, "image-token-mismatch", str(err)) from err
+        return Sample(conv.record_id, encoded, rendered, conv, images, sizes)
+
+    def _images(self, conv: Conversation, load: bool, header_only: bool
+                ) -> tuple[list[Any], list[tuple[int, int]]]:
+        from llava_cli.images import (
+            ImageError,
+            check_image_header,
+            load_image,
+            mean_color,
+            prepare_image,
+        )
+
+        images, sizes = [], []
+        if not load:
+            return images, sizes
+        for relative in conv.images:
+            path = self.image_path(relative)
+            try:
+                if header_only:
+                    sizes.append(check_image_header(path, label=relative))
+                    continue
+                image = load_image(path, mean_color(self.image_mean), label=relative)
+            except ImageError as err:
+                raise RecordError(conv.record_id, "bad-image", str(err)) from err
+            sizes.append(image.size)
+            images.append(prepare_image(image, self.options.image_aspect_ratio, self.image_mean))
+        return images, sizes
