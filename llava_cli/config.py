@@ -122,6 +122,8 @@ def _llava_aliases() -> dict[str, Any]:
         "freeze_mm_mlp_adapter": lambda v: {"train_projector": "frozen"} if _true(v) else {},
         "unfreeze_mm_vision_tower": lambda v: {"train_vision_tower": "full"} if _true(v) else {},
         "lora_enable": lambda v: {"train_llm": "lora"} if _true(v) else {},
+        # transformers 5 folded the warm-up ratio into warmup_steps (a float < 1 is a ratio)
+        "warmup_ratio": lambda v: {"training_args": {"warmup_steps": float(v)}},
         "lora_weight_path": lambda v: {},  # never used by LLaVA's train.py
         "lazy_preprocess": lambda v: {},  # always lazy here
         "is_multimodal": lambda v: {},
@@ -189,7 +191,10 @@ def _place(key: str, value: Any, out: dict[str, Any], source: str,
         out[key] = value
     elif key in aliases:
         for k, v in aliases[key](value).items():
-            out[k] = v
+            if k == "training_args":
+                out.setdefault("training_args", {}).update(v)
+            else:
+                out[k] = v
     elif key in train_names:
         out.setdefault("training_args", {})[key] = value
     elif key == "training_args" and isinstance(value, dict):

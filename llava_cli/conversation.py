@@ -98,17 +98,17 @@ def parse_record(record: Any, position: int = 0, strict: bool = False) -> Conver
     if turns and turns[0][0] == "assistant":
         turns.pop(0)
         conv.notes.append("dropped a leading assistant turn (as LLaVA does)")
-    if turns and turns[-1][0] == "user":
-        turns.pop()
-        conv.notes.append("dropped a trailing user turn that has no reply")
-    for n, (role, value) in enumerate(turns):
+    for n, (role, _) in enumerate(turns):
         expected = "user" if n % 2 == 0 else "assistant"
         if role != expected:
             raise RecordError(rid, "role-error", f"turn {n + 1} is from {role!r} but turns must "
                               "alternate human, gpt, human, … (a system turn may only come first)")
-        conv.messages.append(Message(role, value))  # type: ignore[arg-type]
-    if not conv.messages:
+    if turns and turns[-1][0] == "user":
+        turns.pop()
+        conv.notes.append("dropped a trailing user turn that has no reply")
+    if not turns:
         raise RecordError(rid, "role-error", "no human/gpt exchange in 'conversations'")
+    conv.messages = [Message(role, value) for role, value in turns]  # type: ignore[arg-type]
     _check_placeholders(conv)
     return conv
 

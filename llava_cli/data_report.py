@@ -42,7 +42,7 @@ class Report:
     def example(self, kind: str, record_id: str, message: str | None = None) -> None:
         """Remember up to a few record ids (and the first message) for a category."""
         ids = self.examples.setdefault(kind, [])
-        if len(ids) < EXAMPLES_PER_KIND:
+        if len(ids) < EXAMPLES_PER_KIND and record_id not in ids:
             ids.append(record_id)
         if message and kind not in self.messages:
             self.messages[kind] = message

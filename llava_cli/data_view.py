@@ -20,7 +20,7 @@ IMAGE_STYLE = "bold white on magenta"
 def _runs(sample: Sample) -> list[tuple[str, list[int]]]:
     """Consecutive tokens grouped by kind: 'image', 'supervised' or 'masked'."""
     ids, labels = sample.encoded.input_ids, sample.encoded.labels
-    image_starts = {start: end for start, end in sample.encoded.image_spans}
+    image_starts = dict(sample.encoded.image_spans)
     runs: list[tuple[str, list[int]]] = []
     position = 0
     while position < len(ids):

@@ -1,17 +1,16 @@
 """Compact, lazy index over a LLaVA annotation file (JSON array or JSON Lines).
 
-LLaVA's loader ``json.load``s the whole annotation file (1 GB for mix665k) into every
-dataloader worker, which costs several GB of RAM per worker. :class:`RecordIndex` instead
-keeps four small numpy arrays (byte offset, byte size, has-image flag, text size of each
-record; ~21 bytes per record) and parses one record at a time on :meth:`RecordIndex.read`.
+LLaVA ``json.load``s its whole annotation file (1 GB for mix665k) in every dataloader
+worker: GBs of RAM each. :class:`RecordIndex` keeps four numpy arrays instead (offset, size,
+has-image flag and text size of each record: 25 bytes per record) and parses one record per
+:meth:`RecordIndex.read`.
 
-The index is built by a vectorised scan (simdjson-style, in numpy): per chunk, bit masks of
-quotes, backslashes and brackets are packed into uint64 words; escaped quotes are dropped;
-a prefix XOR over the quote bits marks the bytes inside strings; the brackets outside
-strings give the nesting depth by a cumulative sum. Each chunk starts right after the last
-complete record of the previous one, so it always starts outside any string at a known
-depth and no scan state has to be carried across chunks. The result is cached as one
-``.npz`` keyed by absolute path, size, mtime and :data:`FORMAT_VERSION`.
+The build is a simdjson-style scan in numpy. Per chunk, masks of quotes, backslashes and
+brackets are packed into uint64 words; quotes after an odd run of backslashes are dropped;
+a prefix XOR of the quote bits marks the bytes inside strings; the brackets outside strings
+give the depth by a cumulative sum. Each chunk starts right after the last complete record
+of the one before, so it starts outside any string at a known depth: no state crosses
+chunks. The index is cached as one ``.npz`` keyed by path, size, mtime and FORMAT_VERSION.
 """
 
 from __future__ import annotations
@@ -27,22 +26,28 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 1
-CHUNK_SIZE = 16 << 20  # bytes per scan; ~8x this is the peak memory of a build
+CHUNK_SIZE = 8 << 20  # bytes per scan step (measured fastest); scratch memory is ~4x this
 _FIELDS = ("offsets", "sizes", "has_image", "text_bytes")
 _U64 = np.uint64
-_ONES = _U64(0xFFFFFFFFFFFFFFFF)
 _WS = np.zeros(256, bool)
 _WS[[9, 10, 13, 32]] = True
-_popcount = getattr(np, "bitwise_count", None)
-if _popcount is None:  # numpy < 2.0
-    _POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
-
-    def _popcount(x: np.ndarray) -> np.ndarray:
-        return _POP8[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1)
 
 
 class RecordFormatError(ValueError):
     """The annotation file is not a JSON array of objects or JSON Lines of objects."""
+
+
+def _bit_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per 16-bit value: its number of set bits, their start in a flat table, the table."""
+    bits = np.unpackbits(np.arange(1 << 16, dtype="<u2").view(np.uint8), bitorder="little")
+    rows, cols = np.nonzero(bits.reshape(-1, 16))
+    count = np.bincount(rows, minlength=1 << 16)
+    return count, np.cumsum(count) - count, cols.astype(np.int64)
+
+
+_POP16, _START16, _BITS16 = _bit_tables()
+_popcount = getattr(np, "bitwise_count", None) or (  # numpy < 2 has no bitwise_count
+    lambda x: _POP16[x.view("<u2")].reshape(-1, 4).sum(1))
 
 
 def _pack(mask: np.ndarray) -> np.ndarray:
@@ -62,21 +67,28 @@ def _shift(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _positions(x: np.ndarray) -> np.ndarray:
-    """Byte offsets of the set bits of packed words, ascending."""
-    u8 = x.view(np.uint8)
-    nz = np.flatnonzero(u8)
-    rows, bits = np.nonzero(np.unpackbits(u8[nz, None], axis=1, bitorder="little"))
-    return nz[rows] * 8 + bits
+    """Byte offsets of the set bits of packed words, ascending.
+
+    Expands 16 bits at a time through lookup tables: numpy's nonzero is fast on bool input
+    but 3x slower on the dense 2-D input that the obvious unpackbits version needs.
+    """
+    u16 = x.view("<u2")
+    nz = np.flatnonzero(u16 != 0)
+    vals = u16[nz]
+    cnt = _POP16[vals]
+    ends = np.cumsum(cnt)
+    first = np.repeat(_START16[vals] - (ends - cnt), cnt)
+    return _BITS16[np.arange(int(ends[-1]) if len(ends) else 0) + first] + np.repeat(nz * 16, cnt)
 
 
 def _unescape(a: np.ndarray, q: np.ndarray, bs: np.ndarray) -> None:
-    """Clear quote bits preceded by an odd run of backslashes (escaped quotes), in place."""
+    """Clear the bits of quotes preceded by an odd run of backslashes, in place."""
     cand = q & _shift(bs, 1)
     if not cand.any():
         return
     pos = _positions(cand)
     run, live = np.ones(len(pos), np.int64), np.ones(len(pos), bool)
-    while live.any():  # runs are short: one vectorised step per backslash in the longest run
+    while live.any():  # one vectorised step per backslash of the longest run
         j = pos - run - 1
         live &= j >= 0
         live[live] = a[j[live]] == 92
@@ -90,8 +102,8 @@ def _in_string(q: np.ndarray) -> np.ndarray:
     x = q.copy()
     for k in (1, 2, 4, 8, 16, 32):
         x ^= x << _U64(k)
-    carry = np.bitwise_xor.accumulate(x >> _U64(63))  # parity of all quotes up to each word
-    x[1:] ^= carry[:-1] * _ONES
+    carry = np.bitwise_xor.accumulate(x >> _U64(63))  # quote parity up to each word's end
+    x[1:] ^= carry[:-1] * _U64(0xFFFFFFFFFFFFFFFF)
     return x
 
 
@@ -109,150 +121,159 @@ def _kind(c: int) -> str:
 
 
 class _Scanner:
-    """Finds records chunk by chunk; see the module docstring for the method."""
+    """Finds the records of one file, chunk by chunk (see the module docstring).
+
+    Per chunk: bytes ``a`` (file offset ``base``, ``n`` valid), events ``p`` (offsets of the
+    brackets outside strings), their ``kind`` (the byte) and ``depth`` (after each event).
+    """
 
     def __init__(self, path: str, lines: bool) -> None:
-        self.path, self.lines, self.r = path, lines, 0 if lines else 1
-        self.depth, self.n, self.closed = 0, 0, False
+        self.path, self.lines, self.r = path, lines, 0 if lines else 1  # r: depth of records
+        self.depth, self.count, self.closed = 0, 0, False
         self.parts: list[tuple[np.ndarray, ...]] = []
+        self.m, self.c = np.empty(1 << 20, bool), np.empty(1 << 20, np.uint8)
 
-    def fail(self, off: int, msg: str) -> RecordFormatError:
+    def fail(self, pos: int, msg: str) -> RecordFormatError:
+        """An error at chunk offset ``pos``, located by line (JSONL) or byte (JSON)."""
+        off = self.base + pos
         where = f"line {_line_at(self.path, off)}" if self.lines else f"byte {off}"
         return RecordFormatError(f"{self.path}: {where}: {msg}")
 
-    def scan(self, a: np.ndarray, n: int, base: int, eof: bool) -> int:
-        """Index the complete records in ``a[:n]`` (file offset ``base``); return bytes used."""
-        if self.closed:
-            self.check_ws(a, 0, n, base)
-            return n
-        q, bs = _pack(a == 34), _pack(a == 92)
-        st = _pack((a & 0xD9) == 0x59)  # [ ] { } (and Y _ y DEL, which are invalid outside strings)
-        _unescape(a, q, bs)
-        instr = _in_string(q)
-        p = _positions(st & ~instr)
-        kind = a[p]
-        if len(bad := np.flatnonzero(((kind >> 1) ^ (kind >> 2)) & 1 == 0)):
-            raise self.fail(base + int(p[bad[0]]), f"invalid JSON: unexpected {chr(kind[bad[0]])!r}")
-        opening = (kind & 2) != 0
-        depth = self.depth + np.cumsum(np.where(opening, 1, -1))
-        if len(neg := np.flatnonzero(depth < 0)):
-            raise self.fail(base + int(p[neg[0]]), f"unbalanced {chr(kind[neg[0]])!r}")
-        r = self.r
-        starts, ends = np.flatnonzero(opening & (depth == r + 1)), np.flatnonzero(~opening & (depth == r))
-        for i in starts[kind[starts] != 123][:1]:
-            k = self.n + int(np.searchsorted(starts, i))
-            raise self.fail(base + int(p[i]), self.not_object(k, "array"))
-        if len(ends) and (kind[ends] != 125).any():
-            raise self.fail(base + int(p[ends[kind[ends] != 125][0]]), "mismatched brackets")
-        top = np.flatnonzero(depth == 0) if not self.lines else ends[:0]
-        if len(top):  # the closing ']' of the top-level array
-            last = int(top[0])
-            if kind[last] != 93:
-                raise self.fail(base + int(p[last]), "mismatched brackets")
-            self.closed = True
-            self.check_ws(a, int(p[last]) + 1, n, base)
-        elif len(ends):
-            last = int(ends[-1])
-        elif not eof:
-            return 0  # no complete record yet: the caller grows the buffer
-        else:
-            last = -1
-        starts, ends = starts[starts < last], ends[ends <= last]
-        self.check_gaps(a, p, opening, depth, starts, top[:1], base)
-        self.add(a, n, p, depth, q, instr, starts, ends, base)
-        cut = n if self.closed else (int(p[last]) + 1 if last >= 0 else 0)
-        if eof and not self.closed:
-            self.check_end(a, p, depth, last, cut, n, base)
-        self.depth = r
-        return max(cut, n if eof else 0)
-
     def not_object(self, k: int, what: str) -> str:
         if self.lines:
-            return f"expected one JSON object per line, found a JSON {what}; fix or remove that line"
+            return f"expected one JSON object per line, found a JSON {what}; fix or remove it"
         return (f"record #{k} is a JSON {what}, not an object; every element of the top-level "
                 "array must be one sample object - fix or remove it")
 
-    def check_ws(self, a: np.ndarray, i: int, j: int, base: int) -> None:
-        """Only whitespace may follow the closing ']'."""
-        if len(bad := np.flatnonzero(~_WS[a[i:j]])):
-            raise self.fail(base + i + int(bad[0]), "unexpected data after the closing ']'")
+    def masks(self, a: np.ndarray, block: int = 1 << 20) -> list[np.ndarray]:
+        """Packed bits of quotes, backslashes, and []{} (plus Y _ y DEL, invalid outside strings).
 
-    def check_gaps(self, a, p, opening, depth, starts, top, base) -> None:  # noqa: ANN001
-        """The bytes before each record (and before ']') hold whitespace and one separator."""
-        ev = np.concatenate([starts, top])
+        Works in blocks that stay in cache, with reused scratch (no page faults): ~30% faster.
+        """
+        out = [np.empty(len(a) // 8, np.uint8) for _ in range(3)]
+        for i in range(0, len(a), block):
+            blk, o = a[i : i + block], slice(i // 8, (i + block) // 8)
+            m, c = self.m[: len(blk)], np.bitwise_and(blk, np.uint8(0xD9), out=self.c[: len(blk)])
+            for bits, src, value in zip(out, (blk, blk, c), (34, 92, 0x59), strict=True):
+                bits[o] = np.packbits(np.equal(src, np.uint8(value), out=m), bitorder="little")
+        return [bits.view("<u8") for bits in out]
+
+    def scan(self, a: np.ndarray, n: int, base: int, eof: bool) -> int:
+        """Index the complete records in ``a[:n]`` (file offset ``base``); return bytes used."""
+        self.a, self.n, self.base = a, n, base
+        if self.closed:
+            self.only_ws(0)
+            return n
+        q, bs, st = self.masks(a)
+        _unescape(a, q, bs)
+        instr = _in_string(q)
+        self.p = p = _positions(st & ~instr)
+        kind = a[p]
+        if len(bad := np.flatnonzero(((kind >> 1) ^ (kind >> 2)) & 1 == 0)):  # Y _ y DEL
+            raise self.fail(int(p[bad[0]]), f"invalid JSON: unexpected {chr(kind[bad[0]])!r}")
+        self.opening = opening = (kind & 2) != 0
+        self.ev_depth = depth = self.depth + np.cumsum(opening.astype(np.int64) * 2 - 1)
+        if len(bad := np.flatnonzero(depth < 0)):
+            raise self.fail(int(p[bad[0]]), f"unbalanced {chr(kind[bad[0]])!r}")
+        starts = np.flatnonzero(opening & (depth == self.r + 1))
+        ends = np.flatnonzero(~opening & (depth == self.r))
+        if len(bad := np.flatnonzero(kind[starts] != 123)):
+            raise self.fail(int(p[starts[bad[0]]]), self.not_object(self.count + bad[0], "array"))
+        top = np.flatnonzero(depth == 0)[:1] if not self.lines else ends[:0]
+        for idx, want in ((ends, 125), (top, 93)):
+            if len(bad := np.flatnonzero(kind[idx] != want)):
+                raise self.fail(int(p[idx[bad[0]]]), "mismatched brackets")
+        if len(top):  # the closing ']' of the top-level array
+            last, self.closed = int(top[0]), True
+            self.only_ws(int(p[last]) + 1)
+        elif len(ends) or eof:
+            last = int(ends[-1]) if len(ends) else -1
+        else:
+            return 0  # no complete record yet: the caller grows the buffer
+        starts, ends = starts[starts < last], ends[ends <= last]
+        self.check_gaps(starts, top)
+        self.add(q, instr, p[starts], p[ends])
+        cut = int(p[last]) + 1 if last >= 0 else 0
+        if eof and not self.closed:
+            self.check_end(last, cut)
+        self.depth = self.r
+        return n if eof or self.closed else cut
+
+    def only_ws(self, i: int) -> None:
+        """Only whitespace may follow the closing ']'."""
+        if len(bad := np.flatnonzero(~_WS[self.a[i : self.n]])):
+            raise self.fail(i + int(bad[0]), "unexpected data after the closing ']'")
+
+    def check_gaps(self, starts: np.ndarray, top: np.ndarray) -> None:
+        """Before each record (and ']') may only be whitespace and one separator."""
+        p, ev = self.p, np.concatenate([starts, top])
         prev = ev - 1
         g0 = np.where(prev >= 0, p[prev] + 1, 0)
-        need = np.where(prev >= 0, ~opening[prev] & (depth[prev] == self.r), self.n > 0)
-        need[len(starts):] = False  # no separator before ']'
+        after_record = ~self.opening[prev] & (self.ev_depth[prev] == self.r)
+        need = np.where(prev >= 0, after_record, self.count > 0)
+        need[len(starts) :] = False  # nothing may separate the last record from ']'
         lens = p[ev] - g0
         seg = np.cumsum(lens) - lens
         idx = np.arange(int(lens.sum())) + np.repeat(g0 - seg, lens)
-        vals = a[idx]
-        sep = 10 if self.lines else 44
+        vals, sep = self.a[idx], 10 if self.lines else 44
         if len(junk := np.flatnonzero(~_WS[vals] & (vals != sep))):
-            k = self.n + int(np.searchsorted(seg, junk[0], side="right")) - 1
-            raise self.fail(base + int(idx[junk[0]]), self.not_object(k, _kind(vals[junk[0]])))
+            k = self.count + int(np.searchsorted(seg, junk[0], side="right")) - 1
+            raise self.fail(int(idx[junk[0]]), self.not_object(k, _kind(vals[junk[0]])))
         cum = np.concatenate([[0], np.cumsum(vals == sep)])
-        count = cum[seg + lens] - cum[seg]
-        bad = np.flatnonzero((count == 0) & need if self.lines else count != need)
-        if len(bad):
+        found = cum[seg + lens] - cum[seg]
+        if len(bad := np.flatnonzero((found == 0) & need if self.lines else found != need)):
             i = int(bad[0])
             if self.lines:
-                raise self.fail(base + int(p[ev[i]]), "more than one JSON value on one line")
+                raise self.fail(int(p[ev[i]]), "more than one JSON value on one line")
             what = "missing ',' before" if need[i] else "unexpected ',' before"
-            raise self.fail(base + int(p[ev[i]]), f"{what} this element")
+            raise self.fail(int(p[ev[i]]), f"{what} this element")
 
-    def check_end(self, a, p, depth, last, cut, n, base) -> None:  # noqa: ANN001
-        """At end of file: nothing may be left open; only whitespace may trail."""
-        rest = np.flatnonzero((depth == self.r + 1) & (np.arange(len(p)) > last))
-        if len(rest):
-            off = base + int(p[rest[0]])
+    def check_end(self, last: int, cut: int) -> None:
+        """At end of file nothing may be left open, and only whitespace may trail."""
+        if len(rest := np.flatnonzero(self.ev_depth[last + 1 :] == self.r + 1)):
+            pos = int(self.p[last + 1 + rest[0]])
             if self.lines:
-                raise self.fail(off, "JSON object is not closed (truncated line or unbalanced "
+                raise self.fail(pos, "JSON object is not closed (truncated line or unbalanced "
                                 "brackets); fix or remove that line")
             raise RecordFormatError(
-                f"{self.path}: unexpected end of file inside record #{self.n} (starts at byte "
-                f"{off}); the file looks truncated - re-download or regenerate it")
+                f"{self.path}: unexpected end of file inside record #{self.count} (starts at "
+                f"byte {self.base + pos}); the file looks truncated - re-download or regenerate it")
         if not self.lines:
             raise RecordFormatError(
-                f"{self.path}: unexpected end of file at byte {base + n}: the top-level JSON "
-                "array is not closed with ']'; the file looks truncated - re-download or "
+                f"{self.path}: unexpected end of file at byte {self.base + self.n}: the top-level "
+                "JSON array is not closed with ']'; the file looks truncated - re-download or "
                 "regenerate it")
-        if len(junk := np.flatnonzero(~_WS[a[cut:n]])):
-            off = base + cut + int(junk[0])
-            raise self.fail(off, self.not_object(self.n, _kind(a[cut + junk[0]])))
+        if len(junk := np.flatnonzero(~_WS[self.a[cut : self.n]])):
+            c = int(self.a[cut + junk[0]])
+            raise self.fail(cut + int(junk[0]), self.not_object(self.count, _kind(c)))
 
-    def add(self, a, n, p, depth, q, instr, starts, ends, base) -> None:  # noqa: ANN001
-        """Append offsets, sizes, has-image flags and text sizes of the complete records."""
-        s, e = p[starts], p[ends]
-        pc = np.cumsum(_popcount(instr), dtype=np.int64)
-
-        def set_bits_before(pos: np.ndarray) -> np.ndarray:
-            w, low = pos >> 6, (_U64(1) << (pos & 63).astype(np.uint64)) - _U64(1)
-            return np.where(w > 0, pc[w - 1], 0) + _popcount(instr[w] & low)
-
-        # Top-level key "image": a 5-byte string at record depth followed by ':'. Escaped
-        # quotes were removed, so the text '\"image\"' inside a conversation never matches.
+    def add(self, q: np.ndarray, instr: np.ndarray, s: np.ndarray, e: np.ndarray) -> None:
+        """Append offset, size, has-image flag and text size of the records ``a[s:e+1]``."""
+        a, n = self.a, self.n
+        # Key "image": a 5-byte string starting with 'i', at record depth, followed by ':'.
+        # Escaped quotes are gone from q, so a text containing \"image\" never matches.
         k = _positions(q & instr & _shift(q & ~instr, -6))
         k = k[k < (e[-1] if len(e) else 0)]
         for i, ch in enumerate(b"image", 1):
             k = k[a[k + i] == ch]
-        before = np.searchsorted(p, k) - 1
-        k = k[np.where(before >= 0, depth[before], self.depth) == self.r + 1]
+        before = np.searchsorted(self.p, k) - 1
+        k = k[np.where(before >= 0, self.ev_depth[before], self.depth) == self.r + 1]
         colon = _skip_ws(a, k + 7, n)
         k, v = k[a[colon] == 58], _skip_ws(a, colon[a[colon] == 58] + 1, n)
-        c, c1 = a[v], a[_skip_ws(a, v + 1, n)]
-        empty = (c == 110) | ((c == 34) & (a[np.minimum(v + 1, n - 1)] == 34)) | (
-            (c == 91) & (c1 == 93))
+        c, c1, c2 = a[v], a[np.minimum(v + 1, n - 1)], a[_skip_ws(a, v + 1, n)]
+        empty = (c == 110) | ((c == 34) & (c1 == 34)) | ((c == 91) & (c2 == 93))  # null "" []
         has = np.zeros(len(s), bool)
         has[np.searchsorted(s, k, side="right") - 1] = ~empty
-        text = set_bits_before(e) - set_bits_before(s)
-        self.parts.append((base + s, e - s + 1, has, np.maximum(text, 1)))
-        self.n += len(s)
+        # Text size = bytes inside strings: popcount of the in-string bits over the record.
+        pc = np.concatenate([[0], np.cumsum(_popcount(instr), dtype=np.int64)])
+        low = [(_U64(1) << (x & 63).astype(np.uint64)) - _U64(1) for x in (s, e)]
+        ones = [pc[x >> 6] + _popcount(instr[x >> 6] & m) for x, m in zip((s, e), low, strict=True)]
+        self.parts.append((self.base + s, e - s + 1, has, np.maximum(ones[1] - ones[0], 1)))
+        self.count += len(s)
 
 
 def _line_at(path: str, off: int) -> int:
-    """1-based line number of byte ``off`` (only used for error messages)."""
+    """1-based line number of byte ``off`` (for error messages only)."""
     count = 0
     with open(path, "rb") as f:
         while off > 0 and (data := f.read(min(off, 1 << 24))):
@@ -261,27 +282,24 @@ def _line_at(path: str, off: int) -> int:
 
 
 def _detect(path: str) -> tuple[bool, int]:
-    """(is JSON Lines, offset to start scanning at): by extension, else by first byte."""
+    """(is JSON Lines, offset after any BOM): by the extension, else by the first byte."""
     with open(path, "rb") as f:
-        start = 3 if f.read(3) == b"\xef\xbb\xbf" else 0  # skip a UTF-8 byte order mark
+        start = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
         f.seek(start)
-        while data := f.read(1 << 16):
-            if stripped := data.lstrip():
-                first = stripped[:1]
-                break
-        else:
-            first = b""
+        first = b""
+        while not first and (data := f.read(1 << 16)):
+            first = data.lstrip()[:1]
     if path.endswith(".jsonl") or first == b"{":
         return True, start
     if first != b"[":
-        found = "an empty file" if not first else f"{first.decode('latin-1')!r}"
+        found = repr(first.decode("latin-1")) if first else "an empty file"
         raise RecordFormatError(f"{path}: expected a JSON array ('[') or JSON Lines ('{{'), "
                                 f"found {found}; give a LLaVA annotation file")
     return False, start
 
 
-def _build(path: str, chunk_size: int = CHUNK_SIZE) -> dict[str, np.ndarray]:
-    """Scan ``path`` once and return the index arrays."""
+def _build(path: str, chunk_size: int) -> tuple[dict[str, np.ndarray], bool]:
+    """Scan ``path`` once; return the index arrays and whether it is JSON Lines."""
     lines, start = _detect(path)
     sc = _Scanner(path, lines)
     buf = np.zeros(max(64, -(-chunk_size // 64) * 64), np.uint8)
@@ -293,17 +311,18 @@ def _build(path: str, chunk_size: int = CHUNK_SIZE) -> dict[str, np.ndarray]:
             fill += got
             if got and fill < len(buf):
                 continue  # short read: fill the buffer first
-            pad = -(-fill // 64) * 64
-            buf[fill:pad] = 0  # zero bytes are not special to the scan
-            cut = sc.scan(buf[:max(pad, 64)], fill, base, eof=not got)
+            pad = max(64, -(-fill // 64) * 64)
+            buf[fill:pad] = 0  # NUL bytes mean nothing to the scan
+            cut = sc.scan(buf[:pad], fill, base, eof=not got)
             if not got:
                 break
-            if cut == 0:  # one record is larger than the buffer
+            if cut == 0:  # a record longer than the buffer
                 buf = np.concatenate([buf, np.zeros_like(buf)])
             buf[: fill - cut] = buf[cut:fill]
             fill, base = fill - cut, base + cut
-    cols = list(zip(*sc.parts)) or [[np.zeros(0, t)] for t in (np.int64, np.int64, bool, np.int64)]
-    return {name: np.concatenate(c) for name, c in zip(_FIELDS, cols)}
+    empty = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, bool), np.zeros(0, np.int64))
+    cols = zip(*(sc.parts or [empty]), strict=True)
+    return {name: np.concatenate(c) for name, c in zip(_FIELDS, cols, strict=True)}, lines
 
 
 def default_cache_dir() -> Path:
@@ -313,66 +332,87 @@ def default_cache_dir() -> Path:
 
 
 class RecordIndex:
-    """Byte offsets of the records of one LLaVA annotation file; records parsed on demand.
+    """Where each record of one LLaVA annotation file lies; records are parsed on demand.
 
-    Pickling sends the arrays (~21 bytes per record, 14 MB for mix665k) and not the file
-    handle. That is cheap next to the GB that json.load costs per worker, needs no cache dir
-    in the workers, and with the default ``fork`` start method nothing is copied at all:
-    the arrays' pages stay shared. Each process opens its own file handle on first read.
+    Pickling (to spawned dataloader workers) sends the arrays, 25 bytes per record (17 MB
+    for mix665k), never a file handle: cheap next to json.load's GBs, and workers need no
+    cache dir. With the ``fork`` start method nothing is copied at all, as numpy arrays'
+    pages stay shared. Each process opens its own file handle on its first read.
     """
 
     def __init__(self, path: str, arrays: dict[str, np.ndarray], key: str, lines: bool) -> None:
         self.path, self.key, self.lines, self.from_cache = path, key, lines, False
-        self.offsets: np.ndarray = arrays["offsets"]
-        self.sizes: np.ndarray = arrays["sizes"]
-        self.has_image: np.ndarray = arrays["has_image"]
-        self.text_bytes: np.ndarray = arrays["text_bytes"]  # bytes inside JSON strings
+        self.offsets: np.ndarray = arrays["offsets"]  # int64 byte offset of each record
+        self.sizes: np.ndarray = arrays["sizes"]  # int64 byte size of each record
+        self.has_image: np.ndarray = arrays["has_image"]  # top-level "image" not null/""/[]
+        self.text_bytes: np.ndarray = arrays["text_bytes"]  # bytes inside its JSON strings
         self._fh: Any = None
         self._pid = -1
+
+    @staticmethod
+    def _key(path: str) -> str:
+        st = os.stat(path)
+        return json.dumps([path, st.st_size, st.st_mtime_ns, FORMAT_VERSION])
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
              chunk_size: int = CHUNK_SIZE) -> RecordIndex:
         """Index ``path``, reusing the cached index if the file is unchanged.
 
-        The cache lives in ``cache_dir`` (default :func:`default_cache_dir`); if it cannot
-        be written the index is built in memory only.
+        The cache lives in ``cache_dir`` (default :func:`default_cache_dir`); if that cannot
+        be written, the index is built in memory only.
         """
         path = os.path.abspath(path)
-        st = os.stat(path)
-        key = json.dumps([path, st.st_size, st.st_mtime_ns, FORMAT_VERSION])
+        key = cls._key(path)
         name = f"{Path(path).name}.{hashlib.sha1(path.encode()).hexdigest()[:16]}.npz"
         file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
-        lines = path.endswith(".jsonl")
-        if (arrays := _load(file, key)) is not None:
-            index = cls(path, arrays, key, bool(arrays.pop("lines", lines)))
-            index.from_cache = True
-            return index
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    index = cls(path, {k: z[k] for k in _FIELDS}, key, bool(z["lines"]))
+                    index.from_cache = True
+                    return index
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # missing or unreadable cache: rebuild it
         index = cls.build(path, chunk_size, key)
-        _save(file, key, index)
+        index._save(file)
         return index
 
     @classmethod
     def build(cls, path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE,
               key: str | None = None) -> RecordIndex:
-        """Scan ``path`` without touching any cache."""
+        """Scan ``path`` (one pass, ~0.5 GB/s) without touching any cache."""
         path = os.path.abspath(path)
-        if key is None:
-            st = os.stat(path)
-            key = json.dumps([path, st.st_size, st.st_mtime_ns, FORMAT_VERSION])
-        return cls(path, _build(path, chunk_size), key, _detect(path)[0])
+        key = key or cls._key(path)  # stat before the scan: a concurrent write invalidates it
+        arrays, lines = _build(path, chunk_size)
+        return cls(path, arrays, key, lines)
+
+    def _save(self, file: Path) -> None:
+        """Write the cache atomically; skip it silently if the directory is not writable."""
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+        except OSError:
+            return
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, key=np.array(self.key), lines=np.array(self.lines),
+                         **{k: getattr(self, k) for k in _FIELDS})
+            os.replace(tmp, file)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def read(self, i: int) -> dict[str, Any]:
-        """Parse and return record ``i`` (a dict), reading only its bytes."""
+        """Parse and return record ``i``, reading only its bytes."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"record {i} out of range: {self.path} has {n} records")
         i %= n
-        off, size = int(self.offsets[i]), int(self.sizes[i])
-        data = os.pread(self._file().fileno(), size, off)
+        off = int(self.offsets[i])
+        data = os.pread(self._file().fileno(), int(self.sizes[i]), off)
         try:
             return json.loads(data)
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
@@ -400,30 +440,3 @@ class RecordIndex:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fh": None, "_pid": -1}
-
-
-def _load(file: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The cached arrays if ``file`` exists and matches ``key``, else None."""
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            if str(z["key"]) != key:
-                return None
-            return {k: z[k] for k in (*_FIELDS, "lines")}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None
-
-
-def _save(file: Path, key: str, index: RecordIndex) -> None:
-    """Write the cache atomically; silently skip it if the directory is not writable."""
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), lines=np.array(index.lines),
-                     **{k: getattr(index, k) for k in _FIELDS})
-        os.replace(tmp, file)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)

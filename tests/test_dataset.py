@@ -118,6 +118,21 @@ def test_text_only_and_multi_image(data_file, tokenizer, processor):
     assert two["pixel_values"][0, 0].mean() > two["pixel_values"][1, 0].mean()
 
 
+def test_truncation_keeps_only_images_whose_tokens_remain(data_file, tokenizer, processor):
+    record = {"id": "two-turns", "image": ["red.png", "blue.png"], "conversations": [
+        NO_SYSTEM, {"from": "human", "value": "<image>\nA"}, {"from": "gpt", "value": "B"},
+        {"from": "human", "value": "<image>\nC"}, {"from": "gpt", "value": "D"}]}
+    path = data_file.parent / "turns.json"
+    path.write_text(json.dumps([record]))
+    full = make_dataset(path, tokenizer, processor)
+    (_, _), (second, _) = full.builder.build(record).encoded.image_spans
+    cut = make_dataset(path, tokenizer, processor, max_length=second + 1)[0]
+    # The cut falls inside the second image's run: the whole run goes, and so does its image.
+    assert len(cut["input_ids"]) == second
+    assert cut["input_ids"].tolist().count(IMG) == N_IMAGE_TOKENS
+    assert torch.equal(cut["pixel_values"], full[0]["pixel_values"][:1])
+
+
 def test_real_odd_images(tmp_path, tokenizer, processor):
     odd = ["camera_grayscale.png", "alpaca_rgba.png", "palette_animated.gif", "tiny_1x1.png"]
     records = [{"id": name, "image": str(SHARED_ASSETS / "images" / name),

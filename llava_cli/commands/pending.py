@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -16,16 +17,19 @@ def not_implemented(command: str) -> None:
 
 
 def merge_lora(
-    run_dir: Path = typer.Argument(..., help="A LoRA run directory (or a checkpoint-N in it)."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where to write the model."),
+    run_dir: Annotated[Path, typer.Argument(
+        help="A LoRA run directory (or a checkpoint-N in it).")],
+    output_dir: Annotated[Path, typer.Option(
+        "--output-dir", "-o", help="Where to write the model.")],
 ) -> None:
     """Merge a LoRA run into its base model and save a standalone checkpoint."""
     not_implemented("merge-lora")
 
 
 def export_projector(
-    checkpoint: Path = typer.Argument(..., help="A run directory or LLaVA checkpoint."),
-    output: Path = typer.Option(..., "--output", "-o", help="The projector file to write."),
+    checkpoint: Annotated[Path, typer.Argument(help="A run directory or LLaVA checkpoint.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The projector file to write.")],
 ) -> None:
     """Export the projector weights (LLaVA mm_projector.bin or safetensors)."""
     not_implemented("export-projector")

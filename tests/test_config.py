@@ -1,0 +1,69 @@
+"""Configuration: precedence, LLaVA aliases, TrainingArguments pass-through, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from llava_cli.config import ConfigError, parse_set, resolve_config, save_resolved
+
+
+def _recipe(tmp_path, **keys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+def test_precedence_preset_recipe_set_flag(tmp_path):
+    recipe = _recipe(tmp_path, template="llava_llama_2", learning_rate=1e-3, model_max_length=512)
+    config = resolve_config("finetune", recipe, ["learning_rate=2e-5", "model_max_length=1024"],
+                            {"model_max_length": 4096, "template": None})
+    assert config.template == "llava_llama_2"  # recipe beats the default
+    assert config.training_args["learning_rate"] == 2e-5  # --set beats the recipe
+    assert config.model_max_length == 4096  # a flag beats --set; None flags are ignored
+    assert resolve_config("pretrain").template == "plain"  # stage preset
+
+
+def test_lora_preset_and_llava_aliases(tmp_path):
+    config = resolve_config("lora")
+    assert (config.train_llm, config.lora_r, config.lora_alpha) == ("lora", 128, 256)
+    assert config.projector_lr == 2e-5 and config.training_args["learning_rate"] == 2e-4
+    recipe = _recipe(tmp_path, version="v1", tune_mm_mlp_adapter=True, mm_projector_lr=2e-5,
+                     mm_vision_select_layer=-1, freeze_mm_mlp_adapter=False)
+    config = resolve_config("finetune", recipe)
+    assert (config.template, config.train_llm, config.projector_lr,
+            config.vision_select_layer) == ("v1", "frozen", 2e-5, -1)
+
+
+def test_any_training_argument_is_accepted():
+    config = resolve_config("finetune", sets=["warmup_ratio=0.03", "lr_scheduler_type=cosine",
+                                              "report_to=[]"])
+    # LLaVA's warmup_ratio is transformers 5's fractional warmup_steps
+    assert config.training_args == {"warmup_steps": 0.03, "lr_scheduler_type": "cosine",
+                                    "report_to": []}
+
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown configuration key 'learning_rat' \(from "
+                       r"--set\); did you mean 'learning_rate'\?"):
+        resolve_config("finetune", sets=["learning_rat=1"])
+
+
+def test_bad_values_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="tokenization: Input should be 'hf' or 'llava'"):
+        resolve_config("finetune", sets=["tokenization=fast"])
+    with pytest.raises(ConfigError, match="unknown template 'v9'"):
+        resolve_config("finetune", sets=["template=v9"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_set(["learning_rate"])
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config("finetune", tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mm_use_im_start_end: true is not supported"):
+        resolve_config("finetune", sets=["mm_use_im_start_end=true"])
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    config = resolve_config("finetune", sets=["learning_rate=3e-5", "template=chatml"])
+    path = save_resolved(config, tmp_path / "out")
+    again = resolve_config("finetune", path)
+    assert again == config

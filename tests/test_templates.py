@@ -1,0 +1,91 @@
+"""Templates render exactly the documented prompt strings; supervised spans are the replies."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_cli.templates import (
+    TEMPLATES,
+    Message,
+    canonical_template_name,
+    render,
+    render_with_chat_template,
+)
+from tests.conftest import load_tokenizer
+
+CONV = [Message("user", "<image>\nQ1?"), Message("assistant", "A1."),
+        Message("user", "Q2?"), Message("assistant", "A2.")]
+V1_SYS = TEMPLATES["v1"].system
+
+EXPECTED = {
+    "plain": "<image>A1.\n",
+    "v1": f"{V1_SYS} USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>",
+    "llava_llama_2": (
+        f"[INST] <<SYS>>\n{TEMPLATES['llava_llama_2'].system}\n<</SYS>>\n\n<image>\nQ1? [/INST] "
+        "A1. </s><s>[INST] Q2? [/INST] A2. </s>"),
+    "chatml": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+               "<image>\nQ1?<|im_end|>\n<|im_start|>assistant\nA1.<|im_end|>\n<|im_start|>user\n"
+               "Q2?<|im_end|>\n<|im_start|>assistant\nA2.<|im_end|>\n"),
+    "mpt": (f"<|im_start|>system\n{TEMPLATES['mpt'].system}<|im_end|><|im_start|>user\n<image>\n"
+            "Q1?<|im_end|><|im_start|>assistant\nA1.<|im_end|><|im_start|>user\nQ2?<|im_end|>"
+            "<|im_start|>assistant\nA2.<|im_end|>"),
+}
+SUPERVISED = {
+    "plain": ["A1.\n"],
+    "v1": [" A1.</s>", " A2.</s>"],
+    "llava_llama_2": [" A1. </s>", " A2. </s>"],
+    "chatml": ["A1.<|im_end|>", "A2.<|im_end|>"],
+    "mpt": ["A1.<|im_end|>", "A2.<|im_end|>"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_rendered_text_and_spans(name):
+    conv = CONV[:2] if name == "plain" else CONV
+    rendered = render(TEMPLATES[name], conv)
+    assert rendered.text == EXPECTED[name]
+    assert [rendered.text[a:b] for a, b in rendered.spans] == SUPERVISED[name]
+
+
+def test_llama3_and_v0_supervise_only_replies():
+    for name, stop in (("llama3", "<|eot_id|>"), ("v0", "###")):
+        rendered = render(TEMPLATES[name], CONV)
+        pieces = [rendered.text[a:b] for a, b in rendered.spans]
+        assert [p.strip() for p in pieces] == [f"A1.{stop}", f"A2.{stop}"]
+
+
+def test_record_system_turn_replaces_default():
+    rendered = render(TEMPLATES["v1"], CONV[:2], system="Be brief.")
+    assert rendered.text.startswith("Be brief. USER: ")
+
+
+def test_generation_prompt_ends_with_assistant_header():
+    assert render(TEMPLATES["v1"], CONV[:1], add_generation_prompt=True).text.endswith(
+        "USER: <image>\nQ1? ASSISTANT:")
+
+
+def test_empty_reply_supervises_only_end_of_turn():
+    rendered = render(TEMPLATES["v1"], [Message("user", "Say nothing."), Message("assistant", "")])
+    assert [rendered.text[a:b] for a, b in rendered.spans] == ["</s>"]
+
+
+def test_aliases_and_unknown_template():
+    assert canonical_template_name("vicuna_v1") == "v1"
+    assert canonical_template_name("qwen_2") == "chatml"
+    with pytest.raises(ValueError, match="unknown template 'vicuna9'; choose one of: plain"):
+        canonical_template_name("vicuna9")
+
+
+def test_chat_template_spans_with_real_qwen_tokenizer(assets):
+    tokenizer = load_tokenizer(assets / "tokenizers" / "qwen2-1.5b-instruct")
+    rendered = render_with_chat_template(tokenizer, CONV)
+    pieces = [rendered.text[a:b] for a, b in rendered.spans]
+    assert pieces == ["A1.<|im_end|>", "A2.<|im_end|>"]
+    assert "<|im_start|>user\n<image>\nQ1?<|im_end|>" in rendered.text
+
+
+def test_chat_template_missing_is_a_clear_error(assets):
+    tokenizer = load_tokenizer(assets / "tokenizers" / "llama2-vicuna-v1.5")
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        render_with_chat_template(tokenizer, CONV)
