@@ -14,9 +14,9 @@ Each image placeholder then becomes as many image tokens as the vision tower yie
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from llava_cli.sp_original import OriginalSentencePieceTokenizer
@@ -27,7 +27,7 @@ TokenizationMode = Literal["hf", "llava"]
 TOKENIZATION_MODES = ("hf", "llava")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Encoded:
     """Token ids and labels of one sample; `image_spans` are [start, end) of each image's run."""
 
@@ -36,10 +36,10 @@ class Encoded:
     image_spans: list[tuple[int, int]]
     truncated: bool = False
 
-    @property
+    @cached_property
     def n_supervised(self) -> int:
         """How many positions carry a label (the loss is computed over these)."""
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     @property
     def n_image_tokens(self) -> int:
@@ -54,6 +54,12 @@ def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Offset]]:
     if isinstance(tokenizer, OriginalSentencePieceTokenizer):
         enc = tokenizer(text)
         return enc["input_ids"], enc["offset_mapping"]
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        # The tokenizers backend directly: same ids as tokenizer(text) (tested), a third of
+        # the per-call overhead, which matters when --check scans 665k records.
+        encoding = backend.encode(text, add_special_tokens=True)
+        return encoding.ids, [None if b <= a else (a, b) for a, b in encoding.offsets]
     try:
         enc = tokenizer(text, return_offsets_mapping=True)
     except NotImplementedError as err:  # slow (pure-Python) tokenizers have no offsets
@@ -95,28 +101,27 @@ def _tokenize_llava_style(
     return ids, offsets
 
 
-def _supervised(offset: Offset, spans: Sequence[tuple[int, int]], ends: list[int]) -> bool:
-    """A token is supervised iff its last character lies in a supervised span.
-
-    Zero-width tokens (SentencePiece's dummy "▁", the first bytes of a byte-fallback
-    character) belong to the character at their position.
-    """
-    if offset is None:
-        return False
-    start, end = offset
-    if end == start:
-        k = bisect_left(ends, start + 1)
-        return k < len(spans) and spans[k][0] <= start
-    k = bisect_left(ends, end)
-    return k < len(spans) and spans[k][0] < end
-
-
 def _labels_from_spans(
     ids: Sequence[int], offsets: Sequence[Offset], spans: Sequence[tuple[int, int]]
 ) -> list[int]:
-    ends = [end for _, end in spans]
-    return [token if _supervised(offset, spans, ends) else IGNORE_INDEX
-            for token, offset in zip(ids, offsets, strict=True)]
+    """A token is supervised iff its last character lies in a supervised span.
+
+    Zero-width tokens (SentencePiece's dummy "▁", the first bytes of a byte-fallback
+    character) belong to the character at their position. Tokens and spans are both in text
+    order, so one merge-like pass labels them all.
+    """
+    labels = [IGNORE_INDEX] * len(ids)
+    k, n_spans = 0, len(spans)
+    for i, offset in enumerate(offsets):
+        if offset is None or k >= n_spans:
+            continue
+        start, end = offset
+        last = end if end > start else start + 1  # position just past the owning character
+        while k < n_spans and spans[k][1] < last:
+            k += 1
+        if k < n_spans and spans[k][0] < last:
+            labels[i] = ids[i]
+    return labels
 
 
 def _expand_images(

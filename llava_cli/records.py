@@ -115,11 +115,6 @@ def _skip_ws(a: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
     return j
 
 
-def _kind(c: int) -> str:
-    names = {34: "string", 91: "array", 116: "boolean", 102: "boolean", 110: "null"}
-    return "number" if chr(c) in "-0123456789" else names.get(c, f"invalid token {chr(c)!r}")
-
-
 class _Scanner:
     """Finds the records of one file, chunk by chunk (see the module docstring).
 
@@ -139,11 +134,14 @@ class _Scanner:
         where = f"line {_line_at(self.path, off)}" if self.lines else f"byte {off}"
         return RecordFormatError(f"{self.path}: {where}: {msg}")
 
-    def not_object(self, k: int, what: str) -> str:
+    def not_object(self, k: int, pos: int) -> RecordFormatError:
+        """Error for a record (at chunk offset ``pos``) that is not a JSON object."""
+        text = bytes(self.a[pos : min(pos + 24, self.n)]).split(b"\n")[0].decode("utf-8", "replace")
         if self.lines:
-            return f"expected one JSON object per line, found a JSON {what}; fix or remove it"
-        return (f"record #{k} is a JSON {what}, not an object; every element of the top-level "
-                "array must be one sample object - fix or remove it")
+            return self.fail(pos, f"expected a JSON object, found {text!r}; fix or remove the line")
+        return self.fail(pos, f"record #{k} is not a JSON object (it starts with {text!r}); each "
+                         "element of the top-level array must be one sample object - fix or "
+                         "remove it")
 
     def masks(self, a: np.ndarray, block: int = 1 << 20) -> list[np.ndarray]:
         """Packed bits of quotes, backslashes, and []{} (plus Y _ y DEL, invalid outside strings).
@@ -177,8 +175,8 @@ class _Scanner:
             raise self.fail(int(p[bad[0]]), f"unbalanced {chr(kind[bad[0]])!r}")
         starts = np.flatnonzero(opening & (depth == self.r + 1))
         ends = np.flatnonzero(~opening & (depth == self.r))
-        if len(bad := np.flatnonzero(kind[starts] != 123)):
-            raise self.fail(int(p[starts[bad[0]]]), self.not_object(self.count + bad[0], "array"))
+        if len(bad := np.flatnonzero(kind[starts] != 123)):  # a record that is an array
+            raise self.not_object(self.count + int(bad[0]), int(p[starts[bad[0]]]))
         top = np.flatnonzero(depth == 0)[:1] if not self.lines else ends[:0]
         for idx, want in ((ends, 125), (top, 93)):
             if len(bad := np.flatnonzero(kind[idx] != want)):
@@ -218,15 +216,16 @@ class _Scanner:
         vals, sep = self.a[idx], 10 if self.lines else 44
         if len(junk := np.flatnonzero(~_WS[vals] & (vals != sep))):
             k = self.count + int(np.searchsorted(seg, junk[0], side="right")) - 1
-            raise self.fail(int(idx[junk[0]]), self.not_object(k, _kind(vals[junk[0]])))
+            raise self.not_object(k, int(idx[junk[0]]))
         cum = np.concatenate([[0], np.cumsum(vals == sep)])
         found = cum[seg + lens] - cum[seg]
         if len(bad := np.flatnonzero((found == 0) & need if self.lines else found != need)):
             i = int(bad[0])
             if self.lines:
                 raise self.fail(int(p[ev[i]]), "more than one JSON value on one line")
-            what = "missing ',' before" if need[i] else "unexpected ',' before"
-            raise self.fail(int(p[ev[i]]), f"{what} this element")
+            what = "missing ','" if need[i] else "unexpected ','"
+            where = f"record #{self.count + i}" if i < len(starts) else "the closing ']'"
+            raise self.fail(int(p[ev[i]]), f"{what} before {where}")
 
     def check_end(self, last: int, cut: int) -> None:
         """At end of file nothing may be left open, and only whitespace may trail."""
@@ -244,8 +243,7 @@ class _Scanner:
                 "JSON array is not closed with ']'; the file looks truncated - re-download or "
                 "regenerate it")
         if len(junk := np.flatnonzero(~_WS[self.a[cut : self.n]])):
-            c = int(self.a[cut + junk[0]])
-            raise self.fail(cut + int(junk[0]), self.not_object(self.count, _kind(c)))
+            raise self.not_object(self.count, cut + int(junk[0]))
 
     def add(self, q: np.ndarray, instr: np.ndarray, s: np.ndarray, e: np.ndarray) -> None:
         """Append offset, size, has-image flag and text size of the records ``a[s:e+1]``."""
