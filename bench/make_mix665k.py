@@ -20,12 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import string
 import sys
 import time
 from collections.abc import Callable
 
-WORDS = ["the", "a", "of", "and", "to", "in", "is", "on", "with", "for", "at", "by", "from", "this", "that", "what", "which", "there", "are", "was", "image", "picture", "photo", "man", "woman", "person", "people", "dog", "cat", "bus", "car", "train", "street", "table", "room", "white", "black", "red", "blue", "green", "yellow", "brown", "small", "large", "left", "right", "front", "behind", "near", "standing", "sitting", "holding", "wearing", "looking", "walking", "riding", "playing", "eating", "parked", "building", "sign", "window", "tree", "grass", "sky", "water", "field", "road", "plate", "food", "kitchen", "bathroom", "describe", "detail", "scene", "object", "color", "number", "shape", "located", "background", "foreground", "because", "however", "therefore", "several", "many", "some", "each", "other", "while", "during", "between", "model", "data", "function", "value", "result", "question", "answer", "explain", "example", "code", "python", "use", "using", "used", "make", "makes", "made", "provide", "provides", "information", "important", "different"]
-UNICODE = ["café", "naïve", "Straße", "日本語のテキスト", "中文句子", "한국어", "😀", "🚀🔥", "Ω≈ç√"]
+# A small vocabulary: the text only needs realistic sizes, not meaning.
+WORDS = [
+    "the", "a", "of", "and", "to", "in", "is", "on", "with", "for", "at", "by", "from",
+    "this", "that", "what", "which", "there", "are", "was", "image", "picture", "photo",
+    "man", "woman", "person", "people", "dog", "cat", "bus", "car", "train", "street",
+    "table", "room", "white", "black", "red", "blue", "green", "yellow", "brown", "small",
+    "large", "left", "right", "front", "behind", "near", "standing", "sitting", "holding",
+    "wearing", "looking", "walking", "riding", "playing", "eating", "parked", "building",
+    "sign", "window", "tree", "grass", "sky", "water", "field", "road", "plate", "food",
+    "kitchen", "bathroom", "describe", "detail", "scene", "object", "color", "number",
+    "shape", "located", "background", "foreground", "because", "however", "therefore",
+    "several", "many", "some", "each", "other", "while", "during", "between", "model",
+    "data", "function", "value", "result", "question", "answer", "explain", "example",
+    "code", "python", "use", "using", "used", "make", "makes", "made", "provide",
+    "provides", "information", "important", "different",
+]
+UNICODE = [
+    "café", "naïve", "Straße", "日本語のテキスト", "中文句子", "한국어", "😀", "🚀🔥", "Ω≈ç√",
+]
 CODE = [
     'def f(x):\n    return {"a": [x, x * 2]}\n',
     'print("he said \\"hi\\"")\n',
@@ -122,7 +140,7 @@ def sharegpt(rng: random.Random, pool: TextPool, i: int) -> dict:
         if rng.random() < 0.3:
             a += "\n```\n" + rng.choice(CODE) + "```"
         pairs.append((q, a))
-    ident = "".join(rng.choices("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=7))
+    ident = "".join(rng.choices(string.ascii_letters + string.digits, k=7))
     return {"id": f"{ident}_{rng.randint(0, 9)}", "model": "", "conversations": _turns(pairs)}
 
 

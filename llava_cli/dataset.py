@@ -25,9 +25,6 @@ from llava_cli.samples import Sample, SampleBuilder
 logger = logging.getLogger("llava_cli")
 
 FULLY_MASKED = "fully-masked"
-# Processes (by pid) that have already logged the "records were dropped" warning: one per
-# process, however many datasets it holds, so a long run's log is not flooded.
-_WARNED_PIDS: set[int] = set()
 
 
 @dataclass
@@ -76,6 +73,9 @@ class LazySupervisedDataset(Dataset):
         self.processor = processor
         self.skip_bad_records = skip_bad_records
         self.dropped = DropCounter()
+        # The pid that already logged the "records were dropped" warning: one warning per
+        # process (each forked worker has its own), so a long run's log is not flooded.
+        self._warned_pid = -1
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], builder: SampleBuilder,
@@ -154,10 +154,9 @@ class LazySupervisedDataset(Dataset):
 
     def _drop(self, kind: str, record_id: str) -> None:
         self.dropped.add(kind, record_id)
-        pid = os.getpid()
-        if pid in _WARNED_PIDS:
+        if self._warned_pid == os.getpid():
             return
-        _WARNED_PIDS.add(pid)
+        self._warned_pid = os.getpid()
         logger.warning(
             "dropping record %r (%s) from training; further dropped records are counted, not "
             "logged (see dataset.dropped). `llava inspect-data --check` lists them all.",

@@ -50,11 +50,6 @@ _popcount = getattr(np, "bitwise_count", None) or (  # numpy < 2 has no bitwise_
     lambda x: _POP16[x.view("<u2")].reshape(-1, 4).sum(1))
 
 
-def _pack(mask: np.ndarray) -> np.ndarray:
-    """Pack a bool mask (length a multiple of 64) into uint64 words; bit i is byte i."""
-    return np.packbits(mask, bitorder="little").view("<u8")
-
-
 def _shift(x: np.ndarray, k: int) -> np.ndarray:
     """Move bits k bytes toward higher offsets (k > 0) or lower offsets (k < 0)."""
     if k > 0:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_cli import dataset as dataset_module
 from llava_cli.collator import DataCollator
 from llava_cli.conversation import RecordError
 from llava_cli.dataset import FULLY_MASKED, LazySupervisedDataset
@@ -68,12 +67,6 @@ def data_file(tmp_path: Path) -> Path:
     path = tmp_path / "data.json"
     path.write_text(json.dumps(RECORDS))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warning(monkeypatch):
-    # The drop warning is once per process; each test must see its own.
-    monkeypatch.setattr(dataset_module, "_WARNED_PIDS", set())
 
 
 def make_dataset(path: Path, tokenizer, processor, max_length: int | None = 2048,

@@ -1,0 +1,111 @@
+"""Benchmark `llava inspect-data --check` on a mix665k-shaped file: records/s and peak memory.
+
+    python bench/make_mix665k.py /tmp/mix665k.json
+    python bench/bench_check.py /tmp/mix665k.json --images /tmp/mix665k_images
+
+`--images` builds (once) an image tree holding every path the file references, as hard links
+to one small JPEG, so header checks hit real files. Peak memory is sampled from /proc every
+0.2 s over the whole process tree (main process + workers), summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+DEFAULT_TOKENIZER = (Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers"
+                     / "llama2-vicuna-v1.5")
+
+
+def build_image_tree(data: Path, folder: Path) -> int:
+    """Hard-link one tiny JPEG at every image path `data` references; return how many."""
+    from llava_cli.records import RecordIndex
+
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = folder / "_seed.jpg"
+    if not seed.exists():
+        Image.new("RGB", (640, 480), (120, 80, 40)).save(seed, quality=80)
+    index = RecordIndex.open(data)
+    made = 0
+    for position in range(len(index)):
+        image = index.read(position).get("image")
+        for relative in image if isinstance(image, list) else [image] if image else []:
+            target = folder / relative
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(seed, target)
+                made += 1
+    return made
+
+
+def _tree_rss_kb(root: int) -> int:
+    """Resident memory of `root` and all its descendants, in kB."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        pid = int(entry)
+        children.setdefault(int(fields["PPid"]), []).append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack += children.get(pid, [])
+    return total
+
+
+def run_check(data: Path, images: Path, tokenizer: Path, workers: int) -> dict:
+    """Run the CLI once; return wall time, peak tree RSS and the report."""
+    command = [sys.executable, "-m", "llava_cli", "inspect-data", str(data), "--tokenizer",
+               str(tokenizer), "--image-folder", str(images), "--check", "--format", "json",
+               "--workers", str(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               env=env, text=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, _tree_rss_kb(process.pid))
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    output = process.stdout.read() if process.stdout else ""
+    report = json.loads(output[output.index("{"):])
+    return {"wall_s": wall, "peak_tree_rss_mb": peak / 1024, "report": report}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    made = build_image_tree(args.data, args.images)
+    print(f"image tree: {made} new links in {time.perf_counter() - started:.0f} s")
+    result = run_check(args.data, args.images, args.tokenizer, args.workers)
+    report = result["report"]
+    print(f"records            {report['records']}")
+    print(f"wall               {result['wall_s']:.1f} s (start-up included)")
+    print(f"records/s          {report['records'] / result['wall_s']:.0f}")
+    print(f"peak RSS (tree)    {result['peak_tree_rss_mb']:.0f} MB")
+    print(f"problems           {report['problems']}")
+    print(f"lengths            {report['length_tokens']}")
+
+
+if __name__ == "__main__":
+    main()
