@@ -40,7 +40,6 @@ class Template:
     system_in_first_user: bool = False  # Llama-2 style: the system block opens the first turn
     user_format: str = "{content}"
     assistant_header: str = ""  # context written before each reply
-    generation_header: str | None = None  # header at inference when it differs (no trailing space)
     assistant_format: str = "{content}"  # the supervised reply, end-of-turn included
     assistant_footer: str = ""  # context after the end-of-turn marker (e.g. a newline)
     round_separator: str = ""  # context before every user turn except the first
@@ -227,8 +226,7 @@ def render(
             out.add(_reply(template, message.content), supervised=True)
             out.add(template.assistant_footer)
     if add_generation_prompt:
-        header = template.generation_header
-        out.add(template.assistant_header if header is None else header)
+        out.add(template.assistant_header)
     return out.build()
 
 

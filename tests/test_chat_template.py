@@ -1,0 +1,34 @@
+"""The saved Jinja chat template renders exactly the training template."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_cli.chat_template import chat_template_for
+from llava_cli.templates import TEMPLATES, Message, render
+
+CONV = [Message("user", "<image>\nQ1?"), Message("assistant", "A1."),
+        Message("user", "Q2?"), Message("assistant", "")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llava_cli.demo_tokenizer import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_equals_render(tokenizer, name):
+    template = TEMPLATES[name]
+    tokenizer.chat_template = chat_template_for(template)
+    conv = CONV[:2] if name == "plain" else CONV
+    messages = [{"role": m.role, "content": m.content} for m in conv]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == render(template, conv).text
+    with_system = [{"role": "system", "content": "Be brief."}, *messages]
+    assert tokenizer.apply_chat_template(with_system, tokenize=False) == render(
+        template, conv, system="Be brief.").text
+    # The processor's list form: an image item becomes "<image>\n", as in the training data.
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q1?"}]}]
+    assert tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == (
+        render(template, conv[:1], add_generation_prompt=True).text)
