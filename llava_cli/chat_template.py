@@ -32,7 +32,8 @@ _BODY = """\
 {%- set content = content_of(message) -%}
 {%- if message['role'] == 'user' -%}
 {%- if not user_text -%}{%- set content = '<image>' * (content.count('<image>')) -%}{%- endif -%}
-{%- if loop.first and system_in_first_user -%}{%- set content = system_block + content -%}{%- endif -%}
+{%- if loop.first and system_in_first_user -%}
+{%- set content = system_block + content -%}{%- endif -%}
 {{ (round_separator if not loop.first else '') + user_format | replace('{content}', content) }}
 {%- else -%}
 {%- set reply_format = assistant_format -%}

@@ -2,8 +2,9 @@
 
 Nothing is tokenized or decoded up front: the index is numpy arrays of byte offsets, so start-up
 is instant and forked DataLoader workers share it instead of copying millions of Python objects.
-Records that cannot be trained on come back as `None` (the collator drops them) only where that
-is safe or the user asked for it (`skip_bad_records`); everything else raises with the record id.
+Records that cannot be trained on are replaced by the next usable record (and counted) only where
+that is safe or the user asked for it (`skip_bad_records`); everything else raises with the
+record id.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llava_cli.samples import Sample, SampleBuilder
 logger = logging.getLogger("llava_cli")
 
 FULLY_MASKED = "fully-masked"
+MAX_CONSECUTIVE_DROPS = 100
 
 
 @dataclass
@@ -98,9 +100,19 @@ class LazySupervisedDataset(Dataset):
         """Length estimates regardless of modality (for length-grouped sampling)."""
         return np.abs(self.modality_lengths)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        """The model inputs of record `i`, or None when the record is dropped (see class doc)."""
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """The model inputs of record `i`; a dropped record (see class doc) is replaced by the
+        next usable one, so batches stay full and no step trains on nothing."""
         i = int(i)
+        for attempt in range(MAX_CONSECUTIVE_DROPS):
+            item = self.inputs_or_none((i + attempt) % len(self))
+            if item is not None:
+                return item
+        raise ValueError(f"{MAX_CONSECUTIVE_DROPS} consecutive records from #{i} cannot be "
+                         "trained on; run `llava inspect-data --check` on the data")
+
+    def inputs_or_none(self, i: int) -> dict[str, Any] | None:
+        """The model inputs of record `i`, or None (counted) when it cannot be trained on."""
         try:
             sample = self.builder.build(self._read(i), position=i)
             if not sample.trainable:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 1
-CHUNK_SIZE = 8 << 20  # bytes per scan step (measured fastest); scratch memory is ~4x this
+CHUNK_SIZE = 8 << 20  # bytes per scan step (measured fastest)
+_BLOCK = 1 << 20  # bytes per mask-building step: small enough to stay in cache
 _FIELDS = ("offsets", "sizes", "has_image", "text_bytes")
 _U64 = np.uint64
 _WS = np.zeros(256, bool)
@@ -39,10 +40,10 @@ class RecordFormatError(ValueError):
 
 def _bit_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per 16-bit value: its number of set bits, their start in a flat table, the table."""
-    bits = np.unpackbits(np.arange(1 << 16, dtype="<u2").view(np.uint8), bitorder="little")
-    rows, cols = np.nonzero(bits.reshape(-1, 16))
-    count = np.bincount(rows, minlength=1 << 16)
-    return count, np.cumsum(count) - count, cols.astype(np.int64)
+    values = np.arange(1 << 16, dtype="<u2").view(np.uint8)
+    bits = np.unpackbits(values, bitorder="little").view(bool)
+    count = bits.reshape(-1, 16).sum(1)
+    return count, np.cumsum(count) - count, np.tile(np.arange(16, dtype=np.uint8), 1 << 16)[bits]
 
 
 _POP16, _START16, _BITS16 = _bit_tables()
@@ -121,7 +122,7 @@ class _Scanner:
         self.path, self.lines, self.r = path, lines, 0 if lines else 1  # r: depth of records
         self.depth, self.count, self.closed = 0, 0, False
         self.parts: list[tuple[np.ndarray, ...]] = []
-        self.m, self.c = np.empty(1 << 20, bool), np.empty(1 << 20, np.uint8)
+        self.m, self.c = np.empty(_BLOCK, bool), np.empty(_BLOCK, np.uint8)
 
     def fail(self, pos: int, msg: str) -> RecordFormatError:
         """An error at chunk offset ``pos``, located by line (JSONL) or byte (JSON)."""
@@ -138,16 +139,17 @@ class _Scanner:
                          "element of the top-level array must be one sample object - fix or "
                          "remove it")
 
-    def masks(self, a: np.ndarray, block: int = 1 << 20) -> list[np.ndarray]:
-        """Packed bits of quotes, backslashes, and []{} (plus Y _ y DEL, invalid outside strings).
+    def masks(self, a: np.ndarray, block: int = _BLOCK) -> list[np.ndarray]:
+        """Packed bits of quotes, backslashes, []{} (and Y _ y DEL: invalid outside strings), 'i'.
 
         Works in blocks that stay in cache, with reused scratch (no page faults): ~30% faster.
+        The 'i' bits cut the candidates for the "image" key 20-fold before they are expanded.
         """
-        out = [np.empty(len(a) // 8, np.uint8) for _ in range(3)]
+        out = [np.empty(len(a) // 8, np.uint8) for _ in range(4)]
         for i in range(0, len(a), block):
             blk, o = a[i : i + block], slice(i // 8, (i + block) // 8)
             m, c = self.m[: len(blk)], np.bitwise_and(blk, np.uint8(0xD9), out=self.c[: len(blk)])
-            for bits, src, value in zip(out, (blk, blk, c), (34, 92, 0x59), strict=True):
+            for bits, src, value in zip(out, (blk, blk, c, blk), (34, 92, 0x59, 105), strict=True):
                 bits[o] = np.packbits(np.equal(src, np.uint8(value), out=m), bitorder="little")
         return [bits.view("<u8") for bits in out]
 
@@ -157,7 +159,7 @@ class _Scanner:
         if self.closed:
             self.only_ws(0)
             return n
-        q, bs, st = self.masks(a)
+        q, bs, st, self.i_bits = self.masks(a)
         _unescape(a, q, bs)
         instr = _in_string(q)
         self.p = p = _positions(st & ~instr)
@@ -243,9 +245,9 @@ class _Scanner:
     def add(self, q: np.ndarray, instr: np.ndarray, s: np.ndarray, e: np.ndarray) -> None:
         """Append offset, size, has-image flag and text size of the records ``a[s:e+1]``."""
         a, n = self.a, self.n
-        # Key "image": a 5-byte string starting with 'i', at record depth, followed by ':'.
+        # Key "image": the string "image" at record depth followed by ':' (so not a value).
         # Escaped quotes are gone from q, so a text containing \"image\" never matches.
-        k = _positions(q & instr & _shift(q & ~instr, -6))
+        k = _positions(q & instr & _shift(q & ~instr, -6) & _shift(self.i_bits, -1))
         k = k[k < (e[-1] if len(e) else 0)]
         for i, ch in enumerate(b"image", 1):
             k = k[a[k + i] == ch]
@@ -334,7 +336,8 @@ class RecordIndex:
     """
 
     def __init__(self, path: str, arrays: dict[str, np.ndarray], key: str, lines: bool) -> None:
-        self.path, self.key, self.lines, self.from_cache = path, key, lines, False
+        self.path, self.key, self.lines = path, key, lines
+        self.from_cache = False  # True when open() loaded the arrays from the cache
         self.offsets: np.ndarray = arrays["offsets"]  # int64 byte offset of each record
         self.sizes: np.ndarray = arrays["sizes"]  # int64 byte size of each record
         self.has_image: np.ndarray = arrays["has_image"]  # top-level "image" not null/""/[]

@@ -196,8 +196,8 @@ def test_collator_anyres_tiles_and_limits():
 def test_fully_masked_sample_is_dropped_and_counted(data_file, tokenizer, processor, caplog):
     ds = make_dataset(data_file, tokenizer, processor, max_length=20)
     with caplog.at_level(logging.WARNING, logger="llava_cli"):
-        assert ds[by_id("long-prompt")] is None
-        assert ds[by_id("long-prompt")] is None
+        assert ds.inputs_or_none(by_id("long-prompt")) is None
+        assert ds.inputs_or_none(by_id("long-prompt")) is None
     assert ds.dropped.counts == {FULLY_MASKED: 2}
     assert ds.dropped.examples[FULLY_MASKED] == ["long-prompt", "long-prompt"]
     warnings = [r.getMessage() for r in caplog.records]
@@ -210,7 +210,7 @@ def test_missing_image_raises_or_is_skipped(data_file, tokenizer, processor):
     with pytest.raises(RecordError, match=r"record 'missing-image'.*nowhere/gone\.png"):
         make_dataset(data_file, tokenizer, processor)[n]
     ds = make_dataset(data_file, tokenizer, processor, skip_bad_records=True)
-    assert ds[n] is None
+    assert ds.inputs_or_none(n) is None
     assert ds.dropped.counts == {"bad-image": 1}
     assert ds.dropped.examples == {"bad-image": ["missing-image"]}
     assert "bad-image: 1 (e.g. missing-image)" in ds.dropped.summary()
@@ -223,7 +223,16 @@ def test_invalid_json_line_is_a_bad_record(tmp_path, tokenizer, processor):
     with pytest.raises(RecordError, match="not valid JSON"):
         make_dataset(path, tokenizer, processor)[1]
     ds = make_dataset(path, tokenizer, processor, skip_bad_records=True)
-    assert ds[0] is not None and ds[1] is None and ds.dropped.counts == {"bad-json": 1}
+    assert ds[0] is not None and ds.inputs_or_none(1) is None
+    assert ds.dropped.counts == {"bad-json": 1}
+    # Through __getitem__ a dropped record is replaced by the next usable one: full batches.
+    assert ds[1]["record_index"] == 0 and ds.dropped.counts == {"bad-json": 2}
+
+
+def test_unusable_data_is_an_error_not_an_endless_search(data_file, tokenizer, processor):
+    ds = make_dataset(data_file, tokenizer, processor, max_length=8, skip_bad_records=True)
+    with pytest.raises(ValueError, match="consecutive records from #0 cannot be trained on"):
+        ds[0]
 
 
 def test_all_dropped_batch_is_an_error():
@@ -255,8 +264,9 @@ def test_dataloader_workers_match_single_process(data_file, tokenizer, processor
     for a, b in zip(single, forked, strict=True):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-    # Batch 2 held the two-image record and the missing image (dropped by a worker).
-    assert single[1]["input_ids"].shape[0] == 1
+    # Batch 2 held the two-image record and the missing image, which a worker replaced by the
+    # next usable (text-only) record: the batch stays full.
+    assert single[1]["input_ids"].shape[0] == 2
     assert single[1]["pixel_values"].shape == (2, 3, 32, 32)
     assert "pixel_values" not in single[2]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -14,16 +13,20 @@ from llava_cli.commands.common import (
     config_or_exit,
     show_config,
 )
-from llava_cli.commands.pending import not_implemented
 
 PRETRAIN_HELP = "Stage 1: align the projector (vision tower and LLM frozen, template plain)."
 FINETUNE_HELP = "Stage 2: instruction-tune (full, or --lora / --bits 4|8 for LoRA/QLoRA)."
 LORA_HELP = "Stage 2 with LoRA and LLaVA-1.5's LoRA defaults (r 128, alpha 256, lr 2e-4)."
 
 MODEL = "Model"
+TRAINABLE = "Trainability, LoRA and quantization"
 DATA = "Data"
 TRAIN = "Training"
 OUT = "Output"
+
+
+def _opt(panel: str, *names: str, help: str | None = None) -> Any:  # noqa: A002
+    return typer.Option(*names, help=help, rich_help_panel=panel)
 
 
 def _make_command(stage: str) -> Any:
@@ -31,69 +34,108 @@ def _make_command(stage: str) -> Any:
         recipe: Recipe = None,
         set_: SetOption = None,
         print_config: PrintConfig = False,
-        model_name_or_path: Annotated[str | None, typer.Option(
-            help="LLM (new model) or an existing LLaVA / pretrain output.",
-            rich_help_panel=MODEL)] = None,
-        vision_tower: Annotated[str | None, typer.Option(
-            help="CLIP or SigLIP vision model.", rich_help_panel=MODEL)] = None,
-        projector_type: Annotated[str | None, typer.Option(
-            help="mlp2x_gelu | linear | mlpNx_gelu.", rich_help_panel=MODEL)] = None,
-        pretrained_projector: Annotated[str | None, typer.Option(
-            help="Projector weights (ours or LLaVA's mm_projector.bin).",
-            rich_help_panel=MODEL)] = None,
-        random_init: Annotated[bool | None, typer.Option(
-            help="Build LLM/vision tower from config without weights (demo/tests only).",
-            rich_help_panel=MODEL)] = None,
-        lora: Annotated[bool | None, typer.Option(
-            "--lora", help="Train the LLM with LoRA.", rich_help_panel=MODEL)] = None,
-        bits: Annotated[int | None, typer.Option(
-            help="Quantize the LLM to 4 or 8 bits (QLoRA).", rich_help_panel=MODEL)] = None,
-        data_path: Annotated[str | None, typer.Option(
-            help="LLaVA JSON or JSON Lines file.", rich_help_panel=DATA)] = None,
-        image_folder: Annotated[str | None, typer.Option(
-            help="Folder that image paths are relative to.", rich_help_panel=DATA)] = None,
-        template: Annotated[str | None, typer.Option(
-            help="Conversation template.", rich_help_panel=DATA)] = None,
-        model_max_length: Annotated[int | None, typer.Option(
-            help="Maximum tokens per sample, image tokens included.",
-            rich_help_panel=DATA)] = None,
-        learning_rate: Annotated[float | None, typer.Option(
-            "--learning-rate", "--lr", rich_help_panel=TRAIN)] = None,
-        num_train_epochs: Annotated[float | None, typer.Option(
-            "--epochs", rich_help_panel=TRAIN)] = None,
-        max_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN)] = None,
-        per_device_train_batch_size: Annotated[int | None, typer.Option(
-            "--batch-size", rich_help_panel=TRAIN)] = None,
-        deepspeed: Annotated[str | None, typer.Option(
-            help="DeepSpeed JSON config.", rich_help_panel=TRAIN)] = None,
-        output_dir: Annotated[str | None, typer.Option(
-            "--output-dir", "-o", rich_help_panel=OUT)] = None,
-        overwrite: Annotated[bool | None, typer.Option(
-            "--overwrite", help="Allow writing into a non-empty output directory.",
-            rich_help_panel=OUT)] = None,
+        model_name_or_path: Annotated[str | None, _opt(
+            MODEL, help="LLM (new model), a LLaVA checkpoint, or a pretrain output.")] = None,
+        vision_tower: Annotated[str | None, _opt(MODEL, help="CLIP or SigLIP model.")] = None,
+        tokenizer: Annotated[str | None, _opt(MODEL, help="Default: the model's.")] = None,
+        projector_type: Annotated[str | None, _opt(MODEL, help="mlp2x_gelu (default).")] = None,
+        vision_select_layer: Annotated[int | None, _opt(MODEL)] = None,
+        vision_select_feature: Annotated[str | None, _opt(MODEL, help="patch | cls_patch.")] = None,
+        pretrained_projector: Annotated[str | None, _opt(
+            MODEL, help="Projector weights: ours, or LLaVA's mm_projector.bin.")] = None,
+        random_init: Annotated[bool | None, _opt(
+            MODEL, "--random-init", help="LLM/vision from config, no weights (demo/tests).")
+        ] = None,
+        attn_implementation: Annotated[str | None, _opt(MODEL)] = None,
+        torch_dtype: Annotated[str | None, _opt(MODEL)] = None,
+        unfreeze_vision_tower: Annotated[bool | None, _opt(
+            TRAINABLE, "--unfreeze-vision-tower")] = None,
+        freeze_llm: Annotated[bool | None, _opt(TRAINABLE, "--freeze-llm")] = None,
+        freeze_projector: Annotated[bool | None, _opt(TRAINABLE, "--freeze-projector")] = None,
+        projector_lr: Annotated[float | None, _opt(TRAINABLE)] = None,
+        vision_tower_lr: Annotated[float | None, _opt(TRAINABLE)] = None,
+        lora: Annotated[bool | None, _opt(TRAINABLE, "--lora", help="LoRA on the LLM.")] = None,
+        lora_r: Annotated[int | None, _opt(TRAINABLE)] = None,
+        lora_alpha: Annotated[int | None, _opt(TRAINABLE)] = None,
+        lora_dropout: Annotated[float | None, _opt(TRAINABLE)] = None,
+        bits: Annotated[int | None, _opt(TRAINABLE, help="4 or 8: QLoRA.")] = None,
+        quant_type: Annotated[str | None, _opt(TRAINABLE, help="nf4 | fp4.")] = None,
+        data_path: Annotated[str | None, _opt(DATA, help="LLaVA .json / .jsonl.")] = None,
+        image_folder: Annotated[str | None, _opt(DATA)] = None,
+        template: Annotated[str | None, _opt(DATA)] = None,
+        tokenization: Annotated[str | None, _opt(DATA, help="hf | llava.")] = None,
+        image_aspect_ratio: Annotated[str | None, _opt(DATA, help="square | pad | anyres.")
+                                      ] = None,
+        model_max_length: Annotated[int | None, _opt(DATA)] = None,
+        skip_bad_records: Annotated[bool | None, _opt(DATA, "--skip-bad-records")] = None,
+        group_by_modality_length: Annotated[bool | None, _opt(
+            DATA, "--group-by-modality-length")] = None,
+        learning_rate: Annotated[float | None, _opt(TRAIN, "--learning-rate", "--lr")] = None,
+        num_train_epochs: Annotated[float | None, _opt(TRAIN, "--epochs")] = None,
+        max_steps: Annotated[int | None, _opt(TRAIN)] = None,
+        per_device_train_batch_size: Annotated[int | None, _opt(TRAIN, "--batch-size")] = None,
+        gradient_accumulation_steps: Annotated[int | None, _opt(TRAIN)] = None,
+        warmup_ratio: Annotated[float | None, _opt(TRAIN)] = None,
+        lr_scheduler_type: Annotated[str | None, _opt(TRAIN)] = None,
+        weight_decay: Annotated[float | None, _opt(TRAIN)] = None,
+        gradient_checkpointing: Annotated[bool | None, _opt(
+            TRAIN, "--gradient-checkpointing")] = None,
+        bf16: Annotated[bool | None, _opt(TRAIN, "--bf16")] = None,
+        fp16: Annotated[bool | None, _opt(TRAIN, "--fp16")] = None,
+        seed: Annotated[int | None, _opt(TRAIN)] = None,
+        dataloader_num_workers: Annotated[int | None, _opt(TRAIN)] = None,
+        deepspeed: Annotated[str | None, _opt(TRAIN, help="DeepSpeed JSON config.")] = None,
+        output_dir: Annotated[str | None, _opt(OUT, "--output-dir", "-o")] = None,
+        overwrite: Annotated[bool | None, _opt(
+            OUT, "--overwrite", help="Allow writing into a non-empty output directory.")] = None,
+        resume: Annotated[str | None, _opt(
+            OUT, help="Continue from a checkpoint path, or 'latest' in the output dir.")] = None,
+        save_steps: Annotated[int | None, _opt(OUT)] = None,
+        save_total_limit: Annotated[int | None, _opt(OUT)] = None,
+        logging_steps: Annotated[int | None, _opt(OUT)] = None,
+        report_to: Annotated[str | None, _opt(OUT, help="none | tensorboard | wandb …")] = None,
     ) -> None:
-        flags = {
-            "model_name_or_path": model_name_or_path, "vision_tower": vision_tower,
-            "projector_type": projector_type, "pretrained_projector": pretrained_projector,
-            "random_init": random_init, "train_llm": "lora" if lora else None, "bits": bits,
-            "data_path": data_path, "image_folder": image_folder, "template": template,
-            "model_max_length": model_max_length, "learning_rate": learning_rate,
-            "num_train_epochs": num_train_epochs, "max_steps": max_steps,
-            "per_device_train_batch_size": per_device_train_batch_size,
-            "deepspeed": deepspeed, "output_dir": output_dir, "overwrite": overwrite,
-        }
+        flags = dict(locals())
+        for name in ("recipe", "set_", "print_config", "stage"):
+            flags.pop(name)
+        flags.update(_trainability_flags(flags))
         config = config_or_exit(stage, recipe, set_, flags)
         if print_config:
             show_config(config)
             return
-        not_implemented(stage)
+        if stage == "pretrain" and config.train_llm == "lora":
+            raise typer.BadParameter("pretrain trains the projector; use finetune --lora")
+        run_or_exit(stage, config)
 
     command.__name__ = stage
     return command
 
 
+def _trainability_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The boolean switches → the per-component trainability keys (None: not given)."""
+    return {
+        "train_llm": "lora" if flags.pop("lora") else "frozen" if flags.pop("freeze_llm")
+        else None,
+        "train_vision_tower": "full" if flags.pop("unfreeze_vision_tower") else None,
+        "train_projector": "frozen" if flags.pop("freeze_projector") else None,
+    }
+
+
+def run_or_exit(stage: str, config: Any) -> None:
+    """Run training; a configuration or data problem ends with status 2 and its message."""
+    from llava_cli.reporting import Reporter
+    from llava_cli.training import run_training
+
+    reporter = Reporter()
+    try:
+        result = run_training(config, reporter)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"llava {stage}: {err}", err=True)
+        raise typer.Exit(2) from None
+    if reporter.enabled:
+        reporter.console.print(f"[green]done[/]: {result.kind} output in {result.output_dir}")
+
+
 pretrain = _make_command("pretrain")
 finetune = _make_command("finetune")
 lora = _make_command("lora")
-
-__all__ = ["pretrain", "finetune", "lora", "Path"]

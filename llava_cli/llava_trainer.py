@@ -1,0 +1,95 @@
+"""The HF Trainer with what LLaVA training needs and nothing patched in the library.
+
+- parameter groups: the projector and the vision tower may have their own learning rates;
+- `group_by_modality_length` sampling;
+- projector-only runs checkpoint only the projector (not a copy of the frozen LLM);
+- resume that really restores the weights: transformers 5 saves LLaVA checkpoints under the
+  legacy on-disk key names but its resume loads them without renaming, so every key is
+  "missing" and training silently continues from the base weights. We reload through
+  `from_pretrained`, which knows the mapping, and copy the weights in strictly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from llava_cli.checkpoints import PROJECTOR_FILE, load_projector_weights, save_projector
+from llava_cli.model_factory import components
+from llava_cli.sampler import ModalityLengthGroupedSampler
+
+
+class LlavaTrainer(Trainer):
+    """Trainer for LLaVA models; `output_kind` is 'projector', 'full' or 'lora'."""
+
+    def __init__(self, *args: Any, output_kind: str = "full", projector_lr: float | None = None,
+                 vision_tower_lr: float | None = None, group_by_modality: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.output_kind = output_kind
+        self.projector_lr = projector_lr
+        self.vision_tower_lr = vision_tower_lr
+        self.group_by_modality = group_by_modality
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality:
+            return super()._get_train_sampler(train_dataset)
+        return ModalityLengthGroupedSampler(
+            dataset.modality_lengths, self.args.per_device_train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed)
+
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by (component, learning rate, weight decay)."""
+        parts = components(model)
+        special = {id(p): ("projector", self.projector_lr) for p in parts.projector.parameters()}
+        special.update({id(p): ("vision_tower", self.vision_tower_lr)
+                        for p in parts.vision_tower.parameters()})
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[str, float, float], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part, lr = special.get(id(param), ("llm", None))
+            key = (part, lr or self.args.learning_rate,
+                   self.args.weight_decay if name in decay else 0.0)
+            groups.setdefault(key, []).append(param)
+        return [{"params": params, "lr": lr, "weight_decay": wd, "name": part}
+                for (part, lr, wd), params in groups.items()]
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """AdamW (or the configured optimizer) over our parameter groups."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.output_kind != "projector":
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_projector(self.model, os.path.join(output_dir, PROJECTOR_FILE))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = self.model if model is None else model
+        if self.output_kind == "projector":
+            load_projector_weights(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
+        elif self.output_kind == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            self._load_full_checkpoint(resume_from_checkpoint, model)
+
+    @staticmethod
+    def _load_full_checkpoint(checkpoint: str, model: Any) -> None:
+        reloaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        state = reloaded.state_dict()
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+        del reloaded, state

@@ -1,0 +1,84 @@
+"""What a training run shows: a one-screen summary, Rich progress, loss lines (rank 0 only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import TrainerCallback
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (or a plain process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Reporter:
+    """Prints to the terminal from the main process only; other ranks stay quiet."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.enabled = is_main_process()
+
+    def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
+                args: Any) -> None:
+        """Trainable parameters per component, data counts, effective batch, output kind."""
+        if not self.enabled:
+            return
+        table = Table(title="llava training run", title_justify="left", show_header=False)
+        for part, n in counts.items():
+            table.add_row(f"trainable {part}", f"{n:,}")
+        images = int(dataset.index.has_image.sum())
+        table.add_row("records", f"{len(dataset):,} ({images:,} with images, "
+                      f"{len(dataset) - images:,} text-only)")
+        effective = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                     * args.world_size)
+        table.add_row("effective batch", f"{effective} (per device "
+                      f"{args.per_device_train_batch_size} × accumulation "
+                      f"{args.gradient_accumulation_steps} × {args.world_size} process(es))")
+        table.add_row("template / tokenization", f"{config.template} / {config.tokenization}")
+        table.add_row("output", f"{kind} → {args.output_dir}")
+        self.console.print(table)
+
+    def callback(self) -> TrainerCallback:
+        """A Trainer callback that drives the progress bar and prints logged metrics."""
+        return _RichCallback(self)
+
+
+class _RichCallback(TrainerCallback):
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not (self.reporter.enabled and state.is_world_process_zero):
+            return
+        self.progress = Progress(TextColumn("training"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total} steps"),
+                                 TimeRemainingColumn(), console=self.reporter.console)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps,
+                                           completed=state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+               **kwargs: Any) -> None:
+        if self.progress is None or not logs:
+            return
+        shown = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm",
+                                                         "train_loss", "epoch")}
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in shown.items())
+        self.progress.console.print(f"step {state.global_step}: {text}", highlight=False)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,161 @@
+"""`pretrain`, `finetune` and `lora`: the one orchestration of a training run.
+
+configuration → output directory checks → TrainingArguments (first: ZeRO-3 must see the
+DeepSpeed config before any model is built) → starting model → trainability / LoRA → lazy
+dataset → LlavaTrainer → outputs: weights by kind, processor with the training chat template,
+resolved config, run manifest, train metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_cli.config import RunConfig, save_resolved
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    kind: str
+    metrics: dict[str, Any]
+
+
+def output_kind(config: RunConfig) -> str:
+    """'lora' | 'projector' (only the projector trains) | 'full' — from trainability alone."""
+    if config.train_llm == "lora":
+        return "lora"
+    if (config.train_llm, config.train_vision_tower) == ("frozen", "frozen"):
+        return "projector"
+    return "full"
+
+
+def prepare_output_dir(config: RunConfig) -> Path:
+    """The output directory; refuses to write into a non-empty one without --overwrite/--resume."""
+    if not config.output_dir:
+        raise ValueError("output_dir is required (--output-dir DIR)")
+    out = Path(config.output_dir)
+    if out.exists() and any(out.iterdir()) and not (config.overwrite or config.resume):
+        raise ValueError(f"output directory {str(out)!r} is not empty; pass --overwrite to write "
+                         "into it or --resume to continue its run")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resume_checkpoint(config: RunConfig, output_dir: Path) -> str | None:
+    """`resume: latest` → the newest checkpoint-N in the output directory; a path as given."""
+    if not config.resume:
+        return None
+    if config.resume != "latest":
+        if not Path(config.resume).is_dir():
+            raise ValueError(f"resume checkpoint {config.resume!r} not found")
+        return config.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(output_dir))
+    if found is None:
+        raise ValueError(f"--resume latest: no {CHECKPOINT_PREFIX}N folder in {output_dir}")
+    return found
+
+
+def image_token_counter(model: Any, processor: Any) -> Any:
+    """Tokens per image: fixed for LLaVA; per image size for LLaVA-NeXT (anyres)."""
+    from llava_cli.model_factory import image_tokens_per_image
+
+    if getattr(model.config, "image_grid_pinpoints", None):
+        size = processor.image_processor.size
+        crop = size.get("shortest_edge") or size["height"]
+
+        def count(image_size: tuple[int, int] | None) -> int:
+            width, height = image_size or (crop, crop)
+            return int(processor._get_number_of_features(height, width, crop, crop))
+
+        return count
+    fixed = image_tokens_per_image(model.config)
+    return lambda image_size: fixed
+
+
+def build_dataset(config: RunConfig, model: Any, processor: Any) -> Any:
+    """The lazy dataset over `config.data_path` with this model's tokenizer and image sizes."""
+    from llava_cli.dataset import LazySupervisedDataset
+    from llava_cli.samples import DataOptions, SampleBuilder
+
+    if not config.data_path:
+        raise ValueError("data_path is required (--data-path FILE.json)")
+    options = DataOptions(config.template, config.tokenization, config.image_folder,
+                          config.image_aspect_ratio, config.model_max_length)
+    builder = SampleBuilder(options, processor.tokenizer, model.config.image_token_id,
+                            image_token_counter(model, processor),
+                            processor.image_processor.image_mean)
+    return LazySupervisedDataset.open(config.data_path, builder, processor.image_processor,
+                                      config.skip_bad_records)
+
+
+def prepare_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, int]]:
+    """Apply the declared trainability (and LoRA) — the one call that sets requires_grad."""
+    from llava_cli.model_factory import apply_lora, apply_trainability
+
+    if config.train_llm == "lora":
+        model = apply_lora(model, config)
+        counts = apply_trainability(model, config.train_vision_tower, config.train_projector,
+                                    "lora")
+        return model, counts
+    return model, apply_trainability(model, config.train_vision_tower, config.train_projector,
+                                     config.train_llm)
+
+
+def attach_chat_template(processor: Any, config: RunConfig) -> None:
+    """Make the saved processor/tokenizer render the training template at inference."""
+    from llava_cli.chat_template import chat_template_for
+    from llava_cli.templates import CHAT_TEMPLATE, TEMPLATES
+
+    if config.template == CHAT_TEMPLATE:
+        return  # the tokenizer's own template is the training template
+    template = chat_template_for(TEMPLATES[config.template])
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template
+
+
+def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
+    """Train as configured and write the output directory; returns where and what."""
+    from llava_cli.checkpoints import load_starting_model
+    from llava_cli.llava_trainer import LlavaTrainer
+    from llava_cli.outputs import write_outputs
+    from llava_cli.trainer_args import to_training_arguments
+
+    output_dir = prepare_output_dir(config)
+    args = to_training_arguments(config, str(output_dir))
+    kind = output_kind(config)
+    loaded = load_starting_model(config)
+    model, counts = prepare_model(config, loaded.model)
+    attach_chat_template(loaded.processor, config)
+    dataset = build_dataset(config, model, loaded.processor)
+    trainer = LlavaTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=_collator(loaded, config),
+        processing_class=loaded.processor, output_kind=kind, projector_lr=config.projector_lr,
+        vision_tower_lr=config.vision_tower_lr,
+        group_by_modality=config.group_by_modality_length,
+        callbacks=[reporter.callback()] if reporter else None)
+    if reporter:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
+        reporter.summary(config, kind, counts, dataset, args)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config, output_dir))
+    metrics = dict(result.metrics)
+    if trainer.is_world_process_zero():
+        write_outputs(trainer, loaded, config, kind, output_dir, metrics)
+        save_resolved(config, output_dir)
+    return RunResult(output_dir, kind, metrics)
+
+
+def _collator(loaded: Any, config: RunConfig) -> Any:
+    from llava_cli.collator import DataCollator
+
+    return DataCollator(pad_token_id=loaded.processor.tokenizer.pad_token_id,
+                        max_length=config.model_max_length)
