@@ -24,6 +24,7 @@ class RunResult:
     output_dir: Path
     kind: str
     metrics: dict[str, Any]
+    trainer: Any = None  # the finished trainer (its model is the trained, in-memory model)
 
 
 def output_kind(config: RunConfig) -> str:
@@ -123,6 +124,8 @@ def attach_chat_template(processor: Any, config: RunConfig) -> None:
 
 def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     """Train as configured and write the output directory; returns where and what."""
+    from transformers import set_seed
+
     from llava_cli.checkpoints import load_starting_model
     from llava_cli.llava_trainer import LlavaTrainer
     from llava_cli.outputs import write_outputs
@@ -131,6 +134,7 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     output_dir = prepare_output_dir(config)
     args = to_training_arguments(config, str(output_dir))
     kind = output_kind(config)
+    set_seed(args.seed)  # before building: random-init parts and new rows are reproducible
     loaded = load_starting_model(config)
     model, counts = prepare_model(config, loaded.model)
     attach_chat_template(loaded.processor, config)
@@ -151,7 +155,7 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     if trainer.is_world_process_zero():
         write_outputs(trainer, loaded, config, kind, output_dir, metrics)
         save_resolved(config, output_dir)
-    return RunResult(output_dir, kind, metrics)
+    return RunResult(output_dir, kind, metrics, trainer)
 
 
 def _collator(loaded: Any, config: RunConfig) -> Any:

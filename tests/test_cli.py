@@ -34,11 +34,17 @@ def test_module_entry_point_strips_deepspeed_local_rank():
 
 
 @pytest.mark.parametrize("args", [["merge-lora", "run", "-o", "out"],
-                                  ["export-projector", "ckpt", "-o", "p.bin"], ["finetune"]])
+                                  ["export-projector", "ckpt", "-o", "p.bin"]])
 def test_pending_commands_say_not_implemented(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "not implemented yet" in result.output
+
+
+def test_training_without_output_dir_is_a_clear_error():
+    result = runner.invoke(app, ["finetune"])
+    assert result.exit_code == 2
+    assert "output_dir is required (--output-dir DIR)" in result.output
 
 
 def test_print_config_shows_resolved_values(tmp_path):

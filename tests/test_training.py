@@ -1,0 +1,200 @@
+"""Training for real on tiny models: pretrain → finetune → LoRA / QLoRA, outputs, reload, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from llava_cli.checkpoints import load_starting_model
+from llava_cli.config import resolve_config
+from llava_cli.data_inspect import demo_data
+from llava_cli.model_factory import components
+from llava_cli.training import run_training
+
+RECORDS, IMAGES = demo_data()
+COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
+          "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7}
+PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    """Config-only folders for a tiny LLM and vision tower (random-init, as the demo does)."""
+    root = tmp_path_factory.mktemp("parts")
+    transformers.LlamaConfig(
+        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    ).save_pretrained(root / "llm")
+    transformers.CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4).save_pretrained(root / "vit")
+    return {"llm": root / "llm", "vit": root / "vit", "root": root}
+
+
+def _config(stage: str, out: Path, **keys):
+    return resolve_config(stage, flags={**COMMON, "output_dir": str(out), **keys})
+
+
+def _start_state(config) -> dict[str, torch.Tensor]:
+    transformers.set_seed(config.training_args.get("seed", 42))
+    model = load_starting_model(config).model
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _probe(processor):
+    from PIL import Image
+
+    return processor(images=Image.new("RGB", (40, 30), (220, 40, 40)), text=PROBE_TEXT,
+                     return_tensors="pt")
+
+
+def _logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [row["loss"] for row in state["log_history"] if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def pretrained(parts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    config = _config("pretrain", out, model_name_or_path=str(parts["llm"]),
+                     vision_tower=str(parts["vit"]), tokenizer="demo", random_init=True,
+                     skip_bad_records=True, max_steps=6)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        before = _start_state(config)
+        result = run_training(config)
+    return result, before
+
+
+def test_pretrain_trains_only_the_projector_and_saves_no_llm_copy(pretrained):
+    result, before = pretrained
+    after = result.trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert len(changed) == 4  # both linears' weight and bias
+    losses = _losses(result.output_dir)
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    files = {p.name for p in result.output_dir.iterdir()}
+    assert files == {"projector.safetensors", "llava_run.json", "llava_config.yaml", "base",
+                     "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "chat_template.jinja", "train_results.json", "all_results.json",
+                     "trainer_state.json", "checkpoint-4", "checkpoint-6"}  # save_total_limit 2
+    # Checkpoints of a projector run hold the projector, not the frozen model.
+    assert (result.output_dir / "checkpoint-4" / "projector.safetensors").is_file()
+    assert not list((result.output_dir / "checkpoint-4").glob("model*.safetensors"))
+    manifest = json.loads((result.output_dir / "llava_run.json").read_text())
+    assert manifest["kind"] == "projector" and manifest["template"] == "plain"
+    metrics = json.loads((result.output_dir / "train_results.json").read_text())
+    assert metrics["train_samples_per_second"] > 0
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "finetune"
+    config = _config("finetune", out, model_name_or_path=str(pretrained[0].output_dir),
+                     max_steps=4, projector_lr=3e-3, group_by_modality_length=True)
+    before = _start_state(config)
+    return run_training(config), before
+
+
+def test_finetune_from_pretrain_output_reloads_with_stock_transformers(finetuned, pretrained):
+    result, before = finetuned
+    trained = result.trainer.model
+    after = trained.state_dict()
+    # It started from the pretrain run's projector, and trained everything but the vision tower.
+    projector = components(pretrained[0].trainer.model).projector.state_dict()
+    assert all(torch.equal(before[f"model.multi_modal_projector.{k}"], v)
+               for k, v in projector.items())
+    frozen = {k for k in before if torch.equal(before[k], after[k])}
+    assert frozen == {k for k in before if k.startswith("model.vision_tower.")}
+    losses = _losses(result.output_dir)
+    assert losses[-1] < losses[0]
+    groups = {g["name"]: g["initial_lr"] for g in result.trainer.optimizer.param_groups}
+    assert groups["projector"] == 3e-3 and groups["llm"] == 1e-2
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(result.output_dir)
+    processor = transformers.AutoProcessor.from_pretrained(result.output_dir)
+    batch = _probe(processor)
+    assert torch.equal(_logits(model, batch), _logits(trained, batch))
+    assert processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+        add_generation_prompt=True, tokenize=False).endswith("USER: <image>\nHi ASSISTANT:")
+
+
+@pytest.mark.parametrize("bits", [16, 4, 8])
+def test_lora_and_qlora_adapters(finetuned, tmp_path, bits):
+    from peft import PeftModel
+
+    base_dir = finetuned[0].output_dir
+    one_record = tmp_path / "one.json"  # every step sees the same sample: the loss must fall
+    one_record.write_text(json.dumps(json.loads(Path(RECORDS).read_text())[:1]))
+    config = _config("lora", tmp_path / "lora", model_name_or_path=str(base_dir), max_steps=4,
+                     lora_r=8, lora_alpha=16, bits=bits, learning_rate=5e-3,
+                     data_path=str(one_record))
+    result = run_training(config)
+    trained = result.trainer.model
+    names = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n or "multi_modal_projector.modules_to_save" in n
+                         for n in names)
+    assert not any("vision_tower" in n and "lora_" in n for n in names)
+    losses = _losses(result.output_dir)
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    files = {p.name for p in result.output_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "llava_run.json"} <= files
+    assert not files & {"model.safetensors", "non_lora_trainables.bin"}
+    manifest = json.loads((result.output_dir / "llava_run.json").read_text())
+    assert manifest["kind"] == "lora" and manifest["base"]["path"] == str(base_dir.resolve())
+    if bits == 16:  # the adapter loads on the stock base with PEFT and gives the same logits
+        base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir)
+        reloaded = PeftModel.from_pretrained(base, result.output_dir)
+        batch = _probe(transformers.AutoProcessor.from_pretrained(result.output_dir))
+        assert torch.allclose(_logits(reloaded, batch), _logits(trained, batch), atol=1e-6)
+
+
+def test_resume_ends_with_the_uninterrupted_weights(finetuned, tmp_path):
+    base_dir = str(finetuned[0].output_dir)
+    whole = run_training(_config("finetune", tmp_path / "whole", model_name_or_path=base_dir,
+                                 max_steps=4))
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(whole.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = run_training(_config("finetune", resumed_dir, model_name_or_path=base_dir,
+                                   max_steps=4, resume="latest"))
+    assert resumed.trainer.state.global_step == 4
+    # Steps 1-2 come from the checkpoint's history; 3-4 were trained again, identically.
+    assert _losses(resumed.output_dir) == _losses(whole.output_dir)
+    a, b = whole.trainer.model.state_dict(), resumed.trainer.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_non_empty_output_dir(finetuned, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    config = resolve_config("finetune", flags={**COMMON, "overwrite": False,
+                                               "output_dir": str(tmp_path / "out"),
+                                               "model_name_or_path": str(finetuned[0].output_dir)})
+    with pytest.raises(ValueError, match="is not empty; pass --overwrite"):
+        run_training(config)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_real_llama2_tokenizer_trains_one_step(assets, parts, tmp_path):
+    llm = tmp_path / "llm32k"
+    transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2).save_pretrained(llm)
+    config = _config("finetune", tmp_path / "out", model_name_or_path=str(llm),
+                     vision_tower=str(parts["vit"]), random_init=True, max_steps=1,
+                     tokenizer=str(assets / "tokenizers" / "llama2-vicuna-v1.5"))
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        result = run_training(config)
+    assert torch.isfinite(torch.tensor(_losses(result.output_dir))).all()
+    assert result.trainer.model.config.image_token_id == 32000
