@@ -157,15 +157,36 @@ def _normalise_projector_keys(state: dict[str, Any], file: Path) -> dict[str, An
     return out
 
 
+def gathered(module: Any, modify: bool = False) -> Any:
+    """Context in which a module's ZeRO-3-partitioned parameters are whole (a no-op otherwise).
+
+    Without it, a ZeRO-3 model's parameters have placeholder shapes ((0,) or flattened), and
+    writing or saving them is LLaVA's classic "projector lost under ZeRO-3" bug.
+    """
+    from contextlib import nullcontext
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
 def load_projector_weights(model: Any, file: str | Path) -> None:
     """Load a projector file into `model`, with a clear error when shapes differ."""
-    import torch
-
     from llava_cli.model_factory import components
 
     projector = components(model).projector
-    target = projector.state_dict()
     state = read_projector_file(file)
+    with gathered(projector, modify=True):
+        _copy_into(projector, state, file)
+
+
+def _copy_into(projector: Any, state: dict[str, Any], file: str | Path) -> None:
+    import torch
+
+    target = projector.state_dict()
     if set(state) != set(target):
         raise ValueError(f"{file}: projector keys {sorted(state)} do not match this model's "
                          f"{sorted(target)} (projector type differs?)")
@@ -179,14 +200,33 @@ def load_projector_weights(model: Any, file: str | Path) -> None:
         projector.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()})
 
 
-def save_projector(model: Any, file: str | Path) -> Path:
-    """Write the projector as safetensors with the stock on-disk key names."""
-    from safetensors.torch import save_file
+def projector_state(model: Any, full_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The projector's tensors under their stock on-disk names (`multi_modal_projector.…`).
 
+    `full_state`: a whole-model state dict already gathered (DeepSpeed's save path); without
+    it the projector is gathered here — collectively, so call this on every rank.
+    """
     from llava_cli.model_factory import components
 
-    state = {PROJECTOR_PREFIX + k: v.detach().cpu().contiguous()
-             for k, v in components(model).projector.state_dict().items()}
+    if full_state is not None:
+        return {PROJECTOR_PREFIX + k.split(PROJECTOR_PREFIX, 1)[1]: v.detach().cpu().contiguous()
+                for k, v in full_state.items() if PROJECTOR_PREFIX in k}
+    projector = components(model).projector
+    with gathered(projector):
+        return {PROJECTOR_PREFIX + k: v.detach().cpu().clone().contiguous()
+                for k, v in projector.state_dict().items()}
+
+
+def save_projector(model: Any, file: str | Path,
+                   full_state: dict[str, Any] | None = None) -> Path:
+    """Write the projector as safetensors with the stock on-disk key names."""
+    return write_projector_file(projector_state(model, full_state), file)
+
+
+def write_projector_file(state: dict[str, Any], file: str | Path) -> Path:
+    """Write projector tensors to safetensors atomically."""
+    from safetensors.torch import save_file
+
     file = Path(file)
     temporary = file.with_suffix(".tmp")
     save_file(state, str(temporary), metadata={"format": "pt"})

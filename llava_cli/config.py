@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Trainability = Literal["frozen", "full", "lora"]
 CONFIG_FILENAME = "llava_config.yaml"
@@ -84,9 +91,34 @@ class RunConfig(BaseModel):
             raise ValueError("must be at least 8 tokens")
         return value
 
+    @model_validator(mode="after")
+    def _compatible(self) -> RunConfig:
+        if self.bits != 16 and self.train_llm != "lora":
+            raise ValueError(f"bits {self.bits} quantizes the LLM, which then cannot be trained "
+                             "fully: add --lora (QLoRA) or drop --bits")
+        if self.bits != 16 and deepspeed_stage(self.training_args.get("deepspeed")) == 3:
+            raise ValueError("QLoRA (bits 4/8) cannot run under DeepSpeed ZeRO-3: bitsandbytes "
+                             "weights cannot be partitioned. Use ZeRO-2 "
+                             "(recipes/deepspeed/zero2.json), DDP, or one GPU")
+        return self
+
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def deepspeed_stage(deepspeed: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a JSON path or a dict), None without one."""
+    import json
+
+    if not deepspeed:
+        return None
+    if isinstance(deepspeed, str):
+        path = Path(deepspeed)
+        if not path.is_file():
+            raise ValueError(f"deepspeed config {deepspeed!r} not found")
+        deepspeed = json.loads(path.read_text())
+    return int(deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
 # Stage presets: what each command means before any recipe or flag.

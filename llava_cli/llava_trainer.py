@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from llava_cli.checkpoints import PROJECTOR_FILE, load_projector_weights, save_projector
+from llava_cli.checkpoints import (
+    PROJECTOR_FILE,
+    load_projector_weights,
+    projector_state,
+    write_projector_file,
+)
 from llava_cli.model_factory import components
 from llava_cli.sampler import ModalityLengthGroupedSampler
 
@@ -71,11 +76,23 @@ class LlavaTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.output_kind != "projector":
             return super()._save(output_dir, state_dict)
+        # Under DeepSpeed `state_dict` arrives gathered on every rank; else gather here
+        # (a collective under ZeRO-3, so before the rank check).
+        state = projector_state(self.model, state_dict)
+        if not self.args.should_save:
+            return None
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_projector(self.model, os.path.join(output_dir, PROJECTOR_FILE))
+        write_projector_file(state, os.path.join(output_dir, PROJECTOR_FILE))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        return None
+
+    def save_full_copy(self, output_dir: str) -> None:
+        """Save the whole model (HF layout) whatever the output kind; call on every rank."""
+        state = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled \
+            else None
+        Trainer._save(self, output_dir, state_dict=state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = self.model if model is None else model

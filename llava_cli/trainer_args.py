@@ -29,9 +29,16 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
 
     values = {**DEFAULTS, **config.training_args}
     values.update(output_dir=output_dir, remove_unused_columns=False)
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and values.get("fsdp"):
+        raise ValueError("FSDP does not run on CPU with this stack: accelerate only enables it "
+                         "for GPU-like backends and would silently train plain DDP instead. "
+                         "Use DeepSpeed ZeRO-3 (--deepspeed recipes/deepspeed/zero3.json) or DDP")
+    if values.get("deepspeed"):
+        _single_process_environment()
     if values.get("gradient_checkpointing"):
         values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-    if not torch.cuda.is_available():
+    if on_cpu:
         values["use_cpu"] = True
         for half in ("bf16", "fp16"):  # no half-precision training on CPU through Trainer
             if values.get(half) and half == "fp16":
@@ -39,6 +46,27 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
     if config.group_by_modality_length:
         values.pop("train_sampling_strategy", None)  # our sampler replaces the built-in ones
     try:
-        return TrainingArguments(**values)
+        args = TrainingArguments(**values)
     except (TypeError, ValueError) as err:
         raise ValueError(f"invalid training arguments: {err}") from err
+    if values.get("deepspeed") and on_cpu:
+        # With use_cpu, accelerate starts torch.distributed itself and deepspeed.comm stays
+        # uninitialised, so ZeRO-3's zero.Init would see a world of 1 (batch-size assertion).
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    return args
+
+
+def _single_process_environment() -> None:
+    """DeepSpeed without a launcher looks for MPI; give it a one-process world instead."""
+    import os
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))

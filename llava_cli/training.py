@@ -152,8 +152,8 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
         reporter.summary(config, kind, counts, dataset, args)
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(config, output_dir))
     metrics = dict(result.metrics)
+    write_outputs(trainer, loaded, config, kind, output_dir, metrics)
     if trainer.is_world_process_zero():
-        write_outputs(trainer, loaded, config, kind, output_dir, metrics)
         save_resolved(config, output_dir)
     return RunResult(output_dir, kind, metrics, trainer)
 
