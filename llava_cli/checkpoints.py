@@ -107,8 +107,9 @@ def _from_pretrain_output(path: Path, base: dict[str, Any], config: RunConfig) -
     if base.get("type") == "llava":  # random-init pretrain: its base weights live in the run
         from llava_cli.model_factory import load_llava
 
-        model = load_llava(str(path / BASE_DIR), config)
-        loaded = Loaded(model, _load_processor(path, config), dict(base))
+        base_dir = (path / BASE_DIR).resolve()  # absolute: later manifests must find it
+        loaded = Loaded(load_llava(str(base_dir), config), _load_processor(path, config),
+                        {**base, "path": str(base_dir)})
     else:
         parts = config.model_copy(update={
             "model_name_or_path": base["llm"], "vision_tower": base["vision_tower"],

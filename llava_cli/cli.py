@@ -10,7 +10,7 @@ import sys
 import typer
 
 from llava_cli import __version__
-from llava_cli.commands import inspect_data, pending, train
+from llava_cli.commands import export_projector, generate, inspect_data, merge_lora, train
 
 app = typer.Typer(
     name="llava",
@@ -40,9 +40,10 @@ def _root(
 app.command("pretrain", help=train.PRETRAIN_HELP)(train.pretrain)
 app.command("finetune", help=train.FINETUNE_HELP)(train.finetune)
 app.command("lora", help=train.LORA_HELP)(train.lora)
-app.command("merge-lora")(pending.merge_lora)
+app.command("merge-lora")(merge_lora.merge_lora)
 app.command("inspect-data")(inspect_data.inspect_data)
-app.command("export-projector")(pending.export_projector)
+app.command("export-projector")(export_projector.export_projector)
+app.command("generate")(generate.generate)
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:

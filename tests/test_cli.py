@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,14 +30,6 @@ def test_module_entry_point_strips_deepspeed_local_rank():
     out = subprocess.run([sys.executable, "-m", "llava_cli", "--local_rank=0", "--version"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("llava ")
-
-
-@pytest.mark.parametrize("args", [["merge-lora", "run", "-o", "out"],
-                                  ["export-projector", "ckpt", "-o", "p.bin"]])
-def test_pending_commands_say_not_implemented(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.output
 
 
 def test_training_without_output_dir_is_a_clear_error():
