@@ -198,3 +198,36 @@ def test_real_llama2_tokenizer_trains_one_step(assets, parts, tmp_path):
         result = run_training(config)
     assert torch.isfinite(torch.tensor(_losses(result.output_dir))).all()
     assert result.trainer.model.config.image_token_id == 32000
+
+
+def test_lora_keeps_the_base_frozen_and_resumes_exactly(finetuned, tmp_path):
+    base_dir = str(finetuned[0].output_dir)
+
+    def config(out, **keys):
+        return _config("lora", out, model_name_or_path=base_dir, max_steps=4, lora_r=8,
+                       lora_alpha=16, learning_rate=5e-3, **keys)
+
+    whole = run_training(config(tmp_path / "whole"))
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir).state_dict()
+    trained = whole.trainer.model.state_dict()
+    changed = set()
+    for name, tensor in trained.items():
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        plain = (name.removeprefix("base_model.model.").replace(".base_layer", "")
+                 .replace(".original_module", ""))
+        assert torch.equal(tensor, base[plain]), name  # every base weight untouched
+    for name, tensor in trained.items():
+        if "modules_to_save" in name:
+            plain = name.removeprefix("base_model.model.").replace(".modules_to_save.default",
+                                                                   "")
+            if not torch.equal(tensor, base[plain]):
+                changed.add(plain)
+    assert changed == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2)
+                       for p in ("weight", "bias")}
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(whole.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = run_training(config(resumed_dir, resume="latest"))
+    assert resumed.trainer.state.global_step == 4
+    again = resumed.trainer.model.state_dict()
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
