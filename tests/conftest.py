@@ -14,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LLAVA_CLI_CACHE", tempfile.mkdtemp(prefix="llava-cli-test-cache-"))
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
+# Config-only tiny LLM (Llama, hidden 64, 2 layers) and CLIP vision tower (32 px, patch 8),
+# shipped with the tiny recipes; tests build them with random_init.
+TINY_LLM = ROOT / "recipes" / "tiny" / "llm"
+TINY_VISION = ROOT / "recipes" / "tiny" / "vision"
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from llava_cli.images import prepare_image
 from llava_cli.shapes import QUESTIONS, generate_split
 from llava_cli.templates import TEMPLATES, Message, render
 from llava_cli.training import run_training
+from tests.conftest import TINY_LLM, TINY_VISION
 
 COMMON = {"per_device_train_batch_size": 2, "save_steps": 100, "overwrite": True,
           "learning_rate": 1e-2, "seed": 7}
@@ -34,18 +34,11 @@ def _train(stage: str, data: Path, out: Path, **keys):
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A pretrain, a finetune and a LoRA run of a tiny random-init model, 2 steps each."""
     root = tmp_path_factory.mktemp("gen")
-    transformers.LlamaConfig(
-        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    ).save_pretrained(root / "llm")
-    transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4).save_pretrained(root / "vit")
     data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("pretrain", "finetune",
                                                                       "lora", "eval")}
     with pytest.warns(UserWarning, match="RANDOM weights"):
         pretrain = _train("pretrain", data["pretrain"], root / "pretrain-run", max_steps=2,
-                          model_name_or_path=str(root / "llm"), vision_tower=str(root / "vit"),
+                          model_name_or_path=str(TINY_LLM), vision_tower=str(TINY_VISION),
                           tokenizer="demo", random_init=True)
     finetune = _train("finetune", data["finetune"], root / "finetune-run", max_steps=2,
                       model_name_or_path=str(pretrain))

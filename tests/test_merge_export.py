@@ -21,6 +21,7 @@ from llava_cli.merge import merge_lora
 from llava_cli.merge_verify import probe_batch, probe_logits
 from llava_cli.model_factory import components
 from llava_cli.training import run_training
+from tests.conftest import TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()
 COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
@@ -38,16 +39,9 @@ def _config(stage: str, out: Path, **keys):
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Tiny pretrain, finetune, LoRA and 4-bit QLoRA runs (random-init parts, demo data)."""
     root = tmp_path_factory.mktemp("merge_runs")
-    transformers.LlamaConfig(
-        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    ).save_pretrained(root / "llm")
-    transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4).save_pretrained(root / "vit")
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        run_training(_config("pretrain", root / "pretrain", model_name_or_path=str(root / "llm"),
-                             vision_tower=str(root / "vit"), tokenizer="demo", random_init=True,
+        run_training(_config("pretrain", root / "pretrain", model_name_or_path=str(TINY_LLM),
+                             vision_tower=str(TINY_VISION), tokenizer="demo", random_init=True,
                              skip_bad_records=True, max_steps=2))
     run_training(_config("finetune", root / "full", model_name_or_path=str(root / "pretrain"),
                          max_steps=2))

@@ -15,6 +15,7 @@ from llava_cli.config import resolve_config
 from llava_cli.data_inspect import demo_data
 from llava_cli.model_factory import components
 from llava_cli.training import run_training
+from tests.conftest import TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()
 COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
@@ -23,17 +24,9 @@ PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict[str, Path]:
-    """Config-only folders for a tiny LLM and vision tower (random-init, as the demo does)."""
-    root = tmp_path_factory.mktemp("parts")
-    transformers.LlamaConfig(
-        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    ).save_pretrained(root / "llm")
-    transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4).save_pretrained(root / "vit")
-    return {"llm": root / "llm", "vit": root / "vit", "root": root}
+def parts() -> dict[str, Path]:
+    """Config-only folders of the tiny LLM and vision tower (random-init, as the demo does)."""
+    return {"llm": TINY_LLM, "vit": TINY_VISION}
 
 
 def _config(stage: str, out: Path, **keys):
