@@ -336,6 +336,21 @@ def quantization_config(config: RunConfig) -> BitsAndBytesConfig | None:
         llm_int8_skip_modules=QUANT_SKIP_MODULES)
 
 
+def _keep_used_weight_conversions(model: Any) -> None:
+    """Make `save_pretrained` write the layout the model was loaded from, under ZeRO-3 too.
+
+    transformers 5.24 remembers the key renamings it applied while loading and reverses them on
+    save. Its ordinary loader keeps only the renamings that matched a key; its ZeRO-3 loader
+    keeps all of them, legacy ones included, so a ZeRO-3 run saved `vision_tower.vision_model.*`
+    and `language_model.model.model.*` — a layout only transformers 5's own legacy mapping
+    reads back. Keep the used ones here, as the ordinary loader does (a no-op there).
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions
+                                     if getattr(c, "was_used", lambda: True)()]
+
+
 def load_llava(path: str, config: RunConfig, for_training: bool = True) -> Any:
     """Load a saved HF-layout LLaVA (ours or llava-hf), quantized when `config.bits` < 16."""
     from transformers import AutoModelForImageTextToText
@@ -347,6 +362,7 @@ def load_llava(path: str, config: RunConfig, for_training: bool = True) -> Any:
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = _load_pretrained(AutoModelForImageTextToText, path, "LLaVA model", **kwargs)
+    _keep_used_weight_conversions(model)
     if not for_training:
         model.eval()
         model.requires_grad_(False)

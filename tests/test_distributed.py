@@ -1,0 +1,361 @@
+"""Real multi-process training on CPU: 2 ranks over gloo with torchrun, for DDP and DeepSpeed.
+
+Each run starts from the same tiny finetuned base and the same perturbed projector file, with the
+same seed, data and global batch (2 ranks × 2). That makes the strategies comparable with each
+other: DDP, ZeRO-2 and ZeRO-3 must log the same losses and end with the same weights (to float
+tolerance). It is the meaningful form of "the ranks agree": the Trainer all-reduces the loss
+before logging and only rank 0 writes `trainer_state.json`, so per-rank loss lines do not exist.
+
+"The trained model" lives in the subprocess; our reference for it is DeepSpeed's own fp32 master
+weights, consolidated from the ZeRO checkpoint of the final step (`zero_to_fp32`). The saved
+output, reloaded in this process with plain transformers (no DeepSpeed config anywhere), must
+equal them and give the same logits.
+
+The 2-process runs take ~25-35 s each on 2 cores (≈7 s of imports per process), so they are
+marked slow (`pytest -m slow`). `bench/gpu_smoke.py --tiny` is tested here too, unmarked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from llava_cli.checkpoints import PROJECTOR_PREFIX, read_projector_file, save_projector
+from llava_cli.config import resolve_config
+from llava_cli.data_inspect import demo_data
+from llava_cli.training import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS, IMAGES = demo_data()
+ZERO2, ZERO3 = (str(ROOT / "recipes" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
+PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
+STEPS = 4  # checkpoints at 2 and 4 (save_steps 2): resume from 2, consolidate 4
+PERTURB = 0.5  # added to every projector tensor of the base to make the imported projector
+
+
+def _launcher() -> list[str]:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun)] if torchrun.exists() else [sys.executable, "-m",
+                                                      "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict[str, Path]:
+    """A tiny finetuned LLaVA (single process, in-process) and a perturbed projector file."""
+    root = tmp_path_factory.mktemp("dist")
+    transformers.LlamaConfig(
+        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    ).save_pretrained(root / "llm")
+    transformers.CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4).save_pretrained(root / "vit")
+    config = resolve_config("finetune", flags={
+        "data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2, "seed": 7, "max_steps": 1, "output_dir": str(root / "base"),
+        "model_name_or_path": str(root / "llm"), "vision_tower": str(root / "vit"),
+        "tokenizer": "demo", "random_init": True})
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        model = run_training(config).trainer.model
+    with torch.no_grad():  # a projector unlike the base's: a run that ignored it is detectable
+        for param in model.model.multi_modal_projector.parameters():
+            param.add_(PERTURB)
+    save_projector(model, root / "projector.safetensors")
+    return {"base": root / "base", "projector": root / "projector.safetensors", "root": root}
+
+
+class Run:
+    """One finished `torchrun --nproc_per_node 2 -m llava_cli …` job and its per-rank logs."""
+
+    def __init__(self, output_dir: Path, logs: Path, seconds: float) -> None:
+        self.output_dir = output_dir
+        self.logs = logs
+        self.seconds = seconds
+
+    def rank_log(self, rank: int) -> str:
+        """stdout + stderr of one rank (torchrun --redirects 3 writes them per rank)."""
+        return "".join(p.read_text(errors="replace")
+                       for p in sorted(self.logs.glob(f"**/attempt_*/{rank}/std*.log")))
+
+    @property
+    def state(self) -> dict:
+        return json.loads((self.output_dir / "trainer_state.json").read_text())
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.state["log_history"] if "loss" in row]
+
+
+def launch(base: dict[str, Path], out: Path, *extra: str, stage: str = "finetune",
+           overwrite: bool = True) -> Run:
+    """Two ranks on gloo from the shared base; fails the test with the ranks' logs on error."""
+    import time
+
+    logs = out.parent / f"{out.name}-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    command = [*_launcher(), "--standalone", "--nproc_per_node", "2", "--log-dir", str(logs),
+               "--redirects", "3", "-m", "llava_cli", stage,
+               "--model-name-or-path", str(base["base"]), "--data-path", RECORDS,
+               "--image-folder", IMAGES, "--batch-size", "2", "--max-steps", str(STEPS),
+               "--save-steps", "2", "--lr", "1e-2", "--seed", "7", "-o", str(out), *extra]
+    if overwrite:
+        command.append("--overwrite")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    run = Run(out, logs, time.perf_counter() - start)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}\n"
+                    f"--- rank 0 ---\n{run.rank_log(0)[-3000:]}\n"
+                    f"--- rank 1 ---\n{run.rank_log(1)[-3000:]}")
+    print(f"{out.name}: {run.seconds:.1f} s")  # shown with -s / -rP: CI timing at a glance
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp(base, tmp_path_factory) -> Run:
+    return launch(base, tmp_path_factory.mktemp("ddp") / "out", "--pretrained-projector",
+                  str(base["projector"]))
+
+
+@pytest.fixture(scope="module")
+def zero2(base, tmp_path_factory) -> Run:
+    return launch(base, tmp_path_factory.mktemp("zero2") / "out", "--pretrained-projector",
+                  str(base["projector"]), "--deepspeed", ZERO2)
+
+
+@pytest.fixture(scope="module")
+def zero3(base, tmp_path_factory) -> Run:
+    return launch(base, tmp_path_factory.mktemp("zero3") / "out", "--pretrained-projector",
+                  str(base["projector"]), "--deepspeed", ZERO3)
+
+
+def consolidated(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 master weights from a ZeRO checkpoint, whole (its own tooling)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+
+
+def _probe(processor):
+    from PIL import Image
+
+    return processor(images=Image.new("RGB", (40, 30), (220, 40, 40)), text=PROBE_TEXT,
+                     return_tensors="pt")
+
+
+def _logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _from_state(config_dir: Path, state: dict[str, torch.Tensor]):
+    """A LLaVA built from a saved config with exactly `state`'s weights (no file loading)."""
+    config = transformers.AutoConfig.from_pretrained(config_dir)
+    model = transformers.LlavaForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if k in dict(model.named_parameters())]
+    return model
+
+
+def _plain(output_dir: Path):
+    """The output as any user loads it: stock transformers, one process, no DeepSpeed config."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()
+    return transformers.LlavaForConditionalGeneration.from_pretrained(output_dir)
+
+
+def _assert_quiet_other_rank(run: Run) -> None:
+    """Only rank 0 prints the Rich UI and the metrics; rank 1 says nothing of the run."""
+    rank0, rank1 = run.rank_log(0), run.rank_log(1)
+    assert "step 1:" in rank0 and "train metrics" in rank0 and "done:" in rank0
+    for marker in ("step 1:", "train metrics", "llava training run", "done:", "Traceback"):
+        assert marker not in rank1, marker
+
+
+def _assert_no_placeholders(file: Path, reference: Path) -> None:
+    """Every tensor of a saved file has its full shape (ZeRO-3 leaves (0,) when not gathered)."""
+    saved, expected = load_file(str(file)), load_file(str(reference))
+    assert saved.keys() == expected.keys()
+    for key, tensor in saved.items():
+        assert tensor.shape == expected[key].shape and tensor.numel() > 0, key
+        assert torch.isfinite(tensor).all(), key
+
+
+def _assert_same_run(run: Run, reference: Run) -> None:
+    """Same losses and the same final weights as another strategy's run of the same job."""
+    assert torch.allclose(torch.tensor(run.losses), torch.tensor(reference.losses), rtol=1e-4)
+    a = load_file(str(run.output_dir / "model.safetensors"))
+    b = load_file(str(reference.output_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+
+
+@pytest.mark.slow
+def test_ddp_trains_one_job_on_two_ranks(ddp, base):
+    state = ddp.state
+    assert state["global_step"] == STEPS and len(ddp.losses) == STEPS
+    assert torch.isfinite(torch.tensor(ddp.losses)).all()
+    # 5 records at a global batch of 4 (2 ranks × 2): 2 steps per epoch. One process alone
+    # (the silent failure without use_cpu) would need 3 at batch 2.
+    assert state["log_history"][0]["epoch"] == 0.5
+    _assert_quiet_other_rank(ddp)
+    _assert_no_placeholders(ddp.output_dir / "model.safetensors",
+                            base["base"] / "model.safetensors")
+    # The final checkpoint and the output are the same weights.
+    final = load_file(str(ddp.output_dir / f"checkpoint-{STEPS}" / "model.safetensors"))
+    output = load_file(str(ddp.output_dir / "model.safetensors"))
+    assert all(torch.equal(final[k], output[k]) for k in output)
+    manifest = json.loads((ddp.output_dir / "llava_run.json").read_text())
+    assert manifest["kind"] == "full"
+
+
+def _assert_output_is_the_trained_model(run: Run) -> None:
+    """Plain reload of the output == DeepSpeed's consolidated fp32 masters, weights and logits."""
+    masters = consolidated(run.output_dir / f"checkpoint-{STEPS}")
+    reference = _from_state(run.output_dir, masters)
+    reloaded = _plain(run.output_dir)
+    ours = reloaded.state_dict()
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(ours[key], tensor), key
+    batch = _probe(transformers.AutoProcessor.from_pretrained(run.output_dir))
+    assert torch.equal(_logits(reloaded, batch), _logits(reference, batch))
+
+
+@pytest.mark.slow
+def test_zero2_equals_ddp_and_saves_a_plain_checkpoint(zero2, ddp, base):
+    assert zero2.state["global_step"] == STEPS
+    assert torch.isfinite(torch.tensor(zero2.losses)).all()
+    _assert_quiet_other_rank(zero2)
+    _assert_no_placeholders(zero2.output_dir / "model.safetensors",
+                            base["base"] / "model.safetensors")
+    _assert_same_run(zero2, ddp)
+    _assert_output_is_the_trained_model(zero2)
+
+
+@pytest.mark.slow
+def test_zero3_full_imports_the_projector_and_saves_gathered_weights(zero3, ddp, base):
+    assert zero3.state["global_step"] == STEPS
+    assert torch.isfinite(torch.tensor(zero3.losses)).all()
+    _assert_quiet_other_rank(zero3)
+    # Partitioned parameters were gathered for every save: full shapes in output and checkpoint.
+    for folder in (zero3.output_dir, zero3.output_dir / f"checkpoint-{STEPS}"):
+        _assert_no_placeholders(folder / "model.safetensors", base["base"] / "model.safetensors")
+    # It started from the imported projector: 4 Adam steps at lr 1e-2 move a weight by < 0.05,
+    # while the file differs from the base by 0.5 everywhere.
+    imported = read_projector_file(base["projector"])
+    trained = load_file(str(zero3.output_dir / "model.safetensors"))
+    for key, tensor in imported.items():
+        moved = (trained[PROJECTOR_PREFIX + key] - tensor).abs()
+        assert 0 < moved.max() < 0.1, key
+    # And the same job under DDP (no partitioning) logs the same losses from step 1 on.
+    _assert_same_run(zero3, ddp)
+    _assert_output_is_the_trained_model(zero3)
+    manifest = json.loads((zero3.output_dir / "llava_run.json").read_text())
+    assert manifest["base"]["pretrained_projector"] == str(base["projector"].resolve())
+
+
+@pytest.mark.slow
+def test_zero3_resume_continues_at_the_checkpoint_step(zero3, base, tmp_path):
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(zero3.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = launch(base, resumed_dir, "--pretrained-projector", str(base["projector"]),
+                     "--deepspeed", ZERO3, "--resume", "latest", overwrite=False)
+    assert resumed.state["global_step"] == STEPS
+    logged_steps = [row["step"] for row in resumed.state["log_history"] if "loss" in row]
+    assert logged_steps == list(range(1, STEPS + 1))  # 1-2 from the checkpoint, 3-4 trained
+    assert torch.allclose(torch.tensor(resumed.losses), torch.tensor(zero3.losses), rtol=1e-5)
+    a = load_file(str(zero3.output_dir / "model.safetensors"))
+    b = load_file(str(resumed.output_dir / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_zero3_lora_saves_a_full_shape_adapter(base, tmp_path):
+    from peft import PeftModel
+
+    run = launch(base, tmp_path / "lora", "--lora", "--lora-r", "8", "--lora-alpha", "16",
+                 "--deepspeed", ZERO3, stage="lora")
+    assert run.state["global_step"] == STEPS
+    assert torch.isfinite(torch.tensor(run.losses)).all()
+    _assert_quiet_other_rank(run)
+    adapter = load_file(str(run.output_dir / "adapter_model.safetensors"))
+    assert not (run.output_dir / "model.safetensors").exists()
+    lora_a = {k: v for k, v in adapter.items() if "lora_A" in k}
+    assert lora_a and not any("vision_tower" in k for k in adapter)
+    for key, tensor in adapter.items():
+        assert tensor.numel() > 0 and torch.isfinite(tensor).all(), key
+    assert all(v.shape[0] == 8 for v in lora_a.values())
+    # The adapter holds the trained values: DeepSpeed's consolidated masters, renamed.
+    masters = consolidated(run.output_dir / f"checkpoint-{STEPS}")
+    for key, tensor in adapter.items():
+        live = (key.replace(".lora_A.weight", ".lora_A.default.weight")
+                .replace(".lora_B.weight", ".lora_B.default.weight")
+                .replace(PROJECTOR_PREFIX, PROJECTOR_PREFIX + "modules_to_save.default."))
+        assert torch.equal(tensor, masters[live]), key
+    projector = {k.split(PROJECTOR_PREFIX, 1)[1]: v for k, v in adapter.items()
+                 if PROJECTOR_PREFIX in k}
+    start = load_file(str(base["base"] / "model.safetensors"))
+    assert {k: v.shape for k, v in projector.items()} == {
+        k: start[PROJECTOR_PREFIX + k].shape for k in projector}
+    # Base + adapter with stock transformers/PEFT in this process == base + masters.
+    reloaded = PeftModel.from_pretrained(_plain(base["base"]), run.output_dir)
+    batch = _probe(transformers.AutoProcessor.from_pretrained(run.output_dir))
+    expected = PeftModel.from_pretrained(_plain(base["base"]), run.output_dir)
+    missing, unexpected = expected.load_state_dict(masters, strict=False)
+    assert not unexpected
+    assert torch.equal(_logits(reloaded, batch), _logits(expected, batch))
+    assert not torch.equal(_logits(reloaded, batch), _logits(_plain(base["base"]), batch))
+
+
+def test_gpu_smoke_script_runs_tiny_on_cpu():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--tiny",
+                           "--steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant in ("full", "lora"):
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{variant}:"))
+        assert "samples/s" in line and "tokens/s" in line and "MFU" in line
+
+
+@pytest.mark.slow
+def test_zero3_offload_keeps_the_trainers_lr_schedule(base, tmp_path):
+    """The offload recipe has no "scheduler" block: the Trainer's cosine-with-warmup must drive
+    the LR (a DeepSpeed WarmupLR would ramp and then stay flat). One process is enough."""
+    out = tmp_path / "offload"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # no launcher: the CLI sets up a one-process world itself
+    done = subprocess.run(
+        [sys.executable, "-m", "llava_cli", "finetune", "--model-name-or-path",
+         str(base["base"]), "--data-path", RECORDS, "--image-folder", IMAGES, "--batch-size",
+         "1", "--max-steps", "8", "--save-steps", "100", "--lr", "1e-2", "--warmup-ratio",
+         "0.25", "--lr-scheduler-type", "cosine", "--deepspeed",
+         str(ROOT / "recipes" / "deepspeed" / "zero3_offload.json"), "-o", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [row["learning_rate"] for row in state["log_history"] if "learning_rate" in row]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=2,
+                                          num_training_steps=8)
+    expected = []
+    for _ in range(8):
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert logged == pytest.approx(expected, abs=1e-9)
