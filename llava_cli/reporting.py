@@ -22,6 +22,11 @@ class Reporter:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = is_main_process()
+        if not self.enabled:  # other ranks: no progress bars or info logs from transformers
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
                 args: Any) -> None:
