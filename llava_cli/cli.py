@@ -10,7 +10,7 @@ import sys
 import typer
 
 from llava_cli import __version__
-from llava_cli.commands import export_projector, generate, inspect_data, merge_lora, train
+from llava_cli.commands import demo, export_projector, generate, inspect_data, merge_lora, train
 
 app = typer.Typer(
     name="llava",
@@ -44,6 +44,7 @@ app.command("merge-lora")(merge_lora.merge_lora)
 app.command("inspect-data")(inspect_data.inspect_data)
 app.command("export-projector")(export_projector.export_projector)
 app.command("generate")(generate.generate)
+app.command("demo")(demo.demo)
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
