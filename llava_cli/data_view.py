@@ -15,6 +15,7 @@ from llava_cli.samples import Sample
 SUPERVISED_STYLE = "bold green"
 MASKED_STYLE = "dim"
 IMAGE_STYLE = "bold white on magenta"
+TURN_STYLE = "cyan"
 
 
 def _runs(sample: Sample) -> list[tuple[str, list[int]]]:
@@ -41,12 +42,16 @@ def _runs(sample: Sample) -> list[tuple[str, list[int]]]:
 def sample_text(sample: Sample, tokenizer: Any) -> Text:
     """The sample as text: supervised tokens highlighted, masked dimmed, images as chips."""
     text = Text()
+    previous = None
     for kind, ids in _runs(sample):
+        if previous == "supervised" and kind != "supervised":
+            text.append(" ⏎\n", style=TURN_STYLE)  # a reply ended: the next turn starts below
         if kind == "image":
             text.append(f"<image ×{len(ids)}>", style=IMAGE_STYLE)
         else:
             style = SUPERVISED_STYLE if kind == "supervised" else MASKED_STYLE
             text.append(tokenizer.decode(ids), style=style)
+        previous = kind
     return text
 
 
