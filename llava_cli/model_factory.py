@@ -290,9 +290,10 @@ def _wants_grad(name: str, mode: str, param: Any, bias: str) -> bool:
 def apply_lora(model: Any, config: RunConfig) -> Any:
     """Wrap the model with LoRA on the LLM's linear layers (PeftModel); sets trainability.
 
-    The projector becomes a `modules_to_save` module when it is trained in full, so its
-    weights are saved with the adapter. Quantized models get `prepare_model_for_kbit_training`
-    first (fp32 norms, input grads, optional gradient checkpointing).
+    The projector (and the vision tower) become `modules_to_save` modules when trained in
+    full, so their weights are saved with the adapter. Quantized models get
+    `prepare_model_for_kbit_training` first (fp32 norms, input grads, optional gradient
+    checkpointing).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -306,10 +307,17 @@ def apply_lora(model: Any, config: RunConfig) -> Any:
     lora_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         bias=config.lora_bias, target_modules=LORA_TARGET_REGEX, task_type="CAUSAL_LM",
-        modules_to_save=["multi_modal_projector"] if config.train_projector == "full" else None)
+        modules_to_save=_fully_trained_modules(config) or None)
     peft_model = get_peft_model(model, lora_config)
     apply_trainability(peft_model, config.train_vision_tower, config.train_projector, "lora")
     return peft_model
+
+
+def _fully_trained_modules(config: RunConfig) -> list[str]:
+    """Components trained in full next to LoRA: PEFT must save them with the adapter."""
+    return [module for module, mode in (("multi_modal_projector", config.train_projector),
+                                        ("vision_tower", config.train_vision_tower))
+            if mode == "full"]
 
 
 def is_quantized(model: Any) -> bool:

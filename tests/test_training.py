@@ -224,3 +224,19 @@ def test_lora_keeps_the_base_frozen_and_resumes_exactly(finetuned, tmp_path):
     assert resumed.trainer.state.global_step == 4
     again = resumed.trainer.model.state_dict()
     assert all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+def test_lora_with_an_unfrozen_vision_tower_saves_the_tower_in_the_adapter(finetuned, tmp_path):
+    from peft import PeftModel
+
+    base_dir = finetuned[0].output_dir
+    result = run_training(_config("lora", tmp_path / "lora", model_name_or_path=str(base_dir),
+                                  max_steps=2, lora_r=8, lora_alpha=16,
+                                  train_vision_tower="full"))
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir)
+    batch = _probe(transformers.AutoProcessor.from_pretrained(result.output_dir))
+    assert torch.allclose(_logits(reloaded, batch), _logits(result.trainer.model, batch),
+                          atol=1e-6)
+    fresh = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir)
+    assert not torch.allclose(_logits(fresh, batch), _logits(reloaded, batch))
