@@ -33,10 +33,23 @@ class Loaded:
     base: dict[str, Any]
 
 
-def _is_llava_checkpoint(path: Path) -> bool:
-    config = path / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") in (
-        "llava", "llava_next")
+LLAVA_MODEL_TYPES = ("llava", "llava_next")
+
+
+def _is_llava_checkpoint(path: Path, config: RunConfig) -> bool:
+    """A LLaVA checkpoint: a local folder's config.json, or a hub id's config, says so."""
+    if path.is_dir():
+        file = path / "config.json"
+        return file.is_file() and json.loads(file.read_text()).get("model_type") in (
+            LLAVA_MODEL_TYPES)
+    from transformers import AutoConfig
+
+    try:
+        found = AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model {str(path)!r} is neither a local folder nor a loadable hub "
+                         f"model: {err}") from err
+    return getattr(found, "model_type", None) in LLAVA_MODEL_TYPES
 
 
 def load_starting_model(config: RunConfig) -> Loaded:
@@ -53,9 +66,9 @@ def load_starting_model(config: RunConfig) -> Loaded:
                          "`llava merge-lora`, or start from its base")
     if manifest is not None and manifest.kind == "projector":
         loaded = _from_pretrain_output(path, manifest.base, config)
-    elif path.is_dir() and _is_llava_checkpoint(path):
+    elif _is_llava_checkpoint(path, config):
         loaded = Loaded(load_llava(str(path), config), _load_processor(path, config),
-                        {"type": "llava", "path": str(path.resolve())})
+                        {"type": "llava", "path": _resolved(str(path))})
     else:
         loaded = _new_model(config)
     if config.pretrained_projector:
@@ -210,8 +223,13 @@ def projector_state(model: Any, full_state: dict[str, Any] | None = None) -> dic
     from llava_cli.model_factory import components
 
     if full_state is not None:
-        return {PROJECTOR_PREFIX + k.split(PROJECTOR_PREFIX, 1)[1]: v.detach().cpu().contiguous()
-                for k, v in full_state.items() if PROJECTOR_PREFIX in k}
+        state = {PROJECTOR_PREFIX + k.split(PROJECTOR_PREFIX, 1)[1]: v.detach().cpu().contiguous()
+                 for k, v in full_state.items() if PROJECTOR_PREFIX in k}
+        if not state:  # DeepSpeed hands an empty dict when ZeRO-3 does not gather on save
+            raise ValueError("no projector weights to save: with ZeRO-3 set "
+                             "stage3_gather_16bit_weights_on_model_save: true (as "
+                             "recipes/deepspeed/zero3.json does)")
+        return state
     projector = components(model).projector
     with gathered(projector):
         return {PROJECTOR_PREFIX + k: v.detach().cpu().clone().contiguous()

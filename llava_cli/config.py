@@ -231,7 +231,7 @@ def _place(key: str, value: Any, out: dict[str, Any], source: str,
         out.setdefault("training_args", {})[key] = value
     elif key == "training_args" and isinstance(value, dict):
         for k, v in value.items():
-            _place(k, v, out, source, train_names)
+            _place(k, _scalar(v), out, source, train_names)
     else:
         known = [*RunConfig.model_fields, *aliases, *train_names]
         close = difflib.get_close_matches(key, known, n=1)

@@ -238,9 +238,9 @@ def _verify(staging: Path, dtype: str, bits: int, batch: Any, reference: Any,
             quantized_ref: Any, log: Callable[[str], None]) -> list[Check]:
     """Reload the saved model with stock transformers and compare its logits."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText  # LLaVA or LLaVA-NeXT
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(staging),
+    model = AutoModelForImageTextToText.from_pretrained(str(staging),
                                                           dtype=getattr(torch, dtype))
     logits = probe_logits(model, batch)
     del model

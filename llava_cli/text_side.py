@@ -72,13 +72,17 @@ def _image_tokens_from_folder(folder: Path) -> tuple[int, tuple[float, ...], str
         data = json.loads(processor_file.read_text())
         if data.get("num_image_tokens"):
             return int(data["num_image_tokens"]), mean, f"{processor_file}"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        vision = config.get("vision_config")
-        if vision:
-            per_side = vision.get("image_size", 336) // vision.get("patch_size", 14)
-            full = config.get("vision_feature_select_strategy") == "full"
-            return per_side * per_side + int(full), mean, f"{config_file} (vision_config)"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("vision_config"):
+        from transformers import AutoConfig
+
+        from llava_cli.model_factory import image_tokens_per_image
+
+        config = AutoConfig.from_pretrained(str(folder))
+        if getattr(config, "image_grid_pinpoints", None):
+            raise ValueError(f"{folder} is an anyres (LLaVA-NeXT) model: its image-token count "
+                             "depends on each image's size; pass --image-tokens N for a fixed "
+                             "estimate")
+        return image_tokens_per_image(config), mean, f"{config_file} (vision_config)"
     return None
 
 

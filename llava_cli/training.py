@@ -15,6 +15,8 @@ from typing import Any
 from llava_cli.config import RunConfig, save_resolved
 
 CHECKPOINT_PREFIX = "checkpoint-"
+STALE_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.*",
+                 "adapter_config.json", "projector.safetensors", "llava_run.json")
 
 
 @dataclass
@@ -41,9 +43,17 @@ def prepare_output_dir(config: RunConfig) -> Path:
     if not config.output_dir:
         raise ValueError("output_dir is required (--output-dir DIR)")
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {str(out)!r} is a file")
     if out.exists() and any(out.iterdir()) and not (config.overwrite or config.resume):
         raise ValueError(f"output directory {str(out)!r} is not empty; pass --overwrite to write "
                          "into it or --resume to continue its run")
+    if config.overwrite and not config.resume:
+        # A previous run's weights would shadow or mix with this run's (e.g. an old adapter
+        # next to a new full model); other files are left alone.
+        for pattern in STALE_OUTPUTS:
+            for stale in out.glob(pattern):
+                stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -132,6 +142,7 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     from llava_cli.trainer_args import to_training_arguments
 
     output_dir = prepare_output_dir(config)
+    resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
     args = to_training_arguments(config, str(output_dir))
     kind = output_kind(config)
     set_seed(args.seed)  # before building: random-init parts and new rows are reproducible
@@ -150,7 +161,7 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
 
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
         reporter.summary(config, kind, counts, dataset, args)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config, output_dir))
+    result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = dict(result.metrics)
     write_outputs(trainer, loaded, config, kind, output_dir, metrics)
     if trainer.is_world_process_zero():

@@ -141,3 +141,9 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["inspect-data", str(tmp_path / "x.json"), "--tokenizer", "demo"])
     assert result.exit_code == 2
     assert "not found" in result.output
+
+
+def test_conflicting_trainability_switches_are_a_clear_error():
+    result = runner.invoke(app, ["finetune", "--lora", "--freeze-llm", "--print-config"])
+    assert result.exit_code == 2
+    assert "drop --freeze-llm" in result.output

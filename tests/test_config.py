@@ -67,3 +67,9 @@ def test_saved_config_loads_back_equal(tmp_path):
     path = save_resolved(config, tmp_path / "out")
     again = resolve_config("finetune", path)
     assert again == config
+
+
+def test_numbers_in_a_nested_training_args_block_are_numbers(tmp_path):
+    recipe = _recipe(tmp_path, training_args={"learning_rate": "2e-5", "max_steps": 3})
+    assert resolve_config("finetune", recipe).training_args == {"learning_rate": 2e-5,
+                                                                "max_steps": 3}

@@ -77,7 +77,7 @@ def inspect_data(
                              show_ids, workers, image_tokens)
     try:
         status = run(config, request)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, IndexError) as err:
         typer.echo(f"llava inspect-data: {err}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(status)

@@ -113,9 +113,11 @@ def _make_command(stage: str) -> Any:
 
 def _trainability_flags(flags: dict[str, Any]) -> dict[str, Any]:
     """The boolean switches → the per-component trainability keys (None: not given)."""
+    lora, freeze_llm = flags.pop("lora"), flags.pop("freeze_llm")
+    if lora and freeze_llm:
+        raise typer.BadParameter("--lora trains the LLM with LoRA; drop --freeze-llm")
     return {
-        "train_llm": "lora" if flags.pop("lora") else "frozen" if flags.pop("freeze_llm")
-        else None,
+        "train_llm": "lora" if lora else "frozen" if freeze_llm else None,
         "train_vision_tower": "full" if flags.pop("unfreeze_vision_tower") else None,
         "train_projector": "frozen" if flags.pop("freeze_projector") else None,
     }
@@ -129,8 +131,9 @@ def run_or_exit(stage: str, config: Any) -> None:
     reporter = Reporter()
     try:
         result = run_training(config, reporter)
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"llava {stage}: {err}", err=True)
+    except (ValueError, OSError, NotImplementedError) as err:  # OSError: a path or hub id
+        if reporter.enabled:
+            typer.echo(f"llava {stage}: {err}", err=True)
         raise typer.Exit(2) from None
     if reporter.enabled:
         reporter.console.print(f"[green]done[/]: {result.kind} output in {result.output_dir}")
