@@ -274,6 +274,24 @@ def _explain(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+PATH_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "pretrained_projector",
+             "data_path", "image_folder", "output_dir", "resume")
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """The same configuration with every existing local path made absolute (hub ids and
+    names that are not paths stay), so a saved config works from any directory."""
+    def absolute(value: Any) -> Any:
+        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() \
+            else value
+
+    update: dict[str, Any] = {key: absolute(getattr(config, key)) for key in PATH_KEYS}
+    if "deepspeed" in config.training_args:
+        update["training_args"] = {**config.training_args,
+                                   "deepspeed": absolute(config.training_args["deepspeed"])}
+    return config.model_copy(update=update)
+
+
 def save_resolved(config: RunConfig, directory: str | Path) -> Path:
     """Write the resolved configuration into `directory` (atomically)."""
     directory = Path(directory)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.config import RunConfig, save_resolved
+from llava_cli.config import RunConfig, save_resolved, with_absolute_paths
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STALE_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.*",
@@ -165,7 +165,7 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     metrics = dict(result.metrics)
     write_outputs(trainer, loaded, config, kind, output_dir, metrics)
     if trainer.is_world_process_zero():
-        save_resolved(config, output_dir)
+        save_resolved(with_absolute_paths(config), output_dir)
     return RunResult(output_dir, kind, metrics, trainer)
 
 

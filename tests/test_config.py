@@ -73,3 +73,15 @@ def test_numbers_in_a_nested_training_args_block_are_numbers(tmp_path):
     recipe = _recipe(tmp_path, training_args={"learning_rate": "2e-5", "max_steps": 3})
     assert resolve_config("finetune", recipe).training_args == {"learning_rate": 2e-5,
                                                                 "max_steps": 3}
+
+
+def test_saved_run_config_has_absolute_local_paths(tmp_path, monkeypatch):
+    from llava_cli.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text("[]")
+    config = resolve_config("finetune", flags={"data_path": "data.json",
+                                               "model_name_or_path": "lmsys/vicuna-7b-v1.5"})
+    fixed = with_absolute_paths(config)
+    assert fixed.data_path == str(tmp_path / "data.json")
+    assert fixed.model_name_or_path == "lmsys/vicuna-7b-v1.5"  # a hub id stays as it is
