@@ -267,8 +267,10 @@ def answer_records(generator: Generator, data: str | Path, output: str | Path,
 
     index = RecordIndex.open(data)
     folder = image_folder if image_folder is not None else Path(data).resolve().parent
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w") as out, _progress(progress, len(index)) as advance:
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")  # OUT appears only when complete
+    with open(partial, "w") as out, _progress(progress, len(index)) as advance:
         for i in range(len(index)):
             rid, prompt, paths, reference = record_prompt(index.read(i), i)
             images = [load_image(resolve_image_path(folder, p), label=p) for p in paths]
@@ -277,6 +279,7 @@ def answer_records(generator: Generator, data: str | Path, output: str | Path,
                                   "reference": reference}) + "\n")
             out.flush()
             advance()
+    partial.replace(output)
     return len(index)
 
 

@@ -132,6 +132,11 @@ def test_cli_batch_mode_writes_one_line_per_record(runs, tmp_path):
     assert [line["reference"] for line in lines] == [r.get("answer") for r in records]
     assert lines[0]["prompt"] == QUESTIONS[records[0]["question_type"]]
     assert all(isinstance(line["answer"], str) for line in lines)
+    assert not out.with_name(out.name + ".partial").exists()
+    again = CliRunner().invoke(app, [  # an existing answers file is never truncated silently
+        "generate", str(runs["finetune"]), "--data", str(data), "--output", str(out)])
+    assert again.exit_code == 2 and "pass --overwrite" in again.stderr
+    assert len(out.read_text().splitlines()) == len(records)
 
 
 def test_cli_usage_errors(runs):

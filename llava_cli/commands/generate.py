@@ -35,6 +35,8 @@ def generate(
         "--output", "-o", help="JSON lines: id, prompt, answer, reference.",
         rich_help_panel=BATCH)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", min=1)] = 64,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing --output file.")] = False,
     adapter: Annotated[Path | None, typer.Option(
         "--adapter", help="A LoRA run directory to apply to CHECKPOINT.")] = None,
 ) -> None:
@@ -45,6 +47,8 @@ def generate(
         raise _fail("--data (batch mode) cannot be combined with --prompt/--image", 2)
     if data is not None and output is None:
         raise _fail("batch mode needs --output OUT.jsonl", 2)
+    if output is not None and output.exists() and not overwrite:
+        raise _fail(f"{output} exists; pass --overwrite to replace it", 2)
     for path in (image, data):
         if path is not None and not path.is_file():
             raise _fail(f"{path}: no such file", 2)
