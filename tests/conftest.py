@@ -40,3 +40,23 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
+
+
+def probe_batch(processor):
+    """A one-image probe batch (red picture + a v1 prompt) to compare models' logits on."""
+    from PIL import Image
+
+    return processor(images=Image.new("RGB", (40, 30), (220, 40, 40)), text=PROBE_TEXT,
+                     return_tensors="pt")
+
+
+def eval_logits(model, batch):
+    """The model's logits on `batch`, in eval mode without gradients."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits

@@ -33,11 +33,12 @@ from llava_cli.checkpoints import PROJECTOR_PREFIX, read_projector_file, save_pr
 from llava_cli.config import resolve_config
 from llava_cli.data_inspect import demo_data
 from llava_cli.training import run_training
+from tests.conftest import eval_logits as _logits
+from tests.conftest import probe_batch as _probe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS, IMAGES = demo_data()
 ZERO2, ZERO3 = (str(ROOT / "recipes" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
-PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
 STEPS = 4  # checkpoints at 2 and 4 (save_steps 2): resume from 2, consolidate 4
 PERTURB = 0.5  # added to every projector tensor of the base to make the imported projector
 
@@ -145,19 +146,6 @@ def consolidated(checkpoint: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-
-
-def _probe(processor):
-    from PIL import Image
-
-    return processor(images=Image.new("RGB", (40, 30), (220, 40, 40)), text=PROBE_TEXT,
-                     return_tensors="pt")
-
-
-def _logits(model, batch) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def _from_state(config_dir: Path, state: dict[str, torch.Tensor]):

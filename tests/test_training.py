@@ -16,11 +16,12 @@ from llava_cli.data_inspect import demo_data
 from llava_cli.model_factory import components
 from llava_cli.training import run_training
 from tests.conftest import TINY_LLM, TINY_VISION
+from tests.conftest import eval_logits as _logits
+from tests.conftest import probe_batch as _probe
 
 RECORDS, IMAGES = demo_data()
 COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
           "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7}
-PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,6 @@ def _start_state(config) -> dict[str, torch.Tensor]:
     transformers.set_seed(config.training_args.get("seed", 42))
     model = load_starting_model(config).model
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _probe(processor):
-    from PIL import Image
-
-    return processor(images=Image.new("RGB", (40, 30), (220, 40, 40)), text=PROBE_TEXT,
-                     return_tensors="pt")
-
-
-def _logits(model, batch) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def _losses(output_dir: Path) -> list[float]:
