@@ -60,9 +60,9 @@ def _rel(path: Path) -> str:
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty output directory unless `overwrite` (as the training commands do)."""
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {str(output_dir)!r} is not empty; pass --overwrite "
-                         "to write into it")
+    from llava_cli.outputs import refuse_unsafe_output_dir
+
+    refuse_unsafe_output_dir(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
 
 

@@ -127,11 +127,9 @@ def _base_info(run: LoraRun) -> dict[str, Any]:
 def _check_output(out: Path, run: LoraRun, overwrite: bool) -> None:
     if out.resolve() in (run.root.resolve(), run.adapter.resolve()):
         raise ValueError(f"--output-dir {str(out)!r} is the run directory; choose another")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {str(out)!r} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {str(out)!r} is not empty; pass --overwrite to "
-                         "write into it")
+    from llava_cli.outputs import refuse_unsafe_output_dir
+
+    refuse_unsafe_output_dir(out, overwrite)
 
 
 def _load_processor(run: LoraRun) -> Any:

@@ -254,15 +254,25 @@ def apply_trainability(model: Any, vision: str, projector: str, llm: str) -> dic
     bias = _lora_bias(model)
     plan = {"vision_tower": (parts.vision_tower, vision), "projector": (parts.projector, projector),
             "llm": (parts.llm, llm), "lm_head": (parts.lm_head, llm)}
-    counts = {}
-    for key, (module, mode) in plan.items():
+    for module, mode in plan.values():
         for name, param in module.named_parameters():
             param.requires_grad_(_wants_grad(name, mode, param, bias))
-        counts[key] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     newline = _image_newline(model)
     if newline is not None and projector == "full":
         # LLaVA-NeXT's learned row separator belongs to the projector side.
         newline.requires_grad_(True)
+    return trainable_counts(model)
+
+
+def trainable_counts(model: Any) -> dict[str, int]:
+    """Trainable parameters per component (vision tower, projector, LLM, lm_head)."""
+    parts = components(model)
+    counts = {key: sum(p.numel() for p in module.parameters() if p.requires_grad)
+              for key, module in (("vision_tower", parts.vision_tower),
+                                  ("projector", parts.projector), ("llm", parts.llm),
+                                  ("lm_head", parts.lm_head))}
+    newline = _image_newline(model)
+    if newline is not None and newline.requires_grad:
         counts["projector"] += newline.numel()
     return counts
 

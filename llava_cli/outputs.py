@@ -10,6 +10,16 @@ from llava_cli.config import CONFIG_FILENAME, RunConfig
 from llava_cli.manifest import MANIFEST_NAME, RunManifest
 
 
+def refuse_unsafe_output_dir(out: Path, allow_non_empty: bool,
+                            remedy: str = "pass --overwrite to write into it") -> None:
+    """The one rule for every command that writes a directory: never into a file, never into
+    a non-empty directory unless the user allowed it (`remedy` says how)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {str(out)!r} is a file")
+    if out.is_dir() and any(out.iterdir()) and not allow_non_empty:
+        raise ValueError(f"output directory {str(out)!r} is not empty; {remedy}")
+
+
 def write_outputs(trainer: Any, loaded: Any, config: RunConfig, kind: str, output_dir: Path,
                   metrics: dict[str, Any]) -> RunManifest | None:
     """Save what the run produced into `output_dir` and describe it in `llava_run.json`.

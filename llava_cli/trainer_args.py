@@ -40,9 +40,8 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
         values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     if on_cpu:
         values["use_cpu"] = True
-        for half in ("bf16", "fp16"):  # no half-precision training on CPU through Trainer
-            if values.get(half) and half == "fp16":
-                raise ValueError("fp16 training needs a GPU; use bf16 or float32 on CPU")
+        if values.get("fp16"):  # fp16 mixed precision needs CUDA's loss scaling; bf16 runs
+            raise ValueError("fp16 training needs a GPU; use bf16 or float32 on CPU")
     if config.group_by_modality_length:
         values.pop("train_sampling_strategy", None)  # our sampler replaces the built-in ones
     try:

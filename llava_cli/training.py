@@ -42,12 +42,11 @@ def prepare_output_dir(config: RunConfig) -> Path:
     """The output directory; refuses to write into a non-empty one without --overwrite/--resume."""
     if not config.output_dir:
         raise ValueError("output_dir is required (--output-dir DIR)")
+    from llava_cli.outputs import refuse_unsafe_output_dir
+
     out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output directory {str(out)!r} is a file")
-    if out.exists() and any(out.iterdir()) and not (config.overwrite or config.resume):
-        raise ValueError(f"output directory {str(out)!r} is not empty; pass --overwrite to write "
-                         "into it or --resume to continue its run")
+    refuse_unsafe_output_dir(out, bool(config.overwrite or config.resume),
+                             "pass --overwrite to write into it or --resume to continue its run")
     if config.overwrite and not config.resume:
         # A previous run's weights would shadow or mix with this run's (e.g. an old adapter
         # next to a new full model); other files are left alone.
@@ -109,13 +108,11 @@ def build_dataset(config: RunConfig, model: Any, processor: Any) -> Any:
 
 def prepare_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, int]]:
     """Apply the declared trainability (and LoRA) — the one call that sets requires_grad."""
-    from llava_cli.model_factory import apply_lora, apply_trainability
+    from llava_cli.model_factory import apply_lora, apply_trainability, trainable_counts
 
     if config.train_llm == "lora":
-        model = apply_lora(model, config)
-        counts = apply_trainability(model, config.train_vision_tower, config.train_projector,
-                                    "lora")
-        return model, counts
+        model = apply_lora(model, config)  # sets trainability itself (LoRA weights + full parts)
+        return model, trainable_counts(model)
     return model, apply_trainability(model, config.train_vision_tower, config.train_projector,
                                      config.train_llm)
 
