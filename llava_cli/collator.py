@@ -1,7 +1,10 @@
 """Samples → a padded batch for `LlavaForConditionalGeneration` (and LLaVA-NeXT).
 
 Padding goes to the longest sample of the batch, never to `model_max_length`: most batches are
-far shorter, and padding them wastes most of the compute.
+far shorter, and padding them wastes most of the compute. `padding_free` goes further: the
+samples are laid end to end in one row with per-sample position ids and no attention mask, from
+which transformers builds a block-diagonal causal mask (sdpa, eager, flex) or varlen calls
+(flash-attention), so no position is spent on padding and no sample sees another.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ class DataCollator:
     `pad_to_multiple_of` rounds the padded length up (tensor-core friendly shapes), but never
     past `max_length`. A sample longer than `max_length` is an error, never cut here: cutting
     could split a run of image tokens, which the dataset's truncation is careful not to do.
-    `None` samples (dropped by the dataset) are skipped.
+    `None` samples (dropped by the dataset) are skipped. With `padding_free`, the batch is one
+    packed row (`input_ids`, `labels`, `position_ids` of shape [1, total]); each sample's first
+    label is masked so that no position is trained to predict across a sample boundary.
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     max_length: int | None = None
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -46,6 +52,8 @@ class DataCollator:
         if not kept:
             raise ValueError(f"{ALL_DROPPED} ({len(samples)} sample(s) in the batch)")
         length = self._padded_length([len(s["input_ids"]) for s in kept])
+        if self.padding_free:
+            return {**_packed(kept), **_images(kept)}
         batch = {
             "input_ids": self._pad([s["input_ids"] for s in kept], length, self.pad_token_id),
             "labels": self._pad([s["labels"] for s in kept], length, IGNORE_INDEX),
@@ -74,6 +82,17 @@ class DataCollator:
             else:
                 out[n, length - len(row):] = row
         return out
+
+
+def _packed(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples end to end in one row, positions restarting at 0 for each sample."""
+    ids = [torch.as_tensor(s["input_ids"], dtype=torch.long) for s in samples]
+    labels = [torch.as_tensor(s["labels"], dtype=torch.long).clone() for s in samples]
+    for row in labels:
+        row[0] = IGNORE_INDEX  # the previous sample's last position must not predict it
+    positions = [torch.arange(len(row), dtype=torch.long) for row in ids]
+    return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None]}
 
 
 def _images(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,10 @@ Trainability = Literal["frozen", "full", "lora"]
 CONFIG_FILENAME = "llava_config.yaml"
 
 
+# Attention implementations that turn packed position ids into per-sample attention.
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (which key, what to do)."""
 
@@ -70,6 +74,10 @@ class RunConfig(BaseModel):
     model_max_length: int = 2048
     skip_bad_records: bool = False
     group_by_modality_length: bool = False
+    # Speed levers, each switchable alone (bench/bench_levers.py measures them)
+    supervised_logits_only: bool = True  # LM head + loss only where labels are supervised
+    skip_frozen_backward: bool = True  # a frozen vision tower runs forward only
+    padding_free: bool = False  # pack each batch into one row (no padding at all)
     # Output
     output_dir: str | None = None
     overwrite: bool = False
@@ -96,11 +104,21 @@ class RunConfig(BaseModel):
         if self.bits != 16 and self.train_llm != "lora":
             raise ValueError(f"bits {self.bits} quantizes the LLM, which then cannot be trained "
                              "fully: add --lora (QLoRA) or drop --bits")
+        if self.padding_free and self.attn_implementation not in PACKING_ATTENTION:
+            raise ValueError(f"padding_free needs an attention that honours per-sample position "
+                             f"ids ({', '.join(PACKING_ATTENTION)}); attn_implementation is "
+                             f"{self.attn_implementation!r}")
         if self.bits != 16 and deepspeed_stage(self.training_args.get("deepspeed")) == 3:
             raise ValueError("QLoRA (bits 4/8) cannot run under DeepSpeed ZeRO-3: bitsandbytes "
                              "weights cannot be partitioned. Use ZeRO-2 "
                              "(recipes/deepspeed/zero2.json), DDP, or one GPU")
         return self
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether gradient (activation) checkpointing is on, under either of its names."""
+        args = self.training_args
+        return bool(args.get("activation_checkpointing", args.get("gradient_checkpointing")))
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""

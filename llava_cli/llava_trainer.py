@@ -2,6 +2,8 @@
 
 - parameter groups: the projector and the vision tower may have their own learning rates;
 - `group_by_modality_length` sampling;
+- the loss at supervised positions only (`llava_cli.loss`), switchable;
+- a frozen vision tower that costs no backward (`FrozenPartsNoBackward`), switchable;
 - projector-only runs checkpoint only the projector (not a copy of the frozen LLM);
 - resume that really restores the weights: transformers 5 saves LLaVA checkpoints under the
   legacy on-disk key names but its resume loads them without renaming, so every key is
@@ -15,7 +17,7 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from llava_cli.checkpoints import (
     PROJECTOR_FILE,
@@ -23,6 +25,7 @@ from llava_cli.checkpoints import (
     projector_state,
     write_projector_file,
 )
+from llava_cli.loss import supervised_cross_entropy, supervised_positions
 from llava_cli.model_factory import components
 from llava_cli.sampler import ModalityLengthGroupedSampler
 
@@ -32,12 +35,28 @@ class LlavaTrainer(Trainer):
 
     def __init__(self, *args: Any, output_kind: str = "full", projector_lr: float | None = None,
                  vision_tower_lr: float | None = None, group_by_modality: bool = False,
-                 **kwargs: Any) -> None:
+                 supervised_logits_only: bool = False, **kwargs: Any) -> None:
+        if supervised_logits_only and not kwargs["args"].use_liger_kernel:
+            # Liger's fused linear cross-entropy needs the labels in the model call; with it
+            # on, the plain path is the fast one.
+            kwargs["compute_loss_func"] = supervised_cross_entropy
         super().__init__(*args, **kwargs)
         self.output_kind = output_kind
         self.projector_lr = projector_lr
         self.vision_tower_lr = vision_tower_lr
         self.group_by_modality = group_by_modality
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The Trainer's loss, without a KV cache; with supervised-only logits, the model
+        projects only the positions whose next token is supervised (`supervised_cross_entropy`
+        takes it from there, with the Trainer's normalisation and gradient accumulation)."""
+        # A training forward never needs a KV cache, and with one transformers ignores the
+        # per-sample position ids of padding-free rows (samples would attend to each other).
+        inputs = {**inputs, "use_cache": False}
+        if self.compute_loss_func is supervised_cross_entropy and "labels" in inputs:
+            inputs["logits_to_keep"] = supervised_positions(inputs["labels"])
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -110,3 +129,25 @@ class LlavaTrainer(Trainer):
         with torch.no_grad():
             model.load_state_dict(state, strict=True)
         del reloaded, state
+
+
+class FrozenPartsNoBackward(TrainerCallback):
+    """A frozen vision tower gets no backward pass and no checkpoint recompute.
+
+    With gradient checkpointing on, transformers hooks the input embeddings of every
+    sub-model to require grad (needed by reentrant checkpointing only) — the vision tower's
+    patch embedding included, so a frozen tower builds a full backward graph and, when
+    checkpointed, runs its forward twice, all for gradients nobody reads. Our checkpointing is
+    non-reentrant (`trainer_args`), which needs no such hook: trainable weights inside a
+    checkpointed block get their gradients anyway. So the hooks are removed once the Trainer
+    has set checkpointing up; a frozen tower then runs like under `no_grad`.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        kwargs_given = args.activation_checkpointing_kwargs  # none: transformers' non-reentrant
+        reentrant = kwargs_given.get("use_reentrant", True) if kwargs_given else False
+        if model is None or not args.activation_checkpointing or reentrant:
+            return
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.disable_input_require_grads()

@@ -302,18 +302,16 @@ def apply_lora(model: Any, config: RunConfig) -> Any:
 
     The projector (and the vision tower) become `modules_to_save` modules when trained in
     full, so their weights are saved with the adapter. Quantized models get
-    `prepare_model_for_kbit_training` first (fp32 norms, input grads, optional gradient
-    checkpointing).
+    `prepare_model_for_kbit_training` first (frozen, fp32 norms).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.train_llm != "lora":
         raise ValueError("apply_lora needs train_llm: lora")
-    checkpointing = bool(config.training_args.get("gradient_checkpointing", False))
     if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    elif checkpointing:
-        model.enable_input_require_grads()  # frozen embeddings would cut the grad path
+        # Checkpointing is left to the Trainer (non-reentrant, set up once at train start):
+        # enabling it here too would register input-grad hooks that nothing can remove later.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         bias=config.lora_bias, target_modules=LORA_TARGET_REGEX, task_type="CAUSAL_LM",

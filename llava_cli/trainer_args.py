@@ -36,9 +36,14 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
                          "Use DeepSpeed ZeRO-3 (--deepspeed recipes/deepspeed/zero3.json) or DDP")
     if values.get("deepspeed"):
         _single_process_environment()
-    if values.get("gradient_checkpointing"):
-        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    _current_checkpointing_names(values)
+    if values.get("activation_checkpointing"):
+        values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    _input_pipeline(values, on_cpu)
     if on_cpu:
+        if values.get("use_liger_kernel"):
+            raise ValueError("use_liger_kernel needs a CUDA GPU (its kernels are Triton); on CPU "
+                             "leave it off: supervised_logits_only is the fast loss here")
         values["use_cpu"] = True
         if values.get("fp16"):  # fp16 mixed precision needs CUDA's loss scaling; bf16 runs
             raise ValueError("fp16 training needs a GPU; use bf16 or float32 on CPU")
@@ -69,3 +74,22 @@ def _single_process_environment() -> None:
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+def _current_checkpointing_names(values: dict[str, Any]) -> None:
+    """LLaVA's `gradient_checkpointing*` names → transformers 5's `activation_checkpointing*`
+    (the old ones are deprecated aliases); a value given under the new name wins."""
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in values:
+            value = values.pop(old)
+            values.setdefault(new, value)
+
+
+def _input_pipeline(values: dict[str, Any], on_cpu: bool) -> None:
+    """Workers that live for the whole run (no re-fork and index re-open per epoch); pinned
+    host memory only where there is a GPU to copy to."""
+    if values.get("dataloader_num_workers", 0) > 0:
+        values.setdefault("dataloader_persistent_workers", True)
+    if on_cpu:
+        values.setdefault("dataloader_pin_memory", False)

@@ -152,7 +152,8 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
         processing_class=loaded.processor, output_kind=kind, projector_lr=config.projector_lr,
         vision_tower_lr=config.vision_tower_lr,
         group_by_modality=config.group_by_modality_length,
-        callbacks=[reporter.callback()] if reporter else None)
+        supervised_logits_only=config.supervised_logits_only,
+        callbacks=_callbacks(config, reporter))
     if reporter:
         from transformers import PrinterCallback
 
@@ -170,4 +171,13 @@ def _collator(loaded: Any, config: RunConfig) -> Any:
     from llava_cli.collator import DataCollator
 
     return DataCollator(pad_token_id=loaded.processor.tokenizer.pad_token_id,
-                        max_length=config.model_max_length)
+                        max_length=config.model_max_length, padding_free=config.padding_free)
+
+
+def _callbacks(config: RunConfig, reporter: Any) -> list[Any]:
+    from llava_cli.llava_trainer import FrozenPartsNoBackward
+
+    callbacks = [reporter.callback()] if reporter else []
+    if config.skip_frozen_backward:
+        callbacks.append(FrozenPartsNoBackward())
+    return callbacks

@@ -1,0 +1,220 @@
+"""The speed levers change the cost, never the training: supervised-only logits, padding-free
+batches and a frozen tower without backward give the plain path's losses and gradients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from llava_cli.collator import DataCollator
+from llava_cli.config import ConfigError, RunConfig, resolve_config
+from llava_cli.data_inspect import demo_data
+from llava_cli.loss import supervised_cross_entropy, supervised_positions, supervised_targets
+from llava_cli.model_factory import components
+from llava_cli.trainer_args import to_training_arguments
+from llava_cli.training import run_training
+from tests.conftest import TINY_LLM, TINY_VISION
+
+IMAGE = 599  # the tiny LLM's last id stands in for the image token
+IMAGE_TOKENS = 16  # 32 px, patch 8, CLS dropped
+
+
+def _tiny_llava(attn: str = "sdpa") -> transformers.LlavaForConditionalGeneration:
+    text = transformers.AutoConfig.from_pretrained(TINY_LLM)
+    vision = transformers.AutoConfig.from_pretrained(TINY_VISION)
+    config = transformers.LlavaConfig(text_config=text, vision_config=vision,
+                                      image_token_id=IMAGE, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="default",
+                                      image_seq_length=IMAGE_TOKENS)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn)
+    return model.train()
+
+
+def _sample(prompt: list[int], reply: list[int], image: bool, seed: int) -> dict:
+    """A dataset-style sample: prompt (and image tokens) masked, reply supervised."""
+    ids = [1, *([IMAGE] * IMAGE_TOKENS if image else []), *prompt, *reply, 2]
+    labels = [-100] * (len(ids) - len(reply) - 1) + [*reply, 2]
+    sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if image:
+        sample["pixel_values"] = torch.randn(1, 3, 32, 32,
+                                             generator=torch.Generator().manual_seed(seed))
+    return sample
+
+
+SAMPLES = [_sample([10, 11, 12], [40, 41, 42, 43], True, 0),
+           _sample([13, 14, 15, 16, 17, 18, 19], [44, 45], False, 1),
+           _sample([20, 21], [46, 47, 48], True, 2)]
+
+
+def _loss_and_grads(model, batch: dict, supervised: bool, num_items=None):
+    model.zero_grad()
+    labels = batch["labels"]
+    # use_cache=False as LlavaTrainer.compute_loss passes it: with a cache, transformers
+    # ignores packed position ids.
+    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+    if supervised:
+        outputs = model(**inputs, logits_to_keep=supervised_positions(labels))
+        loss = supervised_cross_entropy(outputs, labels, num_items_in_batch=num_items)
+    else:
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        loss = model(**inputs, labels=labels, **extra).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+def _assert_same(a, b) -> None:
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6,
+                                   msg=f"gradient of {name} differs")
+
+
+def test_supervised_positions_and_targets_are_the_shifted_labels():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, 8]])
+    assert supervised_positions(labels).tolist() == [[False, True, True, False, False],
+                                                     [True, False, False, True, False]]
+    assert supervised_targets(labels).tolist() == [5, 6, 7, 8]
+
+
+def test_supervised_logits_give_the_plain_loss_and_gradients():
+    model = _tiny_llava()
+    batch = DataCollator(pad_token_id=0)(SAMPLES)
+    _assert_same(_loss_and_grads(model, batch, supervised=False),
+                 _loss_and_grads(model, batch, supervised=True))
+    # The Trainer's normalisation for gradient accumulation / token averaging: sum ÷ N.
+    _assert_same(_loss_and_grads(model, batch, supervised=False, num_items=torch.tensor(25)),
+                 _loss_and_grads(model, batch, supervised=True, num_items=torch.tensor(25)))
+
+
+def test_supervised_loss_refuses_full_logits():
+    model = _tiny_llava()
+    batch = DataCollator(pad_token_id=0)(SAMPLES)
+    labels = batch.pop("labels")
+    with pytest.raises(ValueError, match="logits_to_keep=supervised_positions"):
+        supervised_cross_entropy(model(**batch), labels)
+
+
+def test_padding_free_batch_is_one_row_with_restarting_positions():
+    a = {"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}
+    b = {"input_ids": [1, 7], "labels": [9, 7]}  # a supervised first label gets masked
+    batch = DataCollator(pad_token_id=0, padding_free=True)([a, None, b])
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 1, 7]]
+    assert batch["labels"].tolist() == [[-100, 5, 6, -100, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert "attention_mask" not in batch and "pixel_values" not in batch
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attn):
+    model = _tiny_llava(attn)
+    padded = DataCollator(pad_token_id=0)(SAMPLES)
+    packed = DataCollator(pad_token_id=0, padding_free=True)(SAMPLES)
+    assert packed["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in SAMPLES))
+    torch.testing.assert_close(packed["pixel_values"], padded["pixel_values"])
+    reference = _loss_and_grads(model, padded, supervised=False)
+    _assert_same(reference, _loss_and_grads(model, packed, supervised=False))
+    _assert_same(reference, _loss_and_grads(model, packed, supervised=True))
+
+
+def test_padding_free_needs_a_packing_aware_attention():
+    with pytest.raises(ValueError, match="padding_free needs an attention"):
+        RunConfig(padding_free=True, attn_implementation="paged_attention")
+
+
+def test_liger_kernel_is_refused_on_cpu_with_the_alternative(tmp_path):
+    config = resolve_config("finetune", flags={"use_liger_kernel": True})
+    with pytest.raises(ValueError, match="use_liger_kernel needs a CUDA GPU"):
+        to_training_arguments(config, str(tmp_path))
+
+
+def test_training_arguments_for_checkpointing_and_workers(tmp_path):
+    config = resolve_config("finetune", flags={"gradient_checkpointing": True,
+                                               "dataloader_num_workers": 2})
+    args = to_training_arguments(config, str(tmp_path))
+    assert args.activation_checkpointing
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.dataloader_persistent_workers and not args.dataloader_pin_memory
+    with pytest.raises(ConfigError, match="unknown configuration key 'padding_fre'"):
+        resolve_config("finetune", flags={"padding_fre": True})
+
+
+# --- whole runs: same trajectory with every lever on or off -----------------------------------
+
+RECORDS, IMAGES = demo_data()
+LEVERS_OFF = {"supervised_logits_only": False, "skip_frozen_backward": False,
+              "padding_free": False}
+
+
+def _run(out: Path, stage: str = "finetune", **keys):
+    flags = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
+             "overwrite": True, "learning_rate": 1e-2, "seed": 3, "max_steps": 3,
+             "logging_steps": 1, "save_strategy": "no", "gradient_checkpointing": True,
+             "model_name_or_path": str(TINY_LLM), "vision_tower": str(TINY_VISION),
+             "tokenizer": "demo", "random_init": True, "skip_bad_records": True,
+             "output_dir": str(out), **keys}
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return run_training(resolve_config(stage, flags=flags))
+
+
+def _losses(result) -> list[float]:
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    return [row["loss"] for row in state["log_history"] if "loss" in row]
+
+
+def _tower_output_requires_grad(result) -> bool:
+    """Whether a training-mode forward builds a backward graph through the vision tower."""
+    model = result.trainer.model.train()
+    seen = []
+    tower = components(model).vision_tower
+    handle = tower.register_forward_hook(lambda m, i, o: seen.append(o[0].requires_grad))
+    batch = next(iter(result.trainer.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    model(**batch)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("levers")
+    return {"off": _run(root / "off", **LEVERS_OFF),
+            "on": _run(root / "on"),
+            # without checkpointing (which turns the KV cache off by itself): the packed run
+            # must not depend on it
+            "packed": _run(root / "packed", padding_free=True, gradient_checkpointing=False)}
+
+
+def test_levers_keep_the_loss_trajectory_and_the_weights(runs):
+    reference = _losses(runs["off"])
+    assert len(reference) == 3
+    for name in ("on", "packed"):
+        assert _losses(runs[name]) == pytest.approx(reference, rel=1e-4), name
+        trained = runs[name].trainer.model.state_dict()
+        for key, value in runs["off"].trainer.model.state_dict().items():
+            # Relative to the tensor: Adam turns float noise in a near-zero gradient into a
+            # full-size step for that one element, so elementwise tolerances would be flaky.
+            difference = (trained[key] - value).norm() / value.norm().clamp_min(1e-12)
+            assert difference < 2e-4, f"{name}: {key} differs by {difference:.2e}"
+
+
+def test_frozen_tower_costs_no_backward_only_with_the_lever(runs):
+    assert _tower_output_requires_grad(runs["off"])  # transformers' hook: a useless graph
+    assert not _tower_output_requires_grad(runs["on"])
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_frozen_tower_costs_no_backward_under_lora(tmp_path, bits):
+    result = _run(tmp_path / "lora", stage="lora", lora_r=4, lora_alpha=8, bits=bits)
+    assert not _tower_output_requires_grad(result)
+    lora_b = [p for n, p in result.trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA still learned
