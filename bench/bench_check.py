@@ -46,10 +46,14 @@ def build_image_tree(data: Path, folder: Path) -> int:
     return made
 
 
-def _tree_rss_kb(root: int) -> int:
-    """Resident memory of `root` and all its descendants, in kB."""
+def tree_rss_kb(root: int, proportional: bool = False) -> int:
+    """Resident memory of `root` and all its descendants, in kB.
+
+    `proportional` counts PSS instead of RSS: pages shared between processes (a forked
+    dataloader worker shares torch and the model with its parent) are split between them
+    instead of counted once per process.
+    """
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -58,15 +62,25 @@ def _tree_rss_kb(root: int) -> int:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        pid = int(entry)
-        children.setdefault(int(fields["PPid"]), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+        children.setdefault(int(fields["PPid"]), []).append(int(entry))
     total, stack = 0, [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        total += _memory_kb(pid, "Pss" if proportional else "VmRSS")
         stack += children.get(pid, [])
     return total
+
+
+def _memory_kb(pid: int, field: str) -> int:
+    source = "smaps_rollup" if field == "Pss" else "status"
+    try:
+        text = Path(f"/proc/{pid}/{source}").read_text()
+    except OSError:  # the process ended meanwhile
+        return 0
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def run_check(data: Path, images: Path, tokenizer: Path, workers: int) -> dict:
@@ -80,7 +94,7 @@ def run_check(data: Path, images: Path, tokenizer: Path, workers: int) -> dict:
                                env=env, text=True)
     peak = 0
     while process.poll() is None:
-        peak = max(peak, _tree_rss_kb(process.pid))
+        peak = max(peak, tree_rss_kb(process.pid))
         time.sleep(0.2)
     wall = time.perf_counter() - start
     output = process.stdout.read() if process.stdout else ""

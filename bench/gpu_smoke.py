@@ -102,9 +102,9 @@ def parts(model: Any) -> Any:
 
 
 def synthetic_batch(config: Any, batch: int, seq: int, device: str, dtype: Any,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, prompt_fraction: float = 0.5) -> dict[str, Any]:
     """`batch` samples of `seq` tokens: BOS, the image tokens, then random text; labels mask
-    BOS and the image (LLaVA's loss is on text only — here on all text, an upper bound)."""
+    BOS, the image and the first `prompt_fraction` of the text (the prompt), as LLaVA does."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -117,7 +117,8 @@ def synthetic_batch(config: Any, batch: int, seq: int, device: str, dtype: Any,
     ids = torch.cat([torch.ones(batch, 1, dtype=torch.long),
                      torch.full((batch, image_tokens), config.image_token_id), text], dim=1)
     labels = ids.clone()
-    labels[:, :image_tokens + 1] = -100
+    prompt = int((seq - image_tokens - 1) * prompt_fraction)
+    labels[:, :image_tokens + 1 + prompt] = -100
     size = config.vision_config.image_size
     pixels = torch.randn(batch, 3, size, size, generator=generator)
     return {"input_ids": ids.to(device), "labels": labels.to(device),
@@ -152,9 +153,26 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def step_loss(model: Any, batch: dict[str, Any], levers: bool) -> Any:
+    """The plain HF loss (full [batch, seq, vocab] logits) or, with the levers, llava_cli's
+    loss at the supervised positions only (equal value; `llava_cli/loss.py` imports torch
+    only, so it runs from the repository root without installing llava_cli)."""
+    if not levers:
+        return model(**batch).loss
+    from llava_cli.loss import supervised_cross_entropy, supervised_positions
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    outputs = model(**inputs, use_cache=False, logits_to_keep=supervised_positions(labels))
+    return supervised_cross_entropy(outputs, labels)
+
+
 def run_variant(name: str, args: argparse.Namespace, device: str, dtype: Any,
-                peak_tflops: float) -> dict[str, Any]:
-    """Build, train `args.steps` steps (the first `args.warmup` untimed), report throughput."""
+                peak_tflops: float, levers: bool = False) -> dict[str, Any]:
+    """Build, train `args.steps` steps (the first `args.warmup` untimed), report throughput.
+
+    `levers`: loss at supervised positions only, and the frozen vision tower without the
+    input-grad hook transformers' checkpointing puts on it (no backward through it)."""
     import torch
 
     config = configs(args.tiny)
@@ -162,11 +180,15 @@ def run_variant(name: str, args: argparse.Namespace, device: str, dtype: Any,
     torch.manual_seed(0)
     started = time.perf_counter()
     model = build_model(config, device, dtype, lora)
+    if levers:
+        base = model.get_base_model() if lora else model
+        base.disable_input_require_grads()  # non-reentrant checkpointing needs no hook
     built = time.perf_counter() - started
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5 if not lora else 2e-4, weight_decay=0.0,
                                   fused=device.startswith("cuda"))
-    batch = synthetic_batch(config, args.batch_size, args.seq_len, device, dtype)
+    batch = synthetic_batch(config, args.batch_size, args.seq_len, device, dtype,
+                            prompt_fraction=args.prompt_fraction)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     losses, timed = [], 0.0
@@ -174,7 +196,7 @@ def run_variant(name: str, args: argparse.Namespace, device: str, dtype: Any,
     for step in range(args.steps):
         synchronize(device)
         tic = time.perf_counter()
-        loss = model(**batch).loss
+        loss = step_loss(model, batch, levers)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -187,7 +209,8 @@ def run_variant(name: str, args: argparse.Namespace, device: str, dtype: Any,
     step_time = timed / steps
     flops = model_flops_per_step(model, config, args.batch_size, args.seq_len, lora)
     result = {
-        "variant": name, "device": device, "params": sum(p.numel() for p in model.parameters()),
+        "variant": name, "levers": levers, "device": device,
+        "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in trainable), "build_s": round(built, 1),
         "batch": args.batch_size, "seq_len": args.seq_len, "timed_steps": steps,
         "step_s": step_time, "samples_per_s": args.batch_size / step_time,
@@ -230,6 +253,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sample incl. 576 image tokens; default 2048 (tiny: 48)")
     parser.add_argument("--variants", default="full,lora", help="comma list: full, lora")
+    parser.add_argument("--levers", choices=("off", "on", "both"), default="both",
+                        help="llava_cli's speed levers off (plain HF), on, or both in turn")
+    parser.add_argument("--prompt-fraction", type=float, default=0.5,
+                        help="share of the text tokens that is unsupervised prompt")
     parser.add_argument("--device", default=None, help="default cuda if available, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak of the GPU (default: by name; H100/H200 989)")
@@ -258,18 +285,23 @@ def main(argv: list[str] | None = None) -> int:
           f"LLaVA; batch {args.batch_size} × {args.seq_len} tokens; {args.steps} steps "
           f"({min(args.warmup, args.steps - 1)} untimed)", flush=True)
     results = []
-    for name in args.variants.split(","):
+    lever_runs = {"off": [False], "on": [True], "both": [False, True]}[args.levers]
+    for name, levers in [(n, on) for n in args.variants.split(",") for on in lever_runs]:
         if name not in ("full", "lora"):
             raise SystemExit(f"unknown variant {name!r}")
-        result = run_variant(name, args, device, dtype, peak)
+        result = run_variant(name, args, device, dtype, peak, levers)
         results.append(result)
+        off = [r for r in results if r["variant"] == name and not r["levers"]]
+        ratio = (f"  ({result['tokens_per_s'] / off[0]['tokens_per_s']:.2f}× levers off)"
+                 if levers and off else "")
+        name = f"{name} levers {'on' if levers else 'off'}"
         memory = (f"  peak mem {result['max_memory_gib']:.1f} GiB"
                   if result["max_memory_gib"] is not None else "")
         print(f"{name}: {result['samples_per_s']:.2f} samples/s  {result['tokens_per_s']:.0f} "
               f"tokens/s  {result['step_s']:.3f} s/step  {result['model_tflops_per_s']:.1f} "
               f"model TFLOP/s  MFU {100 * result['mfu']:.1f}%  loss {result['first_loss']:.3f}"
               f" → {result['last_loss']:.3f}  build {result['build_s']} s  trainable "
-              f"{result['trainable'] / 1e6:.1f}M / {result['params'] / 1e6:.1f}M{memory}",
+              f"{result['trainable'] / 1e6:.1f}M / {result['params'] / 1e6:.1f}M{memory}{ratio}",
               flush=True)
         if not result["finite"]:
             print(f"{name}: NON-FINITE LOSS", file=sys.stderr)

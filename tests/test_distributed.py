@@ -315,9 +315,15 @@ def test_gpu_smoke_script_runs_tiny_on_cpu():
                            "--steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    losses = {}
     for variant in ("full", "lora"):
-        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(f"{variant}:"))
-        assert "samples/s" in line and "tokens/s" in line and "MFU" in line
+        for levers in ("off", "on"):
+            line = next(ln for ln in done.stdout.splitlines()
+                        if ln.startswith(f"{variant} levers {levers}:"))
+            assert "samples/s" in line and "tokens/s" in line and "MFU" in line
+            assert ("× levers off)" in line) == (levers == "on")
+            losses[variant, levers] = line.split(" loss ")[1].split()[0]
+        assert losses[variant, "on"] == losses[variant, "off"]  # same loss, cheaper path
 
 
 @pytest.mark.slow
