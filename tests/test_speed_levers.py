@@ -218,3 +218,16 @@ def test_frozen_tower_costs_no_backward_under_lora(tmp_path, bits):
     assert not _tower_output_requires_grad(result)
     lora_b = [p for n, p in result.trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA still learned
+
+
+def test_cli_flag_and_set_switch_the_levers():
+    from typer.testing import CliRunner
+
+    from llava_cli.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", "--padding-free", "--set",
+                                      "supervised_logits_only=false", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "padding_free: true" in result.output
+    assert "supervised_logits_only: false" in result.output
+    assert "skip_frozen_backward: true" in result.output

@@ -84,6 +84,8 @@ def _make_command(stage: str) -> Any:
         fp16: Annotated[bool | None, _opt(TRAIN, "--fp16")] = None,
         seed: Annotated[int | None, _opt(TRAIN)] = None,
         dataloader_num_workers: Annotated[int | None, _opt(TRAIN)] = None,
+        padding_free: Annotated[bool | None, _opt(
+            TRAIN, "--padding-free", help="Pack each batch into one row (no padding).")] = None,
         deepspeed: Annotated[str | None, _opt(TRAIN, help="DeepSpeed JSON config.")] = None,
         output_dir: Annotated[str | None, _opt(OUT, "--output-dir", "-o")] = None,
         overwrite: Annotated[bool | None, _opt(
