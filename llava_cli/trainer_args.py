@@ -87,9 +87,22 @@ def _current_checkpointing_names(values: dict[str, Any]) -> None:
 
 
 def _input_pipeline(values: dict[str, Any], on_cpu: bool) -> None:
-    """Workers that live for the whole run (no re-fork and index re-open per epoch); pinned
-    host memory only where there is a GPU to copy to."""
-    if values.get("dataloader_num_workers", 0) > 0:
+    """Image decoding and tokenization in dataloader workers (unless set: `default_workers`),
+    alive for the whole run (no re-fork and index re-open per epoch); pinned host memory only
+    where there is a GPU to copy to."""
+    values.setdefault("dataloader_num_workers", default_workers())
+    if values["dataloader_num_workers"] > 0:
         values.setdefault("dataloader_persistent_workers", True)
     if on_cpu:
         values.setdefault("dataloader_pin_memory", False)
+
+
+def default_workers() -> int:
+    """Dataloader workers per training process: half the cores this process may use, at most 4
+    (LLaVA's setting); 0 when that leaves less than one core (e.g. 2 processes on 2 cores),
+    where a worker would only compete with the training it should feed."""
+    import os
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, (cores or 1) // (2 * local_processes))

@@ -231,3 +231,14 @@ def test_cli_flag_and_set_switch_the_levers():
     assert "padding_free: true" in result.output
     assert "supervised_logits_only: false" in result.output
     assert "skip_frozen_backward: true" in result.output
+
+
+@pytest.mark.parametrize(("cores", "processes", "workers"),
+                         [(2, 1, 1), (2, 2, 0), (16, 2, 4), (64, 8, 4), (1, 1, 0)])
+def test_default_workers_leave_each_training_process_a_core(monkeypatch, tmp_path, cores,
+                                                            processes, workers):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    args = to_training_arguments(resolve_config("finetune"), str(tmp_path))
+    assert args.dataloader_num_workers == workers
+    assert args.dataloader_persistent_workers == (workers > 0)

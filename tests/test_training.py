@@ -186,7 +186,10 @@ def test_lora_keeps_the_base_frozen_and_resumes_exactly(finetuned, tmp_path):
 
     def config(out, **keys):
         return _config("lora", out, model_name_or_path=base_dir, max_steps=4, lora_r=8,
-                       lora_alpha=16, learning_rate=5e-3, **keys)
+                       lora_alpha=16, learning_rate=5e-3, dataloader_num_workers=0, **keys)
+    # No worker: with LoRA dropout AND dataloader workers, the resumed run draws different
+    # dropout masks than the uninterrupted one (the Trainer's RNG restore vs the workers'
+    # start-up); the weights are restored all the same (full-run resume test: workers on).
 
     whole = run_training(config(tmp_path / "whole"))
     base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir).state_dict()
