@@ -108,7 +108,8 @@ def build_dataset(config: RunConfig, model: Any, processor: Any) -> Any:
 
 def prepare_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, int]]:
     """Apply the declared trainability (and LoRA) — the one call that sets requires_grad."""
-    from llava_cli.model_factory import apply_lora, apply_trainability, trainable_counts
+    from llava_cli.adapters import apply_lora
+    from llava_cli.model_factory import apply_trainability, trainable_counts
 
     if config.train_llm == "lora":
         model = apply_lora(model, config)  # sets trainability itself (LoRA weights + full parts)

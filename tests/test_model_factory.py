@@ -10,16 +10,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from llava_cli.adapters import apply_lora, quantization_config  # noqa: E402
 from llava_cli.config import RunConfig  # noqa: E402
 from llava_cli.demo_tokenizer import build_demo_tokenizer  # noqa: E402
 from llava_cli.model_factory import (  # noqa: E402
-    apply_lora,
     apply_trainability,
     build_new_model,
     components,
     image_tokens_per_image,
     load_llava,
-    quantization_config,
 )
 from llava_cli.text_side import add_llava_tokens  # noqa: E402
 
