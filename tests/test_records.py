@@ -128,7 +128,7 @@ def test_cache_is_reused_then_rebuilt_after_change(tmp_path: Path, monkeypatch) 
         raise AssertionError("rescanned although the cache is valid")
 
     with monkeypatch.context() as m:
-        m.setattr(records, "_build", no_scan)
+        m.setattr(records, "build_arrays", no_scan)
         second = RecordIndex.open(path, cache_dir=cache)
     assert second.from_cache
     for name in ("offsets", "sizes", "has_image", "text_bytes"):
