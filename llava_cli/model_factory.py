@@ -185,6 +185,7 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
     dtype = _dtype(config.torch_dtype)
     model = model_cls._from_config(
         llava_config, attn_implementation=config.attn_implementation, dtype=dtype)
+    _init_new_parts(model, config.random_init)
     if config.random_init:
         warnings.warn("random_init: the LLM and the vision tower have RANDOM weights (nothing "
                       "was loaded); only for tests and smoke runs", UserWarning, stacklevel=2)
@@ -206,6 +207,26 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
     processor = build_processor(config.vision_tower, vision_config, tokenizer, strategy,
                                 pinpoints)
     return model, processor
+
+
+def _init_new_parts(model: Any, random_tower: bool) -> None:
+    """The projector starts as LLaVA's does: PyTorch's default Linear init, not transformers'
+    normal(0, 0.02), which is so small that a from-scratch tower behind it barely learns.
+    A random-init (demo/test) CLIP tower gets position embeddings of std 1: at transformers'
+    0.02 the patches are nearly indistinguishable by position and the demo's tiny tower never
+    learned where a shape is (measured: left/right at chance; 0.9 with both changes)."""
+    import torch
+
+    parts = components(model)
+    for layer in parts.projector.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
+    embeddings = getattr(getattr(parts.vision_tower, "vision_model", parts.vision_tower),
+                         "embeddings", None)
+    position = getattr(embeddings, "position_embedding", None)
+    if random_tower and isinstance(position, torch.nn.Embedding):
+        with torch.no_grad():
+            position.weight.normal_(0.0, 1.0)
 
 
 def _pinpoints(config: RunConfig, vision_config: PretrainedConfig) -> list[list[int]] | None:

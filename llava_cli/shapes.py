@@ -50,6 +50,10 @@ DEFAULT_QUESTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("describe",), "finetune": ("color", "side"), "lora": ("background",),
     "eval": EVAL_QUESTIONS}
 REHEARSAL = ("color", "side")  # LoRA records also ask these, so the old skills are not forgotten
+# Finetune records ask one question each, left/right four times as often as colour: with
+# colour and left/right in equal measure (or two per record), the tiny model learns colour
+# first and its left/right answer then never comes to depend on the image (measured).
+FINETUNE_WEIGHTS = {"side": 0.8, "color": 0.2}
 TEXT_ONLY_SHARE = 0.05
 SHAPES_FILE = "shapes.json"  # each image's ground truth, written next to records.json
 
@@ -143,13 +147,17 @@ def _turns(meta: ShapeImage, qtypes: Sequence[str], first_prompt: str | None = N
 
 def _record_question_types(rng: random.Random, kind: str, questions: Sequence[str]
                            ) -> list[str]:
-    """Which questions one training record asks, in order (single- and multi-turn mixes)."""
+    """Which questions one training record asks, in order: LoRA records are single- and
+    multi-turn (rehearsal turns); finetune records ask one question, by FINETUNE_WEIGHTS."""
     if kind == "lora":
         focus = [rng.choice(tuple(questions))]
         extra = [q for q in REHEARSAL if rng.random() < 0.35]
         mixed = focus + extra
         rng.shuffle(mixed)
         return mixed
+    weights = [FINETUNE_WEIGHTS.get(q, 0.0) for q in questions]
+    if kind == "finetune" and sum(weights) > 0:
+        return rng.choices(list(questions), weights=weights)
     count = rng.choice((1, 1, 2)) if len(questions) > 1 else 1
     return rng.sample(list(questions), min(count, len(questions)))
 
@@ -181,7 +189,8 @@ def generate_split(folder: str | Path, n: int, seed: int, kind: SplitKind = "fin
                    questions: Sequence[str] | None = None) -> Path:
     """Write `n` pictures and their records to `folder`; returns `folder/records.json`.
 
-    `kind`: pretrain (captions), finetune (colour and left/right, plus ~5% text-only chat),
+    `kind`: pretrain (captions), finetune (one question per record, 80% left/right and 20%
+    colour, plus ~5% text-only chat),
     lora (the background question, with colour/left-right rehearsal turns and chat) or eval
     (one record per picture and question, ground truth in `answer` and `question_type`).
     `questions` overrides the kind's question types (keys of QUESTIONS). Image paths in the

@@ -106,8 +106,6 @@ def test_demo_refuses_a_non_empty_output_dir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 6 open: the full demo reaches colour 99% but "
-                   "left/right stays at chance (49%) and background at 42% (targets 80%/95%)")
 def test_full_demo_meets_the_accuracy_targets(tmp_path):
     with pytest.warns(UserWarning, match="RANDOM weights"):
         report = _run_demo(tmp_path / "run")

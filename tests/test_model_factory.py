@@ -283,3 +283,24 @@ def test_anyres_builds_llava_next(tmp_path, parts, tokenizer):
         assert torch.equal(model.eval()(**batch).logits, reloaded.eval()(**batch2).logits)
     with pytest.raises(ValueError, match="depends on the image"):
         image_tokens_per_image(model.config)
+
+
+def test_new_parts_start_as_llava_and_a_random_tower_can_locate(parts, tokenizer, built):
+    """Projector: PyTorch's default Linear init (LLaVA's), not transformers' normal(0, 0.02);
+    random-init towers: position embeddings of std 1. Loaded towers keep their weights."""
+    import math
+
+    model, _ = built
+    layer = components(model).projector.linear_1
+    bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=√5) == U(-1/√fan_in, ...)
+    assert layer.weight.abs().max() <= bound and layer.weight.std() > 0.5 * bound / math.sqrt(3)
+    def position(module):
+        return next(v for k, v in module.state_dict().items()
+                    if k.endswith("position_embedding.weight"))
+
+    loaded = transformers.CLIPVisionModel.from_pretrained(parts["vit"])
+    assert torch.equal(position(components(model).vision_tower), position(loaded))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        random_model, _ = build_new_model(_config(parts, random=True), tokenizer)
+    assert 0.8 < position(components(random_model).vision_tower).std() < 1.2

@@ -155,13 +155,15 @@ def test_training_records_parse_and_answer_correctly(tmp_path, kind):
     assert 0.02 <= len(text_only) / len(records) <= 0.08
     assert any(t["value"] == "Hello!" for r in text_only for t in r["conversations"])
     lengths = Counter(len(r["conversations"]) // 2 for r in records if "image" in r)
-    assert lengths[1] and lengths[2]  # single- and multi-turn
     questions = Counter(t["value"].removeprefix("<image>\n") for r in records
                         for t in r["conversations"][::2])
-    if kind == "finetune":
-        assert questions[QUESTIONS["color"]] and questions[QUESTIONS["side"]]
+    if kind == "finetune":  # one question per record, left/right 4x as often as colour
+        assert set(lengths) == {1}
+        side, color = questions[QUESTIONS["side"]], questions[QUESTIONS["color"]]
+        assert 0.7 <= side / (side + color) <= 0.9
         assert not questions[QUESTIONS["background"]]
     else:  # LoRA: every image record teaches the background question, with rehearsal turns
+        assert lengths[1] and lengths[2]  # single- and multi-turn
         assert all(any(t["value"].endswith(QUESTIONS["background"]) for t in r["conversations"])
                    for r in records if "image" in r)
         assert questions[QUESTIONS["color"]] and questions[QUESTIONS["side"]]

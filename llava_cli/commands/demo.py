@@ -18,7 +18,9 @@ def demo(
         "--output-dir", "-o", help="Where data, models, eval.json and loss.png go.")
     ] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(
-        "--quick", help="Fewer pictures and steps: ~2 minutes, lower accuracy.")] = False,
+        "--quick",
+        help="A smoke run: fewer pictures and steps, finetune on colour only (~1-2 minutes).",
+    )] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Allow writing into a non-empty output directory.")] = False,
 ) -> None:
@@ -27,7 +29,7 @@ def demo(
     Generates pictures of coloured shapes, then runs pretrain → finetune → lora → merge-lora →
     export-projector → inspect-data with the recipes in recipes/demo/ (each stage prints the
     llava command that does the same), then asks the finetuned and the merged model questions
-    about pictures they never saw. No GPU and no downloads needed (~10 minutes; --quick ~2).
+    about pictures they never saw. No GPU and no downloads needed (~7 minutes; --quick ~1–2).
     """
     from rich.console import Console
 
