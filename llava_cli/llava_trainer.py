@@ -36,7 +36,7 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, output_kind: str = "full", projector_lr: float | None = None,
                  vision_tower_lr: float | None = None, group_by_modality: bool = False,
                  supervised_logits_only: bool = False, **kwargs: Any) -> None:
-        if supervised_logits_only and not kwargs["args"].use_liger_kernel:
+        if supervised_logits_only and not getattr(kwargs.get("args"), "use_liger_kernel", False):
             # Liger's fused linear cross-entropy needs the labels in the model call; with it
             # on, the plain path is the fast one.
             kwargs["compute_loss_func"] = supervised_cross_entropy
