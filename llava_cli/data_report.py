@@ -104,7 +104,7 @@ def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: i
         for note in sample.conversation.notes:
             report.notes[note] += 1
             report.example(note, sample.record_id)
-        lengths.append(len(sample.encoded.input_ids))
+        lengths.append(len(sample.encoded))
         if sample.encoded.truncated:
             report.truncated += 1
             report.example("truncated", sample.record_id)
@@ -127,13 +127,13 @@ def _count_images(report: Report, record: Any) -> None:
         report.multi_image += 1
 
 
-# Worker state: one builder per process, created by the pool initializer (fork inherits it
-# for free; nothing is pickled per task but the slice bounds).
+# Worker state: the parent's builder and index, handed to the pool initializer (fork
+# inherits them for free; nothing is pickled per task but the slice bounds).
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(make_builder: Callable[[], SampleBuilder], index: RecordIndex) -> None:
-    _worker["builder"] = make_builder()
+def _init_worker(builder: SampleBuilder, index: RecordIndex) -> None:
+    _worker["builder"] = builder
     _worker["index"] = index
 
 
@@ -152,8 +152,8 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
     """Scan every record with `workers` processes (default: all cores) and merge the reports."""
     workers = workers or os.cpu_count() or 1
     report = Report()
+    builder = make_builder()  # once, before forking: workers start scanning at once
     if workers <= 1 or len(index) <= slice_size:
-        builder = make_builder()
         for bounds in _slices(len(index), slice_size):
             report.merge(scan_records(builder, index, *bounds))
             if on_progress:
@@ -163,7 +163,7 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
 
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(make_builder, index)) as pool:
+                             initargs=(builder, index)) as pool:
         for part in pool.map(_scan_slice, _slices(len(index), slice_size)):
             report.merge(part)
             if on_progress:

@@ -139,8 +139,8 @@ class LazySupervisedDataset(Dataset):
     def _to_inputs(self, sample: Sample, position: int) -> dict[str, Any]:
         encoded = sample.encoded
         item: dict[str, Any] = {
-            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
-            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "input_ids": torch.from_numpy(encoded.ids),
+            "labels": torch.from_numpy(encoded.label_ids),
             "record_index": position,
         }
         # Truncation may have cut whole image runs off the end: the model needs exactly one

@@ -14,6 +14,7 @@ Each image placeholder then becomes as many image tokens as the vision tower yie
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from llava_cli.chunked_tokenizer import ChunkedEncoder, owner_ends
 from llava_cli.sp_original import OriginalSentencePieceTokenizer
 from llava_cli.templates import IMAGE_PLACEHOLDER, Rendered
 
@@ -31,17 +33,34 @@ TOKENIZATION_MODES = ("hf", "llava")
 
 @dataclass
 class Encoded:
-    """Token ids and labels of one sample; `image_spans` are [start, end) of each image's run."""
+    """Token ids and labels of one sample; `image_spans` are [start, end) of each image's run.
 
-    input_ids: list[int]
-    labels: list[int]
+    Held as arrays (the collator and `--check` never need Python lists); `input_ids` and
+    `labels` give lists for display and scripts.
+    """
+
+    ids: np.ndarray
+    label_ids: np.ndarray
     image_spans: list[tuple[int, int]]
     truncated: bool = False
 
     @cached_property
+    def input_ids(self) -> list[int]:
+        """The token ids as a list."""
+        return self.ids.tolist()
+
+    @cached_property
+    def labels(self) -> list[int]:
+        """The labels as a list (`IGNORE_INDEX` where nothing is predicted)."""
+        return self.label_ids.tolist()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
     def n_supervised(self) -> int:
         """How many positions carry a label (the loss is computed over these)."""
-        return len(self.labels) - self.labels.count(IGNORE_INDEX)
+        return int(np.count_nonzero(self.label_ids != IGNORE_INDEX))
 
     @property
     def n_image_tokens(self) -> int:
@@ -50,20 +69,32 @@ class Encoded:
 
 
 Offset = tuple[int, int] | None  # None: a token the tokenizer added (BOS), not from the text
+VERIFY_EVERY = 101  # the fast tokenization path re-checks one record in this many
 
 
-def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Offset]]:
+def _ends_from_offsets(offsets: Sequence[Offset]) -> np.ndarray:
+    """One past the character that owns each token; -1 for a token with no text (BOS).
+
+    Zero-width tokens (SentencePiece's dummy "▁", the first bytes of a byte-fallback
+    character) belong to the character at their position.
+    """
+    pairs = np.array([(-1, -1) if o is None else o for o in offsets],
+                     dtype=np.int64).reshape(-1, 2)
+    starts, ends = pairs[:, 0], pairs[:, 1]
+    return np.where(starts < 0, -1, np.where(ends > starts, ends, starts + 1))
+
+
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], np.ndarray]:
+    """Ids of `text` (special tokens added) and each token's owner end (see above)."""
     if isinstance(tokenizer, OriginalSentencePieceTokenizer):
         enc = tokenizer(text)
-        return enc["input_ids"], enc["offset_mapping"]
+        return enc["input_ids"], _ends_from_offsets(enc["offset_mapping"])
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch"):
         # The tokenizers backend directly: same ids as tokenizer(text) (tested), a third of
-        # the per-call overhead, which matters when --check scans 665k records.
+        # the per-call overhead.
         encoding = backend.encode(text, add_special_tokens=True)
-        offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-        offsets[offsets[:, 1] <= offsets[:, 0]] = -1  # HF's (0, 0): a token it added (BOS)
-        return encoding.ids, offsets
+        return encoding.ids, owner_ends(encoding.offsets)
     try:
         enc = tokenizer(text, return_offsets_mapping=True)
     except NotImplementedError as err:  # slow (pure-Python) tokenizers have no offsets
@@ -72,93 +103,94 @@ def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Offset]]:
     # HF marks tokens it added itself (BOS, EOS) with an empty (0, 0) span.
     offsets = [None if o is None or o[1] <= o[0] else (o[0], o[1])
                for o in enc["offset_mapping"]]
-    return list(enc["input_ids"]), offsets
+    return list(enc["input_ids"]), _ends_from_offsets(offsets)
 
 
-def _tokenize_llava_style(
-    tokenizer: Any, text: str, image_id: int
-) -> tuple[list[int], list[Offset]]:
-    """The original's `tokenizer_image_token`, keeping each token's offsets in `text`.
+def _tokenize_llava_style(tokenizer: Any, text: str, image_id: int) -> tuple[list[int], np.ndarray]:
+    """The original's `tokenizer_image_token`, keeping each token's owner end in `text`.
 
     `tokenizer` is the HF tokenizer, or for SentencePiece vocabularies the original slow
     tokenization (`sp_original`), so that ids match what the original code produced.
     """
     ids: list[int] = []
-    offsets: list[Offset] = []
+    ends: list[np.ndarray] = []
     start = 0
     bos = tokenizer.bos_token_id
     chunks = text.split(IMAGE_PLACEHOLDER)
     keep_bos = False
     for n, chunk in enumerate(chunks):
-        chunk_ids, chunk_offsets = _tokenize(tokenizer, chunk)
+        chunk_ids, chunk_ends = _tokenize(tokenizer, chunk)
         if n == 0:
             keep_bos = bool(chunk_ids) and bos is not None and chunk_ids[0] == bos
         elif keep_bos and chunk_ids and chunk_ids[0] == bos:
-            chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
+            chunk_ids, chunk_ends = chunk_ids[1:], chunk_ends[1:]
         if n:  # the placeholder that preceded this chunk
             ids.append(image_id)
-            offsets.append((start - len(IMAGE_PLACEHOLDER), start))
+            ends.append(np.array([start], dtype=np.int64))
         ids.extend(chunk_ids)
-        offsets.extend(None if o is None else (o[0] + start, o[1] + start)
-                       for o in chunk_offsets)
+        ends.append(np.where(chunk_ends >= 0, chunk_ends + start, -1))
         start += len(chunk) + len(IMAGE_PLACEHOLDER)
-    return ids, offsets
+    return ids, np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
 
 
-def _offset_array(offsets: Sequence[Offset] | np.ndarray) -> np.ndarray:
-    """Offsets as an (n, 2) array; -1 marks a token with no position in the text."""
-    if isinstance(offsets, np.ndarray):
-        return offsets
-    return np.array([(-1, -1) if o is None else o for o in offsets],
-                    dtype=np.int64).reshape(-1, 2)
+def _labels_from_spans(ids: Sequence[int], ends: np.ndarray,
+                       spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A token is supervised iff the character that owns it lies in a supervised span.
 
-
-def _labels_from_spans(
-    ids: Sequence[int], offsets: Sequence[Offset] | np.ndarray,
-    spans: Sequence[tuple[int, int]],
-) -> np.ndarray:
-    """A token is supervised iff its last character lies in a supervised span.
-
-    Zero-width tokens (SentencePiece's dummy "▁", the first bytes of a byte-fallback
-    character) belong to the character at their position. Vectorised: `--check` labels
-    hundreds of thousands of records.
+    Vectorised over tokens and spans (`--check` labels hundreds of thousands of records):
+    for each token, the last span starting before its owner end is the only candidate.
     """
-    offsets = _offset_array(offsets)
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    last = np.where(ends > starts, ends, starts + 1)  # one past the owning character
-    supervised = np.zeros(len(starts), dtype=bool)
-    for span_start, span_end in spans:
-        supervised |= (starts >= 0) & (last > span_start) & (last <= span_end)
+    ordered = sorted(spans)
+    if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):  # overlapping: merge them
+        ordered = _merged(ordered)
+    starts = np.array([s for s, _ in ordered], dtype=np.int64)
+    stops = np.array([e for _, e in ordered] or [0], dtype=np.int64)
+    candidate = np.searchsorted(starts, ends, side="left") - 1  # last span with start < end
+    supervised = (candidate >= 0) & (ends <= stops[np.maximum(candidate, 0)])
     return np.where(supervised, np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
 
 
-def _expand_images(
-    ids: Sequence[int], labels: np.ndarray, image_id: int, counts: Sequence[int]
-) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged = [spans[0]]
+    for start, end in spans[1:]:
+        if start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _expand_images(ids: Sequence[int], labels: np.ndarray, image_id: int,
+                   counts: Sequence[int]) -> Encoded:
+    """Each image placeholder becomes `counts[i]` image tokens, never supervised.
+
+    `labels` is updated in place (the caller's fresh array).
+    """
     ids = np.asarray(ids, dtype=np.int64)
     positions = np.flatnonzero(ids == image_id)
     if len(positions) != len(counts):
         raise ValueError(f"the prompt has {len(positions)} image token(s) for {len(counts)} "
                          "image(s)")
+    if not len(positions):
+        return Encoded(ids, labels, [])
     repeats = np.ones(len(ids), dtype=np.int64)
     repeats[positions] = counts
     first = (np.cumsum(repeats) - repeats)[positions]
-    labels = labels.copy()
     labels[positions] = IGNORE_INDEX  # image features are never predicted
     spans = [(int(f), int(f) + int(c)) for f, c in zip(first, counts, strict=True)]
-    return np.repeat(ids, repeats).tolist(), np.repeat(labels, repeats).tolist(), spans
+    return Encoded(np.repeat(ids, repeats), np.repeat(labels, repeats), spans)
 
 
 def _truncate(encoded: Encoded, max_length: int | None) -> Encoded:
     """Cut to `max_length` tokens (image tokens count) without ever splitting an image run."""
-    if max_length is None or len(encoded.input_ids) <= max_length:
+    if max_length is None or len(encoded) <= max_length:
         return encoded
     cut = max_length
     for start, end in encoded.image_spans:
         if start < cut < end:
             cut = start
     spans = [(s, e) for s, e in encoded.image_spans if e <= cut]
-    return Encoded(encoded.input_ids[:cut], encoded.labels[:cut], spans, truncated=True)
+    return Encoded(encoded.ids[:cut], encoded.label_ids[:cut], spans, truncated=True)
 
 
 class TextEncoder:
@@ -178,14 +210,32 @@ class TextEncoder:
         self.max_length = max_length
         self._original = (OriginalSentencePieceTokenizer.from_hf(tokenizer) or tokenizer
                           if mode == "llava" else None)
+        self._chunked = ChunkedEncoder.for_tokenizer(tokenizer) if mode == "hf" else None
+        self._calls = 0
+
+    def _tokenize_hf(self, text: str) -> tuple[list[int], np.ndarray]:
+        """The whole prompt at once; through the chunk cache when the tokenizer allows it."""
+        if self._chunked is None:
+            return _tokenize(self.tokenizer, text)
+        self._calls += 1
+        if self._calls % VERIFY_EVERY:
+            return self._chunked.encode(text)
+        # A standing spot check against the library: the equality is proven and tested, but
+        # a tokenizer this code has never met must not be able to change labels silently.
+        if not self._chunked.agrees(text):
+            warnings.warn("the cached tokenization disagreed with the tokenizer on one text; "
+                          "using the tokenizer directly from now on (please report this)",
+                          RuntimeWarning, stacklevel=2)
+            self._chunked = None
+        return _tokenize(self.tokenizer, text)
 
     def __call__(self, rendered: Rendered, image_token_counts: Sequence[int]) -> Encoded:
         """Encode `rendered`; image i becomes `image_token_counts[i]` image tokens."""
         if self._original is not None:
-            ids, offsets = _tokenize_llava_style(self._original, rendered.text,
-                                                 self.image_token_id)
+            ids, ends = _tokenize_llava_style(self._original, rendered.text,
+                                              self.image_token_id)
         else:
-            ids, offsets = _tokenize(self.tokenizer, rendered.text)
-        labels = _labels_from_spans(ids, offsets, rendered.spans)
-        ids, labels, spans = _expand_images(ids, labels, self.image_token_id, image_token_counts)
-        return _truncate(Encoded(ids, labels, spans), self.max_length)
+            ids, ends = self._tokenize_hf(rendered.text)
+        labels = _labels_from_spans(ids, ends, rendered.spans)
+        encoded = _expand_images(ids, labels, self.image_token_id, image_token_counts)
+        return _truncate(encoded, self.max_length)

@@ -74,8 +74,20 @@ def check_image_header(
 
     Cheap enough to run over a whole dataset: catches missing and unidentifiable files, but NOT
     truncated or corrupt pixel data, which only a full decode (:func:`load_image`) detects.
-    ``label`` names the image in error messages (default: ``path``).
+    The size comes from `imagesize` (a few header bytes, ~2.5x faster than Pillow's parser,
+    which matters over 600k images); whatever it cannot read goes to Pillow, whose verdict
+    and error message count. ``label`` names the image in error messages (default: ``path``).
     """
+    import imagesize
+
+    try:
+        width, height = imagesize.get(path)
+    except OSError as exc:  # missing file, a directory, no permission
+        raise _error(path, label, exc) from exc
+    except Exception:  # noqa: BLE001 - a header imagesize cannot parse: Pillow decides
+        width = height = -1
+    if width > 0 and height > 0:
+        return width, height
     try:
         with Image.open(path) as img:
             return img.size
