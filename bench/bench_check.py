@@ -83,9 +83,18 @@ def _memory_kb(pid: int, field: str) -> int:
     return 0
 
 
-def run_check(data: Path, images: Path, tokenizer: Path, workers: int) -> dict:
+# The same CLI with the chunk cache switched off: every record through the tokenizers
+# library's own encode (the path before the cache; a bench-only patch, not a product option).
+PLAIN_TOKENIZER = ("import sys; from llava_cli import chunked_tokenizer as c, cli; "
+                   "c.ChunkedEncoder.for_tokenizer = staticmethod(lambda tokenizer: None); "
+                   "sys.argv[0] = 'llava'; cli.main()")
+
+
+def run_check(data: Path, images: Path, tokenizer: Path, workers: int,
+              plain_tokenizer: bool = False) -> dict:
     """Run the CLI once; return wall time, peak tree RSS and the report."""
-    command = [sys.executable, "-m", "llava_cli", "inspect-data", str(data), "--tokenizer",
+    launcher = ["-c", PLAIN_TOKENIZER] if plain_tokenizer else ["-m", "llava_cli"]
+    command = [sys.executable, *launcher, "inspect-data", str(data), "--tokenizer",
                str(tokenizer), "--image-folder", str(images), "--check", "--format", "json",
                "--workers", str(workers)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -108,18 +117,29 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run with the chunk cache off, in the same session")
     args = parser.parse_args()
     started = time.perf_counter()
     made = build_image_tree(args.data, args.images)
     print(f"image tree: {made} new links in {time.perf_counter() - started:.0f} s")
-    result = run_check(args.data, args.images, args.tokenizer, args.workers)
-    report = result["report"]
-    print(f"records            {report['records']}")
-    print(f"wall               {result['wall_s']:.1f} s (start-up included)")
-    print(f"records/s          {report['records'] / result['wall_s']:.0f}")
-    print(f"peak RSS (tree)    {result['peak_tree_rss_mb']:.0f} MB")
-    print(f"problems           {report['problems']}")
-    print(f"lengths            {report['length_tokens']}")
+    runs = {"chunk cache (default)": False, "library encode": True} if args.baseline \
+        else {"chunk cache (default)": False}
+    rates = {}
+    for name, plain in runs.items():
+        result = run_check(args.data, args.images, args.tokenizer, args.workers, plain)
+        report = result["report"]
+        rates[name] = report["records"] / result["wall_s"]
+        print(f"--- {name}")
+        print(f"records            {report['records']}")
+        print(f"wall               {result['wall_s']:.1f} s (start-up included)")
+        print(f"records/s          {rates[name]:.0f}")
+        print(f"peak RSS (tree)    {result['peak_tree_rss_mb']:.0f} MB")
+        print(f"problems           {report['problems']}")
+        print(f"lengths            {report['length_tokens']}")
+    if len(rates) == 2:
+        ratio = rates["chunk cache (default)"] / rates["library encode"]
+        print(f"chunk cache vs library encode: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: i
 
 
 def _count_images(report: Report, record: Any) -> None:
-    image = record.get("image") if isinstance(record, dict) else None
+    # Both spellings, as `parse_record` reads them ("images": Mantis-style multi-image data).
+    image = record.get("image", record.get("images")) if isinstance(record, dict) else None
     if not image:
         report.text_only += 1
         return

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -141,7 +142,7 @@ def _labels_from_spans(ids: Sequence[int], ends: np.ndarray,
     for each token, the last span starting before its owner end is the only candidate.
     """
     ordered = sorted(spans)
-    if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):  # overlapping: merge them
+    if any(a[1] > b[0] for a, b in pairwise(ordered)):  # overlapping: merge them
         ordered = _merged(ordered)
     starts = np.array([s for s, _ in ordered], dtype=np.int64)
     stops = np.array([e for _, e in ordered] or [0], dtype=np.int64)
@@ -215,6 +216,8 @@ class TextEncoder:
 
     def _tokenize_hf(self, text: str) -> tuple[list[int], np.ndarray]:
         """The whole prompt at once; through the chunk cache when the tokenizer allows it."""
+        if self._chunked is not None and not self._chunked.is_current():
+            self._chunked = ChunkedEncoder.for_tokenizer(self.tokenizer)  # tokens were added
         if self._chunked is None:
             return _tokenize(self.tokenizer, text)
         self._calls += 1
@@ -236,6 +239,7 @@ class TextEncoder:
                                               self.image_token_id)
         else:
             ids, ends = self._tokenize_hf(rendered.text)
-        labels = _labels_from_spans(ids, ends, rendered.spans)
-        encoded = _expand_images(ids, labels, self.image_token_id, image_token_counts)
+        id_array = np.asarray(ids, dtype=np.int64)  # once, for labelling and image expansion
+        labels = _labels_from_spans(id_array, ends, rendered.spans)
+        encoded = _expand_images(id_array, labels, self.image_token_id, image_token_counts)
         return _truncate(encoded, self.max_length)

@@ -6,8 +6,8 @@ inspect-data shows is exactly what the model trains on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 

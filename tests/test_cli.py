@@ -125,6 +125,21 @@ def test_check_reports_every_problem_and_fails(tmp_path):
     assert report["ok"] is False
 
 
+def test_check_counts_images_under_either_key(tmp_path):
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "ok.png")
+    turns = [{"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "yes"}]
+    records = [{"id": "a", "images": ["ok.png", "ok.png"], "conversations": turns},
+               {"id": "b", "image": ["ok.png", "ok.png"], "conversations": turns}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    result = runner.invoke(app, ["inspect-data", str(data), "--demo", "--check", "--format",
+                                 "json", "--workers", "1", "--image-folder", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (report["image_records"], report["multi_image_records"]) == (2, 2)
+    assert report["text_only_records"] == 0
+
+
 def test_check_rich_report_uses_two_processes(tmp_path):
     data = _bad_dataset(tmp_path)
     # Many copies so the scan is split into slices across both worker processes.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from llava_cli.encoding import IGNORE_INDEX, TextEncoder
@@ -88,3 +89,14 @@ def test_hf_mode_matches_the_saved_llava_hf_tokenizer(assets):
     assert encoded.input_ids == tokenizer(rendered.text).input_ids
     assert 29871 in encoded.input_ids[:encoded.image_spans[0][0] + 1]  # "▁" before <image>
     assert tokenizer.decode(_supervised(encoded)) == "A cat.</s>"
+
+
+def test_labels_from_unsorted_and_overlapping_spans() -> None:
+    from llava_cli.encoding import _labels_from_spans
+
+    ids = [10, 11, 12, 13, 14, 15]
+    ends = np.array([-1, 2, 4, 6, 8, 10])  # BOS (no text), then tokens ending at 2, 4, ...
+    # Spans given out of order, two of them overlapping: (1, 4] and (3, 6] make (1, 6].
+    labels = _labels_from_spans(ids, ends, [(7, 8), (3, 6), (1, 4)])
+    assert labels.tolist() == [IGNORE_INDEX, 11, 12, 13, 14, IGNORE_INDEX]
+    assert _labels_from_spans(ids, ends, []).tolist() == [IGNORE_INDEX] * 6

@@ -285,3 +285,12 @@ def test_select_best_resolution_tie_breaks_on_waste() -> None:
     assert select_best_resolution((100, 50), "[(400, 400), (300, 100), (200, 100)]") == (200, 100)
     with pytest.raises(ValueError):
         select_best_resolution((100, 50), [])
+
+
+def test_header_check_falls_back_to_pillow(tmp_path: Path) -> None:
+    # imagesize reads JPEG/PNG/WebP/GIF/TIFF headers; for a TGA it cannot tell, Pillow does.
+    path = tmp_path / "odd.tga"
+    Image.new("RGB", (37, 21)).save(path, "TGA")
+    assert check_image_header(path) == (37, 21)
+    with pytest.raises(ImageError, match="is a directory"):
+        check_image_header(tmp_path)
