@@ -128,14 +128,16 @@ class ChunkedEncoder:
                 cache.clear()
         if "  " in piece or SPACE_SYMBOL in piece:  # rare: space runs, a literal "▁"
             first, *rest = _CHUNK.findall(piece)
-            plain = self.plain
-            rest_entries = [plain.get(chunk) or self._entry(chunk, plain, chunk)
-                            for chunk in rest]
-        else:  # one space between words: chunk i > 0 is " " + word i
+            cache = self.plain
+        else:  # one space between words: chunk i > 0 is " " + word i, cached by the word
             first, *rest = piece.split(" ")
-            spaced = self.spaced
-            rest_entries = [spaced.get(word) or self._entry(" " + word, spaced, word)
-                            for word in rest]
+            cache = self.spaced
+        rest_entries = list(map(cache.get, rest))  # the hot loop, at C speed
+        if not all(rest_entries):  # entries are non-empty tuples; misses are None
+            for n, entry in enumerate(rest_entries):
+                if entry is None:
+                    chunk = rest[n] if cache is self.plain else " " + rest[n]
+                    rest_entries[n] = self._entry(chunk, cache, rest[n])
         if first:  # "▁" is prepended only to a chunk that does not start with a space
             prepends = self.prepend_scheme == "always" or (
                 self.prepend_scheme == "first" and at_text_start)
