@@ -104,6 +104,9 @@ class ChunkedEncoder:
 
     def encode(self, text: str) -> tuple[list[int], np.ndarray]:
         """Token ids and owner ends of `text`, special tokens added."""
+        if sum(map(len, self._caches)) >= CACHE_LIMIT:  # checked per text: may overshoot by one
+            for cache in self._caches:
+                cache.clear()
         entries: list[Entry] = []
         pieces = self.added_pattern.split(text) if self.added_pattern else [text]
         # re.split with one group alternates: plain text, added token, plain text, ...
@@ -123,9 +126,6 @@ class ChunkedEncoder:
 
     def _add_piece(self, piece: str, at_text_start: bool, entries: list[Entry]) -> None:
         """Entries of one text piece between special tokens, chunk by chunk."""
-        if sum(map(len, self._caches)) >= CACHE_LIMIT:
-            for cache in self._caches:
-                cache.clear()
         if "  " in piece or SPACE_SYMBOL in piece:  # rare: space runs, a literal "▁"
             first, *rest = _CHUNK.findall(piece)
             cache = self.plain

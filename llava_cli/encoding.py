@@ -161,25 +161,28 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _expand_images(ids: Sequence[int], labels: np.ndarray, image_id: int,
+def _expand_images(ids: np.ndarray, labels: np.ndarray, image_id: int,
                    counts: Sequence[int]) -> Encoded:
-    """Each image placeholder becomes `counts[i]` image tokens, never supervised.
-
-    `labels` is updated in place (the caller's fresh array).
-    """
-    ids = np.asarray(ids, dtype=np.int64)
-    positions = np.flatnonzero(ids == image_id)
+    """Each image placeholder becomes `counts[i]` image tokens, never supervised."""
+    positions = np.flatnonzero(ids == image_id).tolist()
     if len(positions) != len(counts):
         raise ValueError(f"the prompt has {len(positions)} image token(s) for {len(counts)} "
                          "image(s)")
-    if not len(positions):
+    if not positions:
         return Encoded(ids, labels, [])
-    repeats = np.ones(len(ids), dtype=np.int64)
-    repeats[positions] = counts
-    first = (np.cumsum(repeats) - repeats)[positions]
-    labels[positions] = IGNORE_INDEX  # image features are never predicted
-    spans = [(int(f), int(f) + int(c)) for f, c in zip(first, counts, strict=True)]
-    return Encoded(np.repeat(ids, repeats), np.repeat(labels, repeats), spans)
+    # Text runs and image runs, alternating: one concatenate per array (records have few images).
+    id_runs, label_runs, spans = [], [], []
+    previous, grown = 0, 0
+    for position, count in zip(positions, counts, strict=True):
+        id_runs += [ids[previous:position], np.full(count, image_id, dtype=np.int64)]
+        label_runs += [labels[previous:position], np.full(count, IGNORE_INDEX, dtype=np.int64)]
+        start = position + grown
+        spans.append((start, start + count))
+        grown += count - 1
+        previous = position + 1
+    id_runs.append(ids[previous:])
+    label_runs.append(labels[previous:])
+    return Encoded(np.concatenate(id_runs), np.concatenate(label_runs), spans)
 
 
 def _truncate(encoded: Encoded, max_length: int | None) -> Encoded:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Role = Literal["system", "user", "assistant"]
 IMAGE_PLACEHOLDER = "<image>"
 CHAT_TEMPLATE = "chat-template"
 
 
-@dataclass(frozen=True)
-class Message:
-    """One turn of a conversation; `content` may hold `<image>` placeholders."""
+class Message(NamedTuple):
+    """One turn of a conversation; `content` may hold `<image>` placeholders.
+
+    A named tuple, not a frozen dataclass: `--check` makes millions of them and this is 4x
+    cheaper to create.
+    """
 
     role: Role
     content: str
