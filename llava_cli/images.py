@@ -40,14 +40,24 @@ class ImageError(ValueError):
         return (type(self), (self.path, self.reason, self.resolved))
 
 
-def resolve_image_path(image_folder: str | Path | None, relative: str) -> Path:
-    """Return the absolute path of a dataset image.
+def image_base(image_folder: str | Path | None) -> str:
+    """The absolute folder that relative image paths resolve against (cwd when None)."""
+    folder = os.path.expanduser(image_folder) if image_folder is not None else "."
+    return os.path.abspath(folder)
 
-    Absolute ``relative`` paths are kept; relative ones are joined onto ``image_folder``
-    (the current directory when it is None). ``..`` is normalised but symlinks are not resolved.
+
+def join_image_path(base: str, relative: str) -> str:
+    """`relative` resolved against `image_base(...)`; absolute paths are kept.
+
+    ``..`` is normalised but symlinks are not resolved. Plain strings: `--check` resolves
+    600k paths and `pathlib` objects cost 4x more.
     """
-    base = Path(image_folder).expanduser() if image_folder is not None else Path.cwd()
-    return Path(os.path.abspath(base / relative))
+    return os.path.normpath(os.path.join(base, relative))
+
+
+def resolve_image_path(image_folder: str | Path | None, relative: str) -> Path:
+    """Return the absolute path of a dataset image (see `join_image_path`)."""
+    return Path(join_image_path(image_base(image_folder), relative))
 
 
 def _error(path: str | os.PathLike[str], label: str | None, exc: BaseException) -> ImageError:
