@@ -96,11 +96,16 @@ class ChunkedEncoder:
         encoding = self.backend.encode(text, add_special_tokens=True)
         return encoding.ids, owner_ends(encoding.offsets)
 
-    def agrees(self, text: str) -> bool:
-        """True when this encoder gives exactly the library's ids and owner ends for `text`."""
+    def checked(self, text: str) -> tuple[list[int], np.ndarray, bool]:
+        """The library's ids and owner ends for `text`, and whether `encode` gives the same."""
         ids, ends = self.encode(text)
         expected_ids, expected_ends = self.reference(text)
-        return ids == expected_ids and np.array_equal(ends, expected_ends)
+        same = ids == expected_ids and np.array_equal(ends, expected_ends)
+        return expected_ids, expected_ends, same
+
+    def agrees(self, text: str) -> bool:
+        """True when this encoder gives exactly the library's ids and owner ends for `text`."""
+        return self.checked(text)[2]
 
     def encode(self, text: str) -> tuple[list[int], np.ndarray]:
         """Token ids and owner ends of `text`, special tokens added."""

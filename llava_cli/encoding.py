@@ -228,12 +228,13 @@ class TextEncoder:
             return self._chunked.encode(text)
         # A standing spot check against the library: the equality is proven and tested, but
         # a tokenizer this code has never met must not be able to change labels silently.
-        if not self._chunked.agrees(text):
+        ids, ends, same = self._chunked.checked(text)
+        if not same:
             warnings.warn("the cached tokenization disagreed with the tokenizer on one text; "
                           "using the tokenizer directly from now on (please report this)",
                           RuntimeWarning, stacklevel=2)
             self._chunked = None
-        return _tokenize(self.tokenizer, text)
+        return ids, ends
 
     def __call__(self, rendered: Rendered, image_token_counts: Sequence[int]) -> Encoded:
         """Encode `rendered`; image i becomes `image_token_counts[i]` image tokens."""
