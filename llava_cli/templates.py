@@ -21,8 +21,8 @@ CHAT_TEMPLATE = "chat-template"
 class Message(NamedTuple):
     """One turn of a conversation; `content` may hold `<image>` placeholders.
 
-    A named tuple, not a frozen dataclass: `--check` makes millions of them and this is 4x
-    cheaper to create.
+    A named tuple, not a frozen dataclass: `--check` makes millions of them, and creating one
+    costs 0.36 µs instead of 0.64 µs (timeit, this 2-core VM).
     """
 
     role: Role
