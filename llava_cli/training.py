@@ -8,6 +8,8 @@ resolved config, run manifest, train metrics.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,24 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     if trainer.is_world_process_zero():
         save_resolved(with_absolute_paths(config), output_dir)
     return RunResult(output_dir, kind, metrics, trainer)
+
+
+@contextmanager
+def process_group_closed_at_end() -> Iterator[None]:
+    """Destroy the torch.distributed process group (if the run made one) when the block ends.
+
+    The Trainer (and DeepSpeed) create the group but never destroy it. A gloo group left to
+    interpreter shutdown can abort the process (SIGABRT, "terminate called without an active
+    exception": gloo worker threads release tensors after Python is gone; pytorch#190489), so a
+    successful multi-process run would exit -6 now and then. Whoever owns the process calls this.
+    """
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _collator(loaded: Any, config: RunConfig) -> Any:

@@ -231,3 +231,38 @@ def test_lora_with_an_unfrozen_vision_tower_saves_the_tower_in_the_adapter(finet
                           atol=1e-6)
     fresh = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir)
     assert not torch.allclose(_logits(fresh, batch), _logits(reloaded, batch))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real one-rank gloo process group, as torchrun's ranks have (destroyed if a test fails)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_the_cli_destroys_the_process_group_when_a_run_ends(one_rank_group, finetuned, tmp_path):
+    """Left to interpreter shutdown, a gloo group can abort a finished rank (exit -6)."""
+    import typer
+
+    from llava_cli.commands.train import run_or_exit
+    from llava_cli.training import process_group_closed_at_end
+
+    with process_group_closed_at_end():
+        one_rank_group.all_reduce(torch.ones(1))  # the group is in use inside the block
+    assert not one_rank_group.is_initialized()
+
+    one_rank_group.init_process_group("gloo", init_method=f"file://{tmp_path / 'again'}",
+                                      rank=0, world_size=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    config = _config("finetune", tmp_path / "out", overwrite=False,
+                     model_name_or_path=str(finetuned[0].output_dir))
+    with pytest.raises(typer.Exit) as stopped:  # a refused run ends the same way
+        run_or_exit("finetune", config)
+    assert stopped.value.exit_code == 2
+    assert not one_rank_group.is_initialized()

@@ -128,11 +128,12 @@ def _trainability_flags(flags: dict[str, Any]) -> dict[str, Any]:
 def run_or_exit(stage: str, config: Any) -> None:
     """Run training; a configuration or data problem ends with status 2 and its message."""
     from llava_cli.reporting import Reporter
-    from llava_cli.training import run_training
+    from llava_cli.training import process_group_closed_at_end, run_training
 
     reporter = Reporter()
     try:
-        result = run_training(config, reporter)
+        with process_group_closed_at_end():
+            result = run_training(config, reporter)
     except (ValueError, OSError, NotImplementedError) as err:  # OSError: a path or hub id
         if reporter.enabled:
             typer.echo(f"llava {stage}: {err}", err=True)
