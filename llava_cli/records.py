@@ -24,7 +24,7 @@ import numpy as np
 from llava_cli.json_scan import CHUNK_SIZE, FIELDS, RecordFormatError, build_arrays, line_at
 
 __all__ = ["RecordFormatError", "RecordIndex", "default_cache_dir"]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: has_image also reads the "images" key
 def default_cache_dir() -> Path:
     """``$LLAVA_CLI_CACHE/index`` if that variable is set, else ``~/.cache/llava_cli/index``."""
     root = os.environ.get("LLAVA_CLI_CACHE")
@@ -45,7 +45,7 @@ class RecordIndex:
         self.from_cache = False  # True when open() loaded the arrays from the cache
         self.offsets: np.ndarray = arrays["offsets"]  # int64 byte offset of each record
         self.sizes: np.ndarray = arrays["sizes"]  # int64 byte size of each record
-        self.has_image: np.ndarray = arrays["has_image"]  # top-level "image" not null/""/[]
+        self.has_image: np.ndarray = arrays["has_image"]  # "image" (else "images") not null/""/[]
         self.text_bytes: np.ndarray = arrays["text_bytes"]  # bytes inside its JSON strings
         self._fh: Any = None
         self._pid = -1

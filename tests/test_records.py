@@ -26,11 +26,13 @@ TRICKY = [
 
 
 def sample(i: int, rng: random.Random) -> dict:
-    """One LLaVA-like record; every 5th is text-only, every 7th has two images."""
+    """One LLaVA-like record; every 5th is text-only, every 7th has two images, every 11th
+    gives them under "images" (as Mantis-style data does)."""
     text = rng.choice(TRICKY) + " " + "word " * rng.randint(0, 40)
     rec: dict = {"id": f"{i:06d}"}
     if i % 5:
-        rec["image"] = [f"a/{i}.jpg", f"b/{i}.jpg"] if i % 7 == 0 else f"coco/{i:012d}.jpg"
+        key = "images" if i % 11 == 0 else "image"
+        rec[key] = [f"a/{i}.jpg", f"b/{i}.jpg"] if i % 7 == 0 else f"coco/{i:012d}.jpg"
     rec["conversations"] = [
         {"from": "human", "value": ("<image>\n" if i % 5 else "") + text},
         {"from": "gpt", "value": rng.choice(TRICKY) * rng.randint(1, 3)},
@@ -44,7 +46,8 @@ def dataset(n: int = 60, seed: int = 0) -> list[dict]:
 
 
 def expected_has_image(recs: list[dict]) -> list[bool]:
-    return [r.get("image") not in (None, "", []) for r in recs]
+    """As `parse_record` reads a record: "image" when given, else "images"."""
+    return [r.get("image", r.get("images")) not in (None, "", []) for r in recs]
 
 
 def write_json(path: Path, recs: list, **kw: object) -> Path:
@@ -98,11 +101,18 @@ def test_has_image_is_a_top_level_key_with_a_value(tmp_path: Path) -> None:
         {"id": "1", "image": "", "conversations": []},
         {"id": "2", "image": [], "conversations": []},
         {"conversations": [], "image": "last.jpg"},
+        {"id": "i", "images": ["a.jpg", "b.jpg"], "conversations": []},
+        {"id": "j", "images": [], "conversations": []},
+        {"id": "k", "image": None, "images": ["a.jpg"], "conversations": []},
+        {"id": "l", "images": None, "image": "a.jpg", "conversations": []},
+        {"id": "o", "imagesx": "a.jpg", "images_": "b.jpg", "conversations": []},
     ]
     path = tmp_path / "k.json"
     path.write_text(json.dumps(recs).replace('"image": "a.jpg"', '"image"  :\n "a.jpg"'))
     assert RecordIndex.build(path).has_image.tolist() == [False, False, False, True, True,
-                                                           False, False, False, True]
+                                                           False, False, False, True,
+                                                           True, False, False, True, False]
+    assert RecordIndex.build(path).has_image.tolist() == expected_has_image(recs)
 
 
 def test_modality_lengths_signs_and_scale(tmp_path: Path) -> None:
