@@ -34,6 +34,8 @@ class DataCollator:
     `None` samples (dropped by the dataset) are skipped. With `padding_free`, the batch is one
     packed row (`input_ids`, `labels`, `position_ids` of shape [1, total]); each sample's first
     label is masked so that no position is trained to predict across a sample boundary.
+    Records the dataset dropped on the way to these samples are passed on (not a model input)
+    as "dropped_records", for the trainer to total.
     """
 
     pad_token_id: int
@@ -52,8 +54,10 @@ class DataCollator:
         if not kept:
             raise ValueError(f"{ALL_DROPPED} ({len(samples)} sample(s) in the batch)")
         length = self._padded_length([len(s["input_ids"]) for s in kept])
+        dropped = [drop for s in kept for drop in s.get("dropped", ())]
+        extra = {"dropped_records": dropped} if dropped else {}
         if self.padding_free:
-            return {**_packed(kept), **_images(kept)}
+            return {**_packed(kept), **_images(kept), **extra}
         batch = {
             "input_ids": self._pad([s["input_ids"] for s in kept], length, self.pad_token_id),
             "labels": self._pad([s["labels"] for s in kept], length, IGNORE_INDEX),
@@ -61,7 +65,7 @@ class DataCollator:
         mask = [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in kept]
         batch["attention_mask"] = self._pad(mask, length, 0)
         batch.update(_images(kept))
-        return batch
+        return {**batch, **extra}
 
     def _padded_length(self, lengths: list[int]) -> int:
         longest = max(lengths)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,12 +30,21 @@ FULLY_MASKED = "fully-masked"
 MAX_CONSECUTIVE_DROPS = 100
 
 
+class Dropped(NamedTuple):
+    """One record left out of training: where it is in the file, why, and its id."""
+
+    position: int
+    kind: str
+    record_id: str
+
+
 @dataclass
 class DropCounter:
     """How many records were dropped, by kind, with the first few record ids of each kind.
 
-    Each DataLoader worker counts in its own copy (the dataset is forked), so the main
-    process only sees what it loaded itself; `llava inspect-data --check` gives the full list.
+    `dataset.dropped` counts every drop in its own process (each DataLoader worker has a
+    forked copy); the run's total over workers and ranks comes from the "dropped" lists that
+    items carry (`LlavaTrainer.dropped_records`). `llava inspect-data --check` lists them all.
     """
 
     max_examples: int = 3
@@ -57,6 +67,15 @@ class DropCounter:
         """One line per kind: `kind: n (e.g. id1, id2)`."""
         return "; ".join(f"{kind}: {n} (e.g. {', '.join(self.examples.get(kind, []))})"
                          for kind, n in self.counts.most_common())
+
+    @classmethod
+    def of_distinct(cls, drops: Iterable[Dropped]) -> DropCounter:
+        """Counts of distinct records (by position): a record dropped in every epoch, or by
+        several workers, counts once."""
+        counter = cls()
+        for drop in sorted({d.position: d for d in drops}.values()):
+            counter.add(drop.kind, drop.record_id)
+        return counter
 
 
 class LazySupervisedDataset(Dataset):
@@ -102,28 +121,35 @@ class LazySupervisedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """The model inputs of record `i`; a dropped record (see class doc) is replaced by the
-        next usable one, so batches stay full and no step trains on nothing."""
-        i = int(i)
+        next usable one, so batches stay full and no step trains on nothing. The item lists
+        the records dropped on the way under "dropped" (the trainer totals them at the end)."""
+        i, dropped = int(i), []
         for attempt in range(MAX_CONSECUTIVE_DROPS):
-            item = self.inputs_or_none((i + attempt) % len(self))
-            if item is not None:
-                return item
+            item = self._inputs_or_drop((i + attempt) % len(self))
+            if isinstance(item, Dropped):
+                dropped.append(item)
+                continue
+            if dropped:
+                item["dropped"] = dropped
+            return item
         raise ValueError(f"{MAX_CONSECUTIVE_DROPS} consecutive records from #{i} cannot be "
                          "trained on; run `llava inspect-data --check` on the data")
 
     def inputs_or_none(self, i: int) -> dict[str, Any] | None:
         """The model inputs of record `i`, or None (counted) when it cannot be trained on."""
+        item = self._inputs_or_drop(i)
+        return None if isinstance(item, Dropped) else item
+
+    def _inputs_or_drop(self, i: int) -> dict[str, Any] | Dropped:
         try:
             sample = self.builder.build(self._read(i), position=i)
             if not sample.trainable:
-                self._drop(FULLY_MASKED, sample.record_id)
-                return None
+                return self._drop(Dropped(i, FULLY_MASKED, sample.record_id))
             return self._to_inputs(sample, i)
         except RecordError as err:
             if not self.skip_bad_records:
                 raise
-            self._drop(err.kind, err.record_id)
-            return None
+            return self._drop(Dropped(i, err.kind, err.record_id))
 
     def _read(self, i: int) -> Any:
         try:
@@ -164,12 +190,12 @@ class LazySupervisedDataset(Dataset):
             result["image_sizes"] = torch.as_tensor(out["image_sizes"], dtype=torch.long)
         return result
 
-    def _drop(self, kind: str, record_id: str) -> None:
-        self.dropped.add(kind, record_id)
-        if self._warned_pid == os.getpid():
-            return
-        self._warned_pid = os.getpid()
-        logger.warning(
-            "dropping record %r (%s) from training; further dropped records are counted, not "
-            "logged (see dataset.dropped). `llava inspect-data --check` lists them all.",
-            record_id, kind)
+    def _drop(self, drop: Dropped) -> Dropped:
+        self.dropped.add(drop.kind, drop.record_id)
+        if self._warned_pid != os.getpid():
+            self._warned_pid = os.getpid()
+            logger.warning(
+                "dropping record %r (%s) from training; further dropped records are counted, "
+                "not logged, and totalled when training ends. `llava inspect-data --check` "
+                "lists them all.", drop.record_id, drop.kind)
+        return drop

@@ -25,6 +25,7 @@ from llava_cli.checkpoints import (
     projector_state,
     write_projector_file,
 )
+from llava_cli.dataset import DropCounter, Dropped
 from llava_cli.loss import supervised_cross_entropy, supervised_positions
 from llava_cli.model_factory import components
 from llava_cli.sampler import ModalityLengthGroupedSampler
@@ -45,6 +46,33 @@ class LlavaTrainer(Trainer):
         self.projector_lr = projector_lr
         self.vision_tower_lr = vision_tower_lr
         self.group_by_modality = group_by_modality
+        # Records the dataset dropped on this rank, by position: bounded by distinct records,
+        # however many epochs meet them again.
+        self._dropped: dict[int, Dropped] = {}
+
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        """The Trainer's step; first takes note of the records dropped to fill this batch."""
+        self._dropped.update((drop.position, drop) for drop in inputs.pop("dropped_records", ()))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """The Trainer's evaluation step (records dropped from evaluation are not totalled)."""
+        inputs.pop("dropped_records", None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def dropped_records(self) -> DropCounter:
+        """Distinct records dropped from training so far, over all ranks and their dataloader
+        workers. Collective under torch.distributed: call it on every rank."""
+        import torch.distributed as dist
+
+        drops: list[Any] = list(self._dropped.values())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, drops)
+            drops = [Dropped(*drop) for rank in gathered for drop in rank]
+        return DropCounter.of_distinct(drops)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -163,11 +163,25 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
         reporter.summary(config, kind, counts, dataset, args)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics = dict(result.metrics)
+    metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, kind, output_dir, metrics)
     if trainer.is_world_process_zero():
         save_resolved(with_absolute_paths(config), output_dir)
     return RunResult(output_dir, kind, metrics, trainer)
+
+
+def report_dropped(trainer: Any) -> int:
+    """Warn (on rank 0) how many distinct records training left out and why; return the
+    count. Collective under torch.distributed (every rank calls it)."""
+    import logging
+
+    dropped = trainer.dropped_records()
+    if dropped.total and trainer.is_world_process_zero():
+        logging.getLogger("llava_cli").warning(
+            "%d record(s) were dropped from training and never trained on: %s. `llava "
+            "inspect-data --check` on the data lists them all.", dropped.total,
+            dropped.summary())
+    return dropped.total
 
 
 @contextmanager

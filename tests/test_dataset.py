@@ -12,7 +12,7 @@ from PIL import Image
 
 from llava_cli.collator import DataCollator
 from llava_cli.conversation import RecordError
-from llava_cli.dataset import FULLY_MASKED, LazySupervisedDataset
+from llava_cli.dataset import FULLY_MASKED, DropCounter, Dropped, LazySupervisedDataset
 from llava_cli.encoding import IGNORE_INDEX
 from llava_cli.records import RecordIndex
 from llava_cli.samples import DataOptions, SampleBuilder
@@ -226,13 +226,31 @@ def test_invalid_json_line_is_a_bad_record(tmp_path, tokenizer, processor):
     assert ds[0] is not None and ds.inputs_or_none(1) is None
     assert ds.dropped.counts == {"bad-json": 1}
     # Through __getitem__ a dropped record is replaced by the next usable one: full batches.
-    assert ds[1]["record_index"] == 0 and ds.dropped.counts == {"bad-json": 2}
+    # The item says which record it replaced (the trainer totals these over workers/ranks).
+    item = ds[1]
+    assert item["record_index"] == 0 and ds.dropped.counts == {"bad-json": 2}
+    assert item["dropped"] == [Dropped(1, "bad-json", "#1")]
+    assert "dropped" not in ds[0]
 
 
 def test_unusable_data_is_an_error_not_an_endless_search(data_file, tokenizer, processor):
     ds = make_dataset(data_file, tokenizer, processor, max_length=8, skip_bad_records=True)
     with pytest.raises(ValueError, match="consecutive records from #0 cannot be trained on"):
         ds[0]
+
+
+def test_collator_passes_on_the_dropped_records_and_counts_are_per_distinct_record():
+    row = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6])}
+    first, second = Dropped(4, "bad-image", "a"), Dropped(9, FULLY_MASKED, "b")
+    for padding_free in (False, True):
+        collate = DataCollator(pad_token_id=PAD, padding_free=padding_free)
+        batch = collate([{**row, "dropped": [first]}, row, {**row, "dropped": [second]}])
+        assert batch["dropped_records"] == [first, second]
+        assert "dropped_records" not in collate([row, row])  # the usual batch: no extra key
+    # Dropped again in a later epoch and by another worker: still one record.
+    total = DropCounter.of_distinct([first, second, first, Dropped(4, "bad-image", "a")])
+    assert total.total == 2 and total.counts == {"bad-image": 1, FULLY_MASKED: 1}
+    assert total.summary() == "bad-image: 1 (e.g. a); fully-masked: 1 (e.g. b)"
 
 
 def test_all_dropped_batch_is_an_error():
@@ -263,10 +281,14 @@ def test_dataloader_workers_match_single_process(data_file, tokenizer, processor
     assert len(single) == len(forked) == 3
     for a, b in zip(single, forked, strict=True):
         assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(a[k] == b[k] if k == "dropped_records" else torch.equal(a[k], b[k])
+                   for k in a)
     # Batch 2 held the two-image record and the missing image, which a worker replaced by the
-    # next usable (text-only) record: the batch stays full.
+    # next usable (text-only) record: the batch stays full, and it says what it left out.
     assert single[1]["input_ids"].shape[0] == 2
+    assert forked[1]["dropped_records"] == [Dropped(by_id("missing-image"), "bad-image",
+                                                    "missing-image")]
+    assert "dropped_records" not in single[0] and "dropped_records" not in single[2]
     assert single[1]["pixel_values"].shape == (2, 3, 32, 32)
     assert "pixel_values" not in single[2]
 

@@ -77,6 +77,10 @@ def test_pretrain_trains_only_the_projector_and_saves_no_llm_copy(pretrained):
     assert manifest["kind"] == "projector" and manifest["template"] == "plain"
     metrics = json.loads((result.output_dir / "train_results.json").read_text())
     assert metrics["train_samples_per_second"] > 0
+    # Two demo records cannot be `plain` samples (skip_bad_records): the text-only one and the
+    # multi-turn one. 6 steps of 2 over 5 records meet them in every epoch, in a dataloader
+    # worker: still two records.
+    assert metrics["dropped_records"] == result.metrics["dropped_records"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,7 @@ def finetuned(pretrained, tmp_path_factory):
 
 def test_finetune_from_pretrain_output_reloads_with_stock_transformers(finetuned, pretrained):
     result, before = finetuned
+    assert result.metrics["dropped_records"] == 0
     trained = result.trainer.model
     after = trained.state_dict()
     # It started from the pretrain run's projector, and trained everything but the vision tower.
@@ -266,3 +271,69 @@ def test_the_cli_destroys_the_process_group_when_a_run_ends(one_rank_group, fine
         run_or_exit("finetune", config)
     assert stopped.value.exit_code == 2
     assert not one_rank_group.is_initialized()
+
+
+def test_the_dropped_records_total_is_logged_once_on_rank_zero(caplog):
+    from llava_cli.dataset import DropCounter, Dropped
+    from llava_cli.training import report_dropped
+
+    class Finished:  # what report_dropped asks of the trainer
+        def __init__(self, rank_zero: bool, *drops: Dropped) -> None:
+            self.rank_zero, self.drops = rank_zero, drops
+
+        def dropped_records(self) -> DropCounter:
+            return DropCounter.of_distinct(self.drops)
+
+        def is_world_process_zero(self) -> bool:
+            return self.rank_zero
+
+    drops = (Dropped(3, "fully-masked", "long"), Dropped(3, "fully-masked", "long"),
+             Dropped(7, "bad-image", "gone"))
+    with caplog.at_level("WARNING", logger="llava_cli"):
+        assert report_dropped(Finished(False, *drops)) == 2
+        assert not caplog.records
+        assert report_dropped(Finished(True)) == 0
+        assert not caplog.records
+        assert report_dropped(Finished(True, *drops)) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 record(s) were dropped from training and never trained on: fully-masked: 1 (e.g. "
+        "long); bad-image: 1 (e.g. gone). `llava inspect-data --check` on the data lists them "
+        "all."]
+
+
+def _dropped_on_rank(rank: int, rendezvous: str, queue) -> None:  # a forked rank's body
+    import torch.distributed as dist
+
+    from llava_cli.dataset import Dropped
+    from llava_cli.llava_trainer import LlavaTrainer
+
+    class Rank:  # the trainer state dropped_records reads
+        _dropped = ({3: Dropped(3, "fully-masked", "long"), 8: Dropped(8, "bad-image", "gone")}
+                    if rank == 0 else {8: Dropped(8, "bad-image", "gone"),
+                                       5: Dropped(5, "bad-json", "#5")})
+
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    try:
+        counter = LlavaTrainer.dropped_records(Rank())
+        queue.put((rank, counter.total, dict(counter.counts)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dropped_records_are_totalled_over_ranks(tmp_path):
+    """Each rank drops what its share of the data holds; every rank gets the distinct total."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    ranks = [context.Process(target=_dropped_on_rank,
+                             args=(rank, f"file://{tmp_path / 'rendezvous'}", queue))
+             for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    results = sorted(queue.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+    expected = {"fully-masked": 1, "bad-image": 1, "bad-json": 1}
+    assert results == [(0, 3, expected), (1, 3, expected)]
+    assert [process.exitcode for process in ranks] == [0, 0]
