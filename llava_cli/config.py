@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from llava_cli.deepspeed_checks import refuse_incompatible_deepspeed
+
 Trainability = Literal["frozen", "full", "lora"]
 CONFIG_FILENAME = "llava_config.yaml"
 
@@ -108,10 +110,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"padding_free needs an attention that honours per-sample position "
                              f"ids ({', '.join(PACKING_ATTENTION)}); attn_implementation is "
                              f"{self.attn_implementation!r}")
-        if self.bits != 16 and deepspeed_stage(self.training_args.get("deepspeed")) == 3:
-            raise ValueError("QLoRA (bits 4/8) cannot run under DeepSpeed ZeRO-3: bitsandbytes "
-                             "weights cannot be partitioned. Use ZeRO-2 "
-                             "(recipes/deepspeed/zero2.json), DDP, or one GPU")
+        refuse_incompatible_deepspeed(
+            self.training_args.get("deepspeed"), self.bits,
+            {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
         return self
 
     @property
@@ -123,20 +124,6 @@ class RunConfig(BaseModel):
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def deepspeed_stage(deepspeed: Any) -> int | None:
-    """The ZeRO stage of a DeepSpeed config (a JSON path or a dict), None without one."""
-    import json
-
-    if not deepspeed:
-        return None
-    if isinstance(deepspeed, str):
-        path = Path(deepspeed)
-        if not path.is_file():
-            raise ValueError(f"deepspeed config {deepspeed!r} not found")
-        deepspeed = json.loads(path.read_text())
-    return int(deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
 # Stage presets: what each command means before any recipe or flag.

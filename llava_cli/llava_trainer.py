@@ -1,6 +1,7 @@
 """The HF Trainer with what LLaVA training needs and nothing patched in the library.
 
-- parameter groups: the projector and the vision tower may have their own learning rates;
+- parameter groups: the projector and the vision tower may have their own learning rates
+  (logged as `learning_rate_<component>` beside the LLM's `learning_rate`);
 - `group_by_modality_length` sampling;
 - the loss at supervised positions only (`llava_cli.loss`), switchable;
 - a frozen vision tower that costs no backward (`FrozenPartsNoBackward`), switchable;
@@ -29,6 +30,8 @@ from llava_cli.dataset import DropCounter, Dropped
 from llava_cli.loss import supervised_cross_entropy, supervised_positions
 from llava_cli.model_factory import components
 from llava_cli.sampler import ModalityLengthGroupedSampler
+
+COMPONENT_ORDER = ("llm", "projector", "vision_tower")  # parameter groups, in this order
 
 
 class LlavaTrainer(Trainer):
@@ -109,8 +112,30 @@ class LlavaTrainer(Trainer):
             key = (part, lr or self.args.learning_rate,
                    self.args.weight_decay if name in decay else 0.0)
             groups.setdefault(key, []).append(param)
+        # The LLM's groups first: the Trainer logs group 0's rate as "learning_rate", which
+        # must be the configured one, not the projector's (LLaVA's LoRA recipe: 2e-4 vs 2e-5).
+        ordered = sorted(groups.items(), key=lambda item: COMPONENT_ORDER.index(item[0][0]))
         return [{"params": params, "lr": lr, "weight_decay": wd, "name": part}
-                for (part, lr, wd), params in groups.items()]
+                for (part, lr, wd), params in ordered]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, plus `learning_rate_<component>` for each component whose rate
+        differs from the logged `learning_rate` (the Trainer reports group 0's alone)."""
+        if "learning_rate" in logs and self.lr_scheduler is not None:
+            logs = {**logs, **self._other_learning_rates(logs["learning_rate"])}
+        super().log(logs, *args, **kwargs)
+
+    def _other_learning_rates(self, logged: float) -> dict[str, float]:
+        # `logged` is the rate the step used (taken before the scheduler stepped). The HF
+        # schedules are LambdaLR: one factor for every group, so each group's rate of that
+        # step is `logged` scaled by its initial rate over group 0's.
+        groups = self.optimizer.param_groups
+        initial = [group.get("initial_lr", group["lr"]) for group in groups]
+        if not initial[0]:
+            return {}
+        return {f"learning_rate_{group['name']}": logged * rate / initial[0]
+                for group, rate in zip(groups, initial, strict=True)
+                if "name" in group and rate != initial[0]}
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         """AdamW (or the configured optimizer) over our parameter groups."""

@@ -77,8 +77,9 @@ class _RichCallback(TrainerCallback):
                **kwargs: Any) -> None:
         if self.progress is None or not logs:
             return
-        shown = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm",
-                                                         "train_loss", "epoch")}
+        shown = {k: v for k, v in logs.items()
+                 if k in ("loss", "learning_rate", "grad_norm", "train_loss", "epoch")
+                 or k.startswith("learning_rate_")}
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in shown.items())
         self.progress.console.print(f"step {state.global_step}: {text}", highlight=False)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 
 from llava_cli.config import ConfigError, parse_set, resolve_config, save_resolved
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe(tmp_path, **keys):
@@ -85,3 +90,35 @@ def test_saved_run_config_has_absolute_local_paths(tmp_path, monkeypatch):
     fixed = with_absolute_paths(config)
     assert fixed.data_path == str(tmp_path / "data.json")
     assert fixed.model_name_or_path == "lmsys/vicuna-7b-v1.5"  # a hub id stays as it is
+
+
+def _deepspeed(tmp_path, **sections):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                                **sections}))
+    return str(path)
+
+
+def test_deepspeed_conflicts_are_refused_before_anything_is_built(tmp_path):
+    zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
+    with pytest.raises(ConfigError, match=r"QLoRA \(bits 4/8\) cannot run under DeepSpeed "
+                                          r"ZeRO-3: bitsandbytes weights cannot be partitioned"):
+        resolve_config("lora", flags={"bits": 4, "deepspeed": zero3})
+    assert resolve_config("lora", flags={"deepspeed": zero3}).bits == 16
+
+    # DeepSpeed's schedulers give every parameter group one rate: LoRA's projector_lr 2e-5
+    # would silently become the LLM's 2e-4.
+    warmup = _deepspeed(tmp_path, scheduler={"type": "WarmupLR", "params": {
+        "warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto"}})
+    with pytest.raises(ConfigError) as refused:
+        resolve_config("lora", flags={"deepspeed": warmup})
+    assert (f"projector_lr cannot apply: the DeepSpeed config {warmup!r} has a \"scheduler\" "
+            "section, and DeepSpeed's schedulers give every parameter group one learning rate. "
+            "Remove that section (the Trainer's lr_scheduler_type schedule is used and keeps "
+            "each component's rate), or unset projector_lr") in str(refused.value)
+    with pytest.raises(ConfigError, match="projector_lr and vision_tower_lr cannot apply"):
+        resolve_config("finetune", flags={"deepspeed": warmup, "projector_lr": 1e-5,
+                                          "vision_tower_lr": 2e-6})
+    # One rate for everything: DeepSpeed's scheduler is the user's choice.
+    assert resolve_config("finetune", flags={"deepspeed": warmup}).projector_lr is None
+    assert resolve_config("lora", flags={"deepspeed": _deepspeed(tmp_path)}).projector_lr == 2e-5

@@ -107,6 +107,13 @@ def test_finetune_from_pretrain_output_reloads_with_stock_transformers(finetuned
     assert losses[-1] < losses[0]
     groups = {g["name"]: g["initial_lr"] for g in result.trainer.optimizer.param_groups}
     assert groups["projector"] == 3e-3 and groups["llm"] == 1e-2
+    assert result.trainer.optimizer.param_groups[0]["name"] == "llm"
+    # The logged learning_rate is the LLM's (the configured --lr); the projector's beside it.
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    rows = [row for row in state["log_history"] if "loss" in row]
+    assert rows[0]["learning_rate"] == 1e-2 and rows[0]["learning_rate_projector"] == 3e-3
+    assert all(row["learning_rate_projector"] == pytest.approx(0.3 * row["learning_rate"])
+               for row in rows if row["learning_rate"])
     model = transformers.LlavaForConditionalGeneration.from_pretrained(result.output_dir)
     processor = transformers.AutoProcessor.from_pretrained(result.output_dir)
     batch = _probe(processor)
