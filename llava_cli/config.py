@@ -69,6 +69,8 @@ class RunConfig(BaseModel):
     # Data
     data_path: str | None = None
     image_folder: str | None = None
+    eval_data_path: str | None = None  # held-out records: eval_loss when checkpointing
+    eval_image_folder: str | None = None  # default: image_folder
     template: str = "v1"
     tokenization: Literal["hf", "llava"] = "hf"
     image_aspect_ratio: Literal["square", "pad", "anyres"] = "pad"
@@ -280,7 +282,8 @@ def _explain(err: ValidationError) -> str:
 
 
 PATH_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "pretrained_projector",
-             "data_path", "image_folder", "output_dir", "resume")
+             "data_path", "image_folder", "eval_data_path", "eval_image_folder", "output_dir",
+             "resume")
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:

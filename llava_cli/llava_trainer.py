@@ -9,7 +9,8 @@
 - resume that really restores the weights: transformers 5 saves LLaVA checkpoints under the
   legacy on-disk key names but its resume loads them without renaming, so every key is
   "missing" and training silently continues from the base weights. We reload through
-  `from_pretrained`, which knows the mapping, and copy the weights in strictly.
+  `from_pretrained`, which knows the mapping, and copy the weights in strictly. The same for
+  `load_best_model_at_end`, whose loader has the same blind spot.
 """
 
 from __future__ import annotations
@@ -174,6 +175,14 @@ class LlavaTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:
             self._load_full_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        # `load_best_model_at_end`: transformers' own loader has resume's blind spots (legacy
+        # key names of full LLaVA checkpoints, projector-only checkpoints) and silently keeps
+        # the last weights; the same loading as resume instead.
+        if self.output_kind == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        return self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     @staticmethod
     def _load_full_checkpoint(checkpoint: str, model: Any) -> None:

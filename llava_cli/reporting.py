@@ -29,7 +29,7 @@ class Reporter:
             hf_logging.set_verbosity_error()
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
-                args: Any) -> None:
+                args: Any, held_out: Any = None) -> None:
         """Trainable parameters per component, data counts, effective batch, output kind."""
         if not self.enabled:
             return
@@ -39,6 +39,10 @@ class Reporter:
         images = int(dataset.index.has_image.sum())
         table.add_row("records", f"{len(dataset):,} ({images:,} with images, "
                       f"{len(dataset) - images:,} text-only)")
+        if held_out is not None:
+            strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+            every = f"{args.eval_steps} steps" if strategy == "steps" else strategy
+            table.add_row("evaluation", f"{len(held_out):,} records, eval_loss every {every}")
         effective = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                      * args.world_size)
         table.add_row("effective batch", f"{effective} (per device "
@@ -78,7 +82,7 @@ class _RichCallback(TrainerCallback):
         if self.progress is None or not logs:
             return
         shown = {k: v for k, v in logs.items()
-                 if k in ("loss", "learning_rate", "grad_norm", "train_loss", "epoch")
+                 if k in ("loss", "learning_rate", "grad_norm", "train_loss", "eval_loss", "epoch")
                  or k.startswith("learning_rate_")}
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in shown.items())

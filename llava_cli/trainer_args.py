@@ -40,6 +40,7 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
     if values.get("activation_checkpointing"):
         values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     _input_pipeline(values, on_cpu)
+    _evaluation(values, held_out=bool(config.eval_data_path))
     if on_cpu:
         if values.get("use_liger_kernel"):
             raise ValueError("use_liger_kernel needs a CUDA GPU (its kernels are Triton); on CPU "
@@ -84,6 +85,22 @@ def _current_checkpointing_names(values: dict[str, Any]) -> None:
         if old in values:
             value = values.pop(old)
             values.setdefault(new, value)
+
+
+def _evaluation(values: dict[str, Any], held_out: bool) -> None:
+    """With held-out data, evaluate whenever a checkpoint is saved (unless `eval_strategy` is
+    set), loss only: no command computes metrics from logits, and gathering them for a whole
+    evaluation set costs memory for nothing. Without it, asking for evaluation is an error."""
+    strategy = str(values.get("eval_strategy", "no")).split(".")[-1].lower()
+    if not held_out:
+        if strategy != "no" or values.get("do_eval"):
+            raise ValueError(f"eval_strategy {strategy!r} needs held-out records to evaluate "
+                             "on: give --eval-data-path FILE.json (or unset eval_strategy)")
+        return
+    values.setdefault("eval_strategy", values["save_strategy"])
+    if str(values["eval_strategy"]).split(".")[-1].lower() == "steps":
+        values.setdefault("eval_steps", values["save_steps"])
+    values.setdefault("prediction_loss_only", True)
 
 
 def _input_pipeline(values: dict[str, Any], on_cpu: bool) -> None:

@@ -92,19 +92,22 @@ def image_token_counter(model: Any, processor: Any) -> Any:
     return lambda image_size: fixed
 
 
-def build_dataset(config: RunConfig, model: Any, processor: Any) -> Any:
-    """The lazy dataset over `config.data_path` with this model's tokenizer and image sizes."""
+def build_dataset(config: RunConfig, model: Any, processor: Any, held_out: bool = False) -> Any:
+    """The lazy dataset over `config.data_path` (or, `held_out`, `config.eval_data_path`) with
+    this model's tokenizer and image sizes."""
     from llava_cli.dataset import LazySupervisedDataset
     from llava_cli.samples import DataOptions, SampleBuilder
 
-    if not config.data_path:
+    path = config.eval_data_path if held_out else config.data_path
+    folder = (config.eval_image_folder or config.image_folder) if held_out else config.image_folder
+    if not path:
         raise ValueError("data_path is required (--data-path FILE.json)")
-    options = DataOptions(config.template, config.tokenization, config.image_folder,
+    options = DataOptions(config.template, config.tokenization, folder,
                           config.image_aspect_ratio, config.model_max_length)
     builder = SampleBuilder(options, processor.tokenizer, model.config.image_token_id,
                             image_token_counter(model, processor),
                             processor.image_processor.image_mean)
-    return LazySupervisedDataset.open(config.data_path, builder, processor.image_processor,
+    return LazySupervisedDataset.open(path, builder, processor.image_processor,
                                       config.skip_bad_records)
 
 
@@ -150,8 +153,11 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     model, counts = prepare_model(config, loaded.model)
     attach_chat_template(loaded.processor, config)
     dataset = build_dataset(config, model, loaded.processor)
+    held_out = build_dataset(config, model, loaded.processor, held_out=True) \
+        if config.eval_data_path else None
     trainer = LlavaTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=_collator(loaded, config),
+        model=model, args=args, train_dataset=dataset, eval_dataset=held_out,
+        data_collator=_collator(loaded, config),
         processing_class=loaded.processor, output_kind=kind, projector_lr=config.projector_lr,
         vision_tower_lr=config.vision_tower_lr,
         group_by_modality=config.group_by_modality_length,
@@ -161,7 +167,7 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
-        reporter.summary(config, kind, counts, dataset, args)
+        reporter.summary(config, kind, counts, dataset, args, held_out)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, kind, output_dir, metrics)

@@ -344,3 +344,72 @@ def test_dropped_records_are_totalled_over_ranks(tmp_path):
     expected = {"fully-masked": 1, "bad-image": 1, "bad-json": 1}
     assert results == [(0, 3, expected), (1, 3, expected)]
     assert [process.exitcode for process in ranks] == [0, 0]
+
+
+def test_held_out_records_give_the_eval_loss_at_each_save(finetuned, tmp_path):
+    config = _config("finetune", tmp_path / "out", model_name_or_path=str(finetuned[0].output_dir),
+                     max_steps=4, save_steps=2, eval_data_path=RECORDS,
+                     per_device_eval_batch_size=5, dataloader_num_workers=0)
+    result = run_training(config)
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    evaluations = [row for row in state["log_history"] if "eval_loss" in row]
+    assert [row["step"] for row in evaluations] == [2, 4]  # evaluated at every save
+    # The last one is the trained model's loss on all 5 records (one batch), computed here the
+    # plain way: full logits, transformers' own loss.
+    trainer = result.trainer
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(5)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert evaluations[-1]["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert evaluations[0]["eval_loss"] != evaluations[-1]["eval_loss"]
+    saved = (result.output_dir / "llava_config.yaml").read_text()
+    assert f"eval_data_path: {RECORDS}" in saved
+
+
+def test_evaluation_needs_held_out_records_and_defaults_to_the_save_schedule(tmp_path):
+    from llava_cli.trainer_args import to_training_arguments
+
+    for asked in ({"eval_strategy": "steps"}, {"do_eval": True}):
+        config = resolve_config("finetune", flags=asked)
+        with pytest.raises(ValueError, match="needs held-out records to evaluate on: give "
+                                             r"--eval-data-path FILE\.json"):
+            to_training_arguments(config, str(tmp_path))
+    args = to_training_arguments(resolve_config("finetune", flags={
+        "eval_data_path": RECORDS, "save_steps": 50}), str(tmp_path))
+    assert (args.eval_strategy, args.eval_steps, args.prediction_loss_only) == ("steps", 50, True)
+    args = to_training_arguments(resolve_config("finetune", flags={
+        "eval_data_path": RECORDS, "save_strategy": "epoch"}), str(tmp_path))
+    assert args.eval_strategy == "epoch"
+    args = to_training_arguments(resolve_config("finetune", flags={
+        "eval_data_path": RECORDS, "eval_strategy": "steps", "eval_steps": 7}), str(tmp_path))
+    assert (args.eval_strategy, args.eval_steps) == ("steps", 7)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "lora"])
+def test_load_best_model_at_end_really_loads_the_best_checkpoint(pretrained, finetuned, tmp_path,
+                                                                  stage):
+    """transformers' own loader misses LLaVA's on-disk key names (full runs) and projector-only
+    checkpoints, and silently keeps the last weights. "Best" is made the highest eval loss
+    here (greater_is_better), so it is the first checkpoint, not the last."""
+    from safetensors.torch import load_file
+
+    start = (pretrained if stage == "pretrain" else finetuned)[0].output_dir
+    extra: dict = {"model_name_or_path": str(start)}
+    if stage == "pretrain":  # the plain template cannot take the text-only / multi-turn ones
+        extra.update(skip_bad_records=True)
+    if stage == "lora":
+        extra.update(lora_r=8, lora_alpha=16, learning_rate=5e-3)
+    config = _config(stage, tmp_path / "out", max_steps=4, save_steps=2, eval_data_path=RECORDS,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                     greater_is_better=True, dataloader_num_workers=0, **extra)
+    result = run_training(config)
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"].endswith("checkpoint-2")
+    weights = {"pretrain": "projector.safetensors", "finetune": "model.safetensors",
+               "lora": "adapter_model.safetensors"}[stage]
+    best = load_file(str(result.output_dir / "checkpoint-2" / weights))
+    last = load_file(str(result.output_dir / "checkpoint-4" / weights))
+    saved = load_file(str(result.output_dir / weights))
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    assert all(torch.equal(saved[k], best[k]) for k in best)  # the output is the best model

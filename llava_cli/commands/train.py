@@ -62,6 +62,10 @@ def _make_command(stage: str) -> Any:
         quant_type: Annotated[str | None, _opt(TRAINABLE, help="nf4 | fp4.")] = None,
         data_path: Annotated[str | None, _opt(DATA, help="LLaVA .json / .jsonl.")] = None,
         image_folder: Annotated[str | None, _opt(DATA)] = None,
+        eval_data_path: Annotated[str | None, _opt(
+            DATA, help="Held-out records: eval_loss at every save.")] = None,
+        eval_image_folder: Annotated[str | None, _opt(
+            DATA, help="Default: --image-folder.")] = None,
         template: Annotated[str | None, _opt(DATA)] = None,
         tokenization: Annotated[str | None, _opt(DATA, help="hf | llava.")] = None,
         image_aspect_ratio: Annotated[str | None, _opt(DATA, help="square | pad | anyres.")
