@@ -50,6 +50,12 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
             raise ValueError("fp16 training needs a GPU; use bf16 or float32 on CPU")
     if config.group_by_modality_length:
         values.pop("train_sampling_strategy", None)  # our sampler replaces the built-in ones
+    if values.get("train_sampling_strategy") == "batch_rebalance":
+        raise ValueError("train_sampling_strategy 'batch_rebalance' measures every sample by "
+                         "loading it (the whole dataset tokenized, every image decoded) before "
+                         "the first step; use --group-by-modality-length, or "
+                         "train_sampling_strategy group_by_length: both take the lengths from "
+                         "the record index")
     try:
         args = TrainingArguments(**values)
     except (TypeError, ValueError) as err:

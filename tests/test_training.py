@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -413,3 +414,40 @@ def test_load_best_model_at_end_really_loads_the_best_checkpoint(pretrained, fin
     saved = load_file(str(result.output_dir / weights))
     assert any(not torch.equal(best[k], last[k]) for k in best)
     assert all(torch.equal(saved[k], best[k]) for k in best)  # the output is the best model
+
+
+def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, monkeypatch):
+    """transformers' own group_by_length loads every sample to measure it before training (and
+    measures LLaVA's by "pixel_values": a KeyError)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from llava_cli.dataset import LazySupervisedDataset
+
+    loaded: list[int] = []
+    original = LazySupervisedDataset.__getitem__
+    monkeypatch.setattr(LazySupervisedDataset, "__getitem__",
+                        lambda self, i: loaded.append(int(i)) or original(self, i))
+
+    def one_step(strategy: str) -> tuple[int, Any]:
+        loaded.clear()
+        config = _config("finetune", tmp_path / strategy, max_steps=1,
+                         model_name_or_path=str(finetuned[0].output_dir),
+                         train_sampling_strategy=strategy, dataloader_num_workers=0)
+        result = run_training(config)
+        return len(loaded), result
+
+    random_loads, _ = one_step("random")
+    grouped_loads, result = one_step("group_by_length")
+    # Only what the step reads (transformers' own would first load all 5 records to measure).
+    assert 0 < grouped_loads == random_loads < len(result.trainer.train_dataset)
+    sampler = result.trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    assert sampler.lengths == result.trainer.train_dataset.lengths.tolist()
+
+
+def test_batch_rebalance_is_refused_for_what_it_would_load(tmp_path):
+    from llava_cli.trainer_args import to_training_arguments
+
+    config = resolve_config("finetune", flags={"train_sampling_strategy": "batch_rebalance"})
+    with pytest.raises(ValueError, match="'batch_rebalance' measures every sample by loading it"):
+        to_training_arguments(config, str(tmp_path))
