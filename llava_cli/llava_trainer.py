@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,11 +30,26 @@ from llava_cli.checkpoints import (
     write_projector_file,
 )
 from llava_cli.dataset import DropCounter, Dropped
-from llava_cli.loss import supervised_cross_entropy, supervised_positions
+from llava_cli.loss import (
+    shifted_cross_entropy,
+    supervised_cross_entropy,
+    supervised_positions,
+)
 from llava_cli.model_factory import components
 from llava_cli.sampler import ModalityLengthGroupedSampler
 
 COMPONENT_ORDER = ("llm", "projector", "vision_tower")  # parameter groups, in this order
+
+
+def _loss_function(keep_supervised_logits: bool, label_smoothing: float) -> Any:
+    """Our loss for the Trainer, or None for the model's own (plain path, no smoothing)."""
+    if keep_supervised_logits:
+        loss = supervised_cross_entropy
+    elif label_smoothing:  # the Trainer's smoother would not shift LLaVA's labels
+        loss = shifted_cross_entropy
+    else:
+        return None
+    return partial(loss, label_smoothing=label_smoothing) if label_smoothing else loss
 
 
 class LlavaTrainer(Trainer):
@@ -42,10 +58,15 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, output_kind: str = "full", projector_lr: float | None = None,
                  vision_tower_lr: float | None = None, group_by_modality: bool = False,
                  supervised_logits_only: bool = False, **kwargs: Any) -> None:
-        if supervised_logits_only and not getattr(kwargs.get("args"), "use_liger_kernel", False):
-            # Liger's fused linear cross-entropy needs the labels in the model call; with it
-            # on, the plain path is the fast one.
-            kwargs["compute_loss_func"] = supervised_cross_entropy
+        args_ = kwargs.get("args")
+        # Liger's fused linear cross-entropy needs the labels in the model call; with it on,
+        # the plain path is the fast one.
+        self.keep_supervised_logits = supervised_logits_only and not getattr(
+            args_, "use_liger_kernel", False)
+        loss = _loss_function(self.keep_supervised_logits,
+                              getattr(args_, "label_smoothing_factor", 0.0))
+        if loss is not None:
+            kwargs["compute_loss_func"] = loss
         super().__init__(*args, **kwargs)
         self.output_kind = output_kind
         self.projector_lr = projector_lr
@@ -87,7 +108,7 @@ class LlavaTrainer(Trainer):
         # A training forward never needs a KV cache, and with one transformers ignores the
         # per-sample position ids of padding-free rows (samples would attend to each other).
         inputs = {**inputs, "use_cache": False}
-        if self.compute_loss_func is supervised_cross_entropy and "labels" in inputs:
+        if self.keep_supervised_logits and "labels" in inputs:
             inputs["logits_to_keep"] = supervised_positions(inputs["labels"])
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 

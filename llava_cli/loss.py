@@ -42,13 +42,14 @@ def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def supervised_cross_entropy(outputs: Any, labels: torch.Tensor,
                              num_items_in_batch: torch.Tensor | int | None = None,
-                             ) -> torch.Tensor:
+                             label_smoothing: float = 0.0) -> torch.Tensor:
     """Loss from logits computed at `supervised_positions(labels)` only ([kept, vocab]).
 
     Normalised like transformers' `ForCausalLMLoss`: summed and divided by
     `num_items_in_batch` when the Trainer passes it (gradient accumulation / token averaging
     across devices), else the mean over this batch's supervised tokens. The logits are upcast
-    to fp32 first, as transformers does.
+    to fp32 first, as transformers does. `label_smoothing` is the Trainer's
+    `label_smoothing_factor`, with its `LabelSmoother`'s formula (shifted, as for causal LMs).
     """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
     targets = supervised_targets(labels).to(logits.device)
@@ -56,9 +57,22 @@ def supervised_cross_entropy(outputs: Any, labels: torch.Tensor,
         raise ValueError(f"expected logits for the {targets.shape[0]} supervised positions only "
                          f"([kept, vocab]); got shape {tuple(logits.shape)}: the model was not "
                          "called with logits_to_keep=supervised_positions(labels)")
-    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    total = F.cross_entropy(logits.float(), targets, reduction="sum",
+                            label_smoothing=label_smoothing)
     if num_items_in_batch is None:
         return total / max(targets.numel(), 1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def shifted_cross_entropy(outputs: Any, labels: torch.Tensor,
+                          num_items_in_batch: torch.Tensor | int | None = None,
+                          label_smoothing: float = 0.0) -> torch.Tensor:
+    """`supervised_cross_entropy` from full [batch, seq, vocab] logits (the plain path with
+    label smoothing). The Trainer's own label smoother shifts labels only for models in its
+    causal-LM list, which LLaVA's are not: it would train each position on its own token."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    kept = logits[supervised_positions(labels).to(logits.device)]
+    return supervised_cross_entropy({"logits": kept}, labels, num_items_in_batch,
+                                    label_smoothing)

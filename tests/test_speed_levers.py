@@ -13,7 +13,12 @@ import transformers
 from llava_cli.collator import DataCollator
 from llava_cli.config import ConfigError, RunConfig, resolve_config
 from llava_cli.data_inspect import demo_data
-from llava_cli.loss import supervised_cross_entropy, supervised_positions, supervised_targets
+from llava_cli.loss import (
+    shifted_cross_entropy,
+    supervised_cross_entropy,
+    supervised_positions,
+    supervised_targets,
+)
 from llava_cli.model_factory import components
 from llava_cli.trainer_args import to_training_arguments
 from llava_cli.training import run_training
@@ -94,6 +99,25 @@ def test_supervised_logits_give_the_plain_loss_and_gradients():
     # The Trainer's normalisation for gradient accumulation / token averaging: sum ÷ N.
     _assert_same(_loss_and_grads(model, batch, supervised=False, num_items=torch.tensor(25)),
                  _loss_and_grads(model, batch, supervised=True, num_items=torch.tensor(25)))
+
+
+def test_label_smoothing_is_the_trainers_formula_on_shifted_labels():
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = _tiny_llava().eval()
+    batch = DataCollator(pad_token_id=0)(SAMPLES)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        full = model(**batch)
+        kept = model(**batch, logits_to_keep=supervised_positions(labels))
+    for items in (None, torch.tensor(25)):
+        expected = LabelSmoother(epsilon=0.1)(full, labels, shift_labels=True,
+                                              num_items_in_batch=items)
+        torch.testing.assert_close(
+            supervised_cross_entropy(kept, labels, items, label_smoothing=0.1), expected)
+        torch.testing.assert_close(  # the plain path (lever off) with smoothing
+            shifted_cross_entropy(full, labels, items, label_smoothing=0.1), expected)
+    assert not torch.allclose(supervised_cross_entropy(kept, labels), expected)
 
 
 def test_supervised_loss_refuses_full_logits():
@@ -205,6 +229,17 @@ def test_levers_keep_the_loss_trajectory_and_the_weights(runs):
             # full-size step for that one element, so elementwise tolerances would be flaky.
             difference = (trained[key] - value).norm() / value.norm().clamp_min(1e-12)
             assert difference < 2e-4, f"{name}: {key} differs by {difference:.2e}"
+
+
+def test_label_smoothing_trains_the_same_with_the_lever_on_or_off(tmp_path):
+    """transformers' own smoother does not shift LLaVA's labels (the lever-off path used it);
+    with the lever on, the Trainer's smoothing was skipped altogether."""
+    smooth = {"label_smoothing_factor": 0.1, "max_steps": 2}
+    off = _losses(_run(tmp_path / "off", **LEVERS_OFF, **smooth))
+    on = _losses(_run(tmp_path / "on", **smooth))
+    plain = _losses(_run(tmp_path / "plain", max_steps=2))
+    torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-4, atol=1e-5)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(on, plain, strict=True))
 
 
 def test_frozen_tower_costs_no_backward_only_with_the_lever(runs):
