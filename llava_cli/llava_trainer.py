@@ -58,16 +58,13 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args: Any, output_kind: str = "full", projector_lr: float | None = None,
                  vision_tower_lr: float | None = None, group_by_modality: bool = False,
                  supervised_logits_only: bool = False, **kwargs: Any) -> None:
-        args_ = kwargs.get("args")
+        super().__init__(*args, **kwargs)
         # Liger's fused linear cross-entropy needs the labels in the model call; with it on,
         # the plain path is the fast one.
-        self.keep_supervised_logits = supervised_logits_only and not getattr(
-            args_, "use_liger_kernel", False)
-        loss = _loss_function(self.keep_supervised_logits,
-                              getattr(args_, "label_smoothing_factor", 0.0))
+        self.keep_supervised_logits = supervised_logits_only and not self.args.use_liger_kernel
+        loss = _loss_function(self.keep_supervised_logits, self.args.label_smoothing_factor)
         if loss is not None:
-            kwargs["compute_loss_func"] = loss
-        super().__init__(*args, **kwargs)
+            self.compute_loss_func = loss
         self.output_kind = output_kind
         self.projector_lr = projector_lr
         self.vision_tower_lr = vision_tower_lr
