@@ -43,11 +43,15 @@ def refuse_incompatible_deepspeed(deepspeed: Any, bits: int,
                          "weights cannot be partitioned. Use ZeRO-2 "
                          "(recipes/deepspeed/zero2.json), DDP, or one GPU")
     rates = [name for name, rate in component_rates.items() if rate]
-    if rates and "scheduler" in config:
-        # DeepSpeed's schedulers broadcast one rate (warmup_max_lr, filled in from
-        # learning_rate) to every parameter group: the components' rates would be lost.
+    sections = [name for name in ("optimizer", "scheduler") if name in config]
+    if rates and sections:
+        # DeepSpeed's optimizer gets the trainable parameters as one flat group, and its
+        # schedulers broadcast one rate (warmup_max_lr, from learning_rate) to every group:
+        # either way the components' rates would be lost without a word.
+        named = " and ".join(f'"{name}"' for name in sections)
         raise ValueError(
-            f"{' and '.join(rates)} cannot apply: the DeepSpeed config {deepspeed!r} has a "
-            "\"scheduler\" section, and DeepSpeed's schedulers give every parameter group one "
-            "learning rate. Remove that section (the Trainer's lr_scheduler_type schedule is "
-            f"used and keeps each component's rate), or unset {' / '.join(rates)}")
+            f"{' and '.join(rates)} cannot apply: the DeepSpeed config {deepspeed!r} defines "
+            f"{named}, and DeepSpeed's optimizer takes all parameters as one group, its "
+            "schedulers give every group one learning rate. Remove the section(s): the "
+            "Trainer's optimizer and lr_scheduler_type schedule are used and keep each "
+            f"component's rate. Or unset {' / '.join(rates)}")

@@ -2,7 +2,7 @@
 
 - parameter groups: the projector and the vision tower may have their own learning rates
   (logged as `learning_rate_<component>` beside the LLM's `learning_rate`);
-- `group_by_modality_length` sampling, and `group_by_length` from the index's lengths;
+- `group_by_modality_length` sampling, and `group_by_length` by the index's lengths;
 - the loss at supervised positions only (`llava_cli.loss`), switchable;
 - a frozen vision tower that costs no backward (`FrozenPartsNoBackward`), switchable;
 - projector-only runs checkpoint only the projector (not a copy of the frozen LLM);
@@ -20,8 +20,8 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from llava_cli.checkpoints import (
     PROJECTOR_FILE,
@@ -111,19 +111,24 @@ class LlavaTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.group_by_modality:
-            return ModalityLengthGroupedSampler(
-                dataset.modality_lengths, self.args.per_device_train_batch_size,
-                self.args.world_size * self.args.gradient_accumulation_steps,
-                seed=self.args.seed)
-        if self.args.train_sampling_strategy == "group_by_length":
-            # transformers' own measures each sample by loading it (every record tokenized,
-            # every image decoded before the first step), by the processor's first input name:
-            # "pixel_values" for LLaVA, a KeyError. The record index has the lengths.
-            return LengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                lengths=dataset.lengths.tolist())
-        return super()._get_train_sampler(train_dataset)
+        by_length = self.args.train_sampling_strategy == "group_by_length"
+        if not (self.group_by_modality or by_length):
+            return super()._get_train_sampler(train_dataset)
+        # transformers' own group_by_length measures each sample by loading it (every record
+        # tokenized, every image decoded before the first step), by the processor's first
+        # input name: "pixel_values" for LLaVA, a KeyError. The record index has the lengths;
+        # unsigned, they are one "modality" to our seeded, resumable sampler.
+        lengths = dataset.modality_lengths if self.group_by_modality else dataset.lengths
+        return ModalityLengthGroupedSampler(
+            lengths, self.args.per_device_train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        # Evaluation order does not matter; transformers' group_by_length one would load (and
+        # fail on) every held-out sample as above.
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     def parameter_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         """Trainable parameters grouped by (component, learning rate, weight decay)."""

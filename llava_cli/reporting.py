@@ -41,8 +41,9 @@ class Reporter:
                       f"{len(dataset) - images:,} text-only)")
         if held_out is not None:
             strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
-            every = f"{args.eval_steps} steps" if strategy == "steps" else strategy
-            table.add_row("evaluation", f"{len(held_out):,} records, eval_loss every {every}")
+            when = {"steps": f"every {args.eval_steps} steps", "epoch": "every epoch",
+                    "no": "never (eval_strategy no)"}[strategy]
+            table.add_row("evaluation", f"{len(held_out):,} records, eval_loss {when}")
         effective = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                      * args.world_size)
         table.add_row("effective batch", f"{effective} (per device "

@@ -93,20 +93,33 @@ def _current_checkpointing_names(values: dict[str, Any]) -> None:
             values.setdefault(new, value)
 
 
+# When to evaluate held-out records, by save strategy: at every save; at the end of each
+# epoch when nothing is saved; "best" saves need an evaluation at each step interval.
+EVALUATE_WITH_SAVES = {"steps": "steps", "epoch": "epoch", "best": "steps", "no": "epoch"}
+
+
 def _evaluation(values: dict[str, Any], held_out: bool) -> None:
-    """With held-out data, evaluate whenever a checkpoint is saved (unless `eval_strategy` is
-    set), loss only: no command computes metrics from logits, and gathering them for a whole
-    evaluation set costs memory for nothing. Without it, asking for evaluation is an error."""
-    strategy = str(values.get("eval_strategy", "no")).split(".")[-1].lower()
+    """With held-out data, evaluate with the saves (unless `eval_strategy` is set), loss only:
+    no command computes metrics from logits, and gathering them for a whole evaluation set costs
+    memory for nothing. Without it, asking for evaluation is an error."""
     if not held_out:
+        strategy = _strategy(values.get("eval_strategy", "no"))
         if strategy != "no" or values.get("do_eval"):
-            raise ValueError(f"eval_strategy {strategy!r} needs held-out records to evaluate "
-                             "on: give --eval-data-path FILE.json (or unset eval_strategy)")
+            asked = f"eval_strategy {strategy!r}" if strategy != "no" else "do_eval"
+            raise ValueError(f"{asked} needs held-out records to evaluate on: give "
+                             "--eval-data-path FILE.json (or drop it)")
         return
-    values.setdefault("eval_strategy", values["save_strategy"])
-    if str(values["eval_strategy"]).split(".")[-1].lower() == "steps":
+    values.setdefault("eval_strategy", EVALUATE_WITH_SAVES[_strategy(values["save_strategy"])])
+    if _strategy(values["eval_strategy"]) == "steps":
         values.setdefault("eval_steps", values["save_steps"])
+    values.setdefault("per_device_eval_batch_size",
+                      values.get("per_device_train_batch_size", 8))
     values.setdefault("prediction_loss_only", True)
+
+
+def _strategy(value: Any) -> str:
+    """'steps' from 'steps', 'STEPS' or IntervalStrategy.STEPS."""
+    return str(getattr(value, "value", value)).lower()
 
 
 def _input_pipeline(values: dict[str, Any], on_cpu: bool) -> None:

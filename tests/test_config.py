@@ -112,10 +112,15 @@ def test_deepspeed_conflicts_are_refused_before_anything_is_built(tmp_path):
         "warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto"}})
     with pytest.raises(ConfigError) as refused:
         resolve_config("lora", flags={"deepspeed": warmup})
-    assert (f"projector_lr cannot apply: the DeepSpeed config {warmup!r} has a \"scheduler\" "
-            "section, and DeepSpeed's schedulers give every parameter group one learning rate. "
-            "Remove that section (the Trainer's lr_scheduler_type schedule is used and keeps "
-            "each component's rate), or unset projector_lr") in str(refused.value)
+    assert (f"projector_lr cannot apply: the DeepSpeed config {warmup!r} defines "
+            "\"scheduler\", and DeepSpeed's optimizer takes all parameters as one group, its "
+            "schedulers give every group one learning rate. Remove the section(s): the "
+            "Trainer's optimizer and lr_scheduler_type schedule are used and keep each "
+            "component's rate. Or unset projector_lr") in str(refused.value)
+    # Its own optimizer: one flat group of parameters (LLaVA's zero3_offload.json has both).
+    adamw = _deepspeed(tmp_path, optimizer={"type": "AdamW", "params": {"lr": "auto"}})
+    with pytest.raises(ConfigError, match='defines "optimizer", and DeepSpeed'):
+        resolve_config("lora", flags={"deepspeed": adamw})
     with pytest.raises(ConfigError, match="projector_lr and vision_tower_lr cannot apply"):
         resolve_config("finetune", flags={"deepspeed": warmup, "projector_lr": 1e-5,
                                           "vision_tower_lr": 2e-6})

@@ -366,22 +366,34 @@ def test_held_out_records_give_the_eval_loss_at_each_save(finetuned, tmp_path):
     assert evaluations[0]["eval_loss"] != evaluations[-1]["eval_loss"]
     saved = (result.output_dir / "llava_config.yaml").read_text()
     assert f"eval_data_path: {RECORDS}" in saved
+    from rich.console import Console
+
+    from llava_cli.reporting import Reporter
+
+    reporter = Reporter(Console(record=True, width=120))
+    reporter.summary(config, "full", {}, trainer.train_dataset, trainer.args, trainer.eval_dataset)
+    shown = reporter.console.export_text()
+    assert "│ evaluation              │ 5 records, eval_loss every 2 steps" in shown
 
 
 def test_evaluation_needs_held_out_records_and_defaults_to_the_save_schedule(tmp_path):
     from llava_cli.trainer_args import to_training_arguments
 
-    for asked in ({"eval_strategy": "steps"}, {"do_eval": True}):
+    for asked, named in (({"eval_strategy": "steps"}, "eval_strategy 'steps'"),
+                         ({"do_eval": True}, "do_eval")):
         config = resolve_config("finetune", flags=asked)
-        with pytest.raises(ValueError, match="needs held-out records to evaluate on: give "
-                                             r"--eval-data-path FILE\.json"):
+        with pytest.raises(ValueError, match=f"{named} needs held-out records to evaluate on: "
+                                             r"give --eval-data-path FILE\.json"):
             to_training_arguments(config, str(tmp_path))
     args = to_training_arguments(resolve_config("finetune", flags={
         "eval_data_path": RECORDS, "save_steps": 50}), str(tmp_path))
     assert (args.eval_strategy, args.eval_steps, args.prediction_loss_only) == ("steps", 50, True)
-    args = to_training_arguments(resolve_config("finetune", flags={
-        "eval_data_path": RECORDS, "save_strategy": "epoch"}), str(tmp_path))
-    assert args.eval_strategy == "epoch"
+    assert args.per_device_eval_batch_size == args.per_device_train_batch_size == 8
+    for saves, evaluations in (("epoch", "epoch"), ("no", "epoch"), ("best", "steps")):
+        args = to_training_arguments(resolve_config("finetune", flags={
+            "eval_data_path": RECORDS, "save_strategy": saves, "per_device_train_batch_size": 2}),
+            str(tmp_path))
+        assert (args.eval_strategy, args.per_device_eval_batch_size) == (evaluations, 2), saves
     args = to_training_arguments(resolve_config("finetune", flags={
         "eval_data_path": RECORDS, "eval_strategy": "steps", "eval_steps": 7}), str(tmp_path))
     assert (args.eval_strategy, args.eval_steps) == ("steps", 7)
@@ -418,10 +430,9 @@ def test_load_best_model_at_end_really_loads_the_best_checkpoint(pretrained, fin
 
 def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, monkeypatch):
     """transformers' own group_by_length loads every sample to measure it before training (and
-    measures LLaVA's by "pixel_values": a KeyError)."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
+    measures LLaVA's by "pixel_values": a KeyError), held-out ones too."""
     from llava_cli.dataset import LazySupervisedDataset
+    from llava_cli.sampler import ModalityLengthGroupedSampler
 
     loaded: list[int] = []
     original = LazySupervisedDataset.__getitem__
@@ -432,7 +443,8 @@ def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, m
         loaded.clear()
         config = _config("finetune", tmp_path / strategy, max_steps=1,
                          model_name_or_path=str(finetuned[0].output_dir),
-                         train_sampling_strategy=strategy, dataloader_num_workers=0)
+                         train_sampling_strategy=strategy, dataloader_num_workers=0,
+                         eval_data_path=RECORDS, eval_strategy="no")
         result = run_training(config)
         return len(loaded), result
 
@@ -440,9 +452,14 @@ def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, m
     grouped_loads, result = one_step("group_by_length")
     # Only what the step reads (transformers' own would first load all 5 records to measure).
     assert 0 < grouped_loads == random_loads < len(result.trainer.train_dataset)
-    sampler = result.trainer._get_train_sampler()
-    assert isinstance(sampler, LengthGroupedSampler)
-    assert sampler.lengths == result.trainer.train_dataset.lengths.tolist()
+    trainer = result.trainer
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ModalityLengthGroupedSampler)
+    assert sampler.lengths.tolist() == trainer.train_dataset.lengths.tolist()
+    assert sorted(sampler) == list(range(5))  # every record once per epoch
+    loaded.clear()  # evaluation: nothing loaded but the held-out records, once each
+    assert trainer.evaluate()["eval_loss"] > 0
+    assert sorted(loaded) == list(range(5))
 
 
 def test_batch_rebalance_is_refused_for_what_it_would_load(tmp_path):
