@@ -8,6 +8,7 @@ resolved config, run manifest, train metrics.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.config import RunConfig, save_resolved, with_absolute_paths
+from llava_cli.data_report import scan_records
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STALE_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.*",
@@ -111,6 +113,31 @@ def build_dataset(config: RunConfig, model: Any, processor: Any, held_out: bool 
                                       config.skip_bad_records)
 
 
+def check_held_out(dataset: Any, config: RunConfig) -> None:
+    """Scan the held-out records before training (images by header). A bad one would stop the
+    run at its first evaluation, which comes before that step's checkpoint is written: the
+    training up to there would be lost."""
+    from llava_cli.dataset import FULLY_MASKED
+    from llava_cli.reporting import is_main_process
+
+    report = scan_records(dataset.builder, dataset.index, 0, len(dataset))
+    if not report.failed:
+        return
+    found = "; ".join(f"{kind}: {n} (e.g. {', '.join(report.examples[kind][:3])})"
+                      for kind, n in report.problems.most_common())
+    advice = f"`llava inspect-data {config.eval_data_path} --check` lists them all"
+    errors = {kind for kind in report.problems if kind != FULLY_MASKED}
+    if sum(report.problems.values()) >= len(dataset) or (errors and not config.skip_bad_records):
+        more = "" if config.skip_bad_records else "; fix them or pass --skip-bad-records"
+        raise ValueError(f"held-out data {config.eval_data_path}: {sum(report.problems.values())}"
+                         f" of {len(dataset)} record(s) cannot be evaluated ({found}){more}. "
+                         f"{advice}")
+    if is_main_process():
+        logging.getLogger("llava_cli").warning(
+            "held-out data %s: %d record(s) cannot be evaluated and are replaced by the next "
+            "one (%s). %s.", config.eval_data_path, sum(report.problems.values()), found, advice)
+
+
 def prepare_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, int]]:
     """Apply the declared trainability (and LoRA) — the one call that sets requires_grad."""
     from llava_cli.adapters import apply_lora
@@ -155,6 +182,8 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
     dataset = build_dataset(config, model, loaded.processor)
     held_out = build_dataset(config, model, loaded.processor, held_out=True) \
         if config.eval_data_path else None
+    if held_out is not None:
+        check_held_out(held_out, config)
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=held_out,
         data_collator=_collator(loaded, config),
@@ -179,8 +208,6 @@ def run_training(config: RunConfig, reporter: Any = None) -> RunResult:
 def report_dropped(trainer: Any) -> int:
     """Warn (on rank 0) how many distinct records training left out and why; return the
     count. Collective under torch.distributed (every rank calls it)."""
-    import logging
-
     dropped = trainer.dropped_records()
     if dropped.total and trainer.is_world_process_zero():
         logging.getLogger("llava_cli").warning(

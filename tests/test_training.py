@@ -468,3 +468,30 @@ def test_batch_rebalance_is_refused_for_what_it_would_load(tmp_path):
     config = resolve_config("finetune", flags={"train_sampling_strategy": "batch_rebalance"})
     with pytest.raises(ValueError, match="'batch_rebalance' measures every sample by loading it"):
         to_training_arguments(config, str(tmp_path))
+
+
+def test_held_out_records_are_checked_before_training(finetuned, tmp_path, caplog):
+    """A bad held-out record would stop the run at its first evaluation, before that step's
+    checkpoint is written; it is found before the first step instead."""
+    records = json.loads(Path(RECORDS).read_text())
+    records.append({"id": "gone", "image": "images/nowhere.png", "conversations": [
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]})
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(records))
+    keys = {"model_name_or_path": str(finetuned[0].output_dir), "max_steps": 2,
+            "save_steps": 2, "eval_data_path": str(held_out), "dataloader_num_workers": 0}
+    with pytest.raises(ValueError) as refused:
+        run_training(_config("finetune", tmp_path / "refused", **keys))
+    assert str(refused.value) == (
+        f"held-out data {held_out}: 1 of 6 record(s) cannot be evaluated (bad-image: 1 (e.g. "
+        f"gone)); fix them or pass --skip-bad-records. `llava inspect-data {held_out} --check` "
+        "lists them all")
+    assert not list((tmp_path / "refused").glob("checkpoint-*"))
+
+    with caplog.at_level("WARNING", logger="llava_cli"):
+        result = run_training(_config("finetune", tmp_path / "skipped", skip_bad_records=True,
+                                      **keys))
+    assert (f"held-out data {held_out}: 1 record(s) cannot be evaluated and are replaced by the "
+            "next one (bad-image: 1 (e.g. gone))") in caplog.text
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    assert [row["step"] for row in state["log_history"] if "eval_loss" in row] == [2]
