@@ -117,14 +117,13 @@ def check_held_out(dataset: Any, config: RunConfig) -> None:
     """Scan the held-out records before training (images by header). A bad one would stop the
     run at its first evaluation, which comes before that step's checkpoint is written: the
     training up to there would be lost."""
-    from llava_cli.dataset import FULLY_MASKED
+    from llava_cli.dataset import FULLY_MASKED, DropCounter
     from llava_cli.reporting import is_main_process
 
     report = scan_records(dataset.builder, dataset.index, 0, len(dataset))
     if not report.failed:
         return
-    found = "; ".join(f"{kind}: {n} (e.g. {', '.join(report.examples[kind][:3])})"
-                      for kind, n in report.problems.most_common())
+    found = DropCounter(counts=report.problems, examples=report.examples).summary()
     advice = f"`llava inspect-data {config.eval_data_path} --check` lists them all"
     errors = {kind for kind in report.problems if kind != FULLY_MASKED}
     if sum(report.problems.values()) >= len(dataset) or (errors and not config.skip_bad_records):
