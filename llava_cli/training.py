@@ -125,16 +125,16 @@ def check_held_out(dataset: Any, config: RunConfig) -> None:
         return
     found = DropCounter(counts=report.problems, examples=report.examples).summary()
     advice = f"`llava inspect-data {config.eval_data_path} --check` lists them all"
+    bad = sum(report.problems.values())
     errors = {kind for kind in report.problems if kind != FULLY_MASKED}
-    if sum(report.problems.values()) >= len(dataset) or (errors and not config.skip_bad_records):
+    if bad >= len(dataset) or (errors and not config.skip_bad_records):
         more = "" if config.skip_bad_records else "; fix them or pass --skip-bad-records"
-        raise ValueError(f"held-out data {config.eval_data_path}: {sum(report.problems.values())}"
-                         f" of {len(dataset)} record(s) cannot be evaluated ({found}){more}. "
-                         f"{advice}")
+        raise ValueError(f"held-out data {config.eval_data_path}: {bad} of {len(dataset)} "
+                         f"record(s) cannot be evaluated ({found}){more}. {advice}")
     if is_main_process():
         logging.getLogger("llava_cli").warning(
             "held-out data %s: %d record(s) cannot be evaluated and are replaced by the next "
-            "one (%s). %s.", config.eval_data_path, sum(report.problems.values()), found, advice)
+            "one (%s). %s.", config.eval_data_path, bad, found, advice)
 
 
 def prepare_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, int]]:
