@@ -27,7 +27,7 @@ DEFAULT_TOKENIZER = (Path(__file__).resolve().parents[2] / "shared" / "assets" /
 
 def build_image_tree(data: Path, folder: Path) -> int:
     """Link one small JPEG at every image path `data` references; return how many."""
-    from llava_cli.records import RecordIndex
+    from llava_cli.data.records import RecordIndex
 
     folder.mkdir(parents=True, exist_ok=True)
     seed = folder / "_seed.jpg"
@@ -85,7 +85,8 @@ def _memory_kb(pid: int, field: str) -> int:
 
 # The same CLI with the chunk cache switched off: every record through the tokenizers
 # library's own encode (the path before the cache; a bench-only patch, not a product option).
-PLAIN_TOKENIZER = ("import sys; from llava_cli import chunked_tokenizer as c, cli; "
+PLAIN_TOKENIZER = ("import sys; from llava_cli import cli; "
+                   "from llava_cli.data.text import chunked_tokenizer as c; "
                    "c.ChunkedEncoder.for_tokenizer = staticmethod(lambda tokenizer: None); "
                    "sys.argv[0] = 'llava'; cli.main()")
 

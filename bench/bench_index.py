@@ -1,4 +1,4 @@
-"""Benchmark :class:`llava_cli.records.RecordIndex` against LLaVA's ``json.load``.
+"""Benchmark :class:`llava_cli.data.records.RecordIndex` against LLaVA's ``json.load``.
 
 Usage: ``python bench/bench_index.py FILE [--repeats 3] [--reads 2000] [--skip-json]``
 
@@ -48,7 +48,7 @@ def child(step: str, path: str, cache: str, reads: int) -> dict[str, Any]:
     """Run one step in this (fresh) process and return its measurements."""
     import numpy  # count numpy in every row's RSS, as the loader imports it
 
-    from llava_cli.records import RecordIndex
+    from llava_cli.data.records import RecordIndex
 
     out: dict[str, Any] = {}
     t0 = time.perf_counter()

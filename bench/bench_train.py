@@ -25,8 +25,8 @@ CHILD = r"""
 import json, sys, time
 START = time.time()
 import transformers
-from llava_cli.config import resolve_config
-from llava_cli.training import run_training
+from llava_cli.config.resolve import resolve_config
+from llava_cli.train.run import run_training
 
 class FirstStep(transformers.TrainerCallback):
     first = None

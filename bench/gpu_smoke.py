@@ -155,11 +155,11 @@ def synchronize(device: str) -> None:
 
 def step_loss(model: Any, batch: dict[str, Any], levers: bool) -> Any:
     """The plain HF loss (full [batch, seq, vocab] logits) or, with the levers, llava_cli's
-    loss at the supervised positions only (equal value; `llava_cli/loss.py` imports torch
+    loss at the supervised positions only (equal value; `llava_cli/train/loss.py` imports torch
     only, so it runs from the repository root without installing llava_cli)."""
     if not levers:
         return model(**batch).loss
-    from llava_cli.loss import supervised_cross_entropy, supervised_positions
+    from llava_cli.train.loss import supervised_cross_entropy, supervised_positions
 
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -1,52 +1,99 @@
 """The run manifest (`llava_run.json`): what kind of output a directory holds and its base.
 
-Merge, export and `finetune --model-name-or-path RUN_DIR` read it; nothing is ever decided
-from a directory's name (LLaVA's "the folder name must contain 'llava'" trap).
+Merge, export, generate and `finetune --model-name-or-path RUN_DIR` read it; nothing is ever
+decided from a directory's name (LLaVA's "the folder name must contain 'llava'" trap).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llava_cli.artifacts.files import write_text_atomically
 
 MANIFEST_NAME = "llava_run.json"
-OutputKind = Literal["projector", "full", "lora"]
 FORMAT_VERSION = 1
 
 
-@dataclass
-class RunManifest:
-    """Describes one output directory.
+class OutputKind(str, Enum):
+    """What a run directory holds; decided by trainability alone (`RunConfig.output_kind`)."""
 
-    `base` says how to rebuild the model the output applies to: `{"type": "parts", "llm":
-    path, "vision_tower": path, ...}` or `{"type": "llava", "path": checkpoint}`.
-    """
+    PROJECTOR = "projector"  # projector.safetensors only: the LLM and vision tower were frozen
+    FULL = "full"  # a complete HF checkpoint
+    LORA = "lora"  # a PEFT adapter (with the projector when it was trained)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PartsBase(_Base):
+    """A new model composed at training time from an LLM and a vision tower."""
+
+    type: Literal["parts"] = "parts"
+    llm: str | None
+    vision_tower: str | None
+    vision_select_layer: int = -2
+    vision_select_feature: str = "patch"
+    projector_type: str = "mlp2x_gelu"
+    random_init: bool = False
+    pretrained_projector: str | None = None  # a projector file loaded on top
+
+
+class CheckpointBase(_Base):
+    """An HF-layout LLaVA checkpoint (ours or llava-hf); `path` may be relative to the run
+    (a random-init pretrain run keeps its base weights in its own `base/`)."""
+
+    type: Literal["llava"] = "llava"
+    path: str
+    random_init: bool = False
+    pretrained_projector: str | None = None
+    started_from: str | None = None  # the model a relative `path` was reached from
+
+
+class MergedBase(_Base):
+    """A LoRA adapter merged into its base (what `merge-lora` writes)."""
+
+    type: Literal["merged"] = "merged"
+    adapter: str
+    base: Base
+
+
+Base = Annotated[PartsBase | CheckpointBase | MergedBase, Field(discriminator="type")]
+MergedBase.model_rebuild()
+
+
+class RunManifest(BaseModel):
+    """Describes one output directory: its kind, its base, and the data settings it was
+    trained with (the generator and merge read them back)."""
 
     kind: OutputKind
-    base: dict[str, Any]
+    base: Base
     template: str
     tokenization: str
     image_aspect_ratio: str
     projector_type: str = "mlp2x_gelu"
-    files: list[str] = field(default_factory=list)
+    files: list[str] = Field(default_factory=list)
     created: str = ""
-    versions: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def write(self, directory: str | Path) -> Path:
         """Write `llava_run.json` into `directory` atomically, stamping time and versions."""
-        self.created = self.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.versions = self.versions or package_versions()
-        target = Path(directory) / MANIFEST_NAME
-        temporary = target.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(temporary, target)
-        return target
+        stamped = self.model_copy(update={
+            "created": self.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": self.versions or package_versions()})
+        text = json.dumps(stamped.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        return write_text_atomically(Path(directory) / MANIFEST_NAME, text)
 
 
 def read_manifest(directory: str | Path) -> RunManifest | None:
@@ -58,7 +105,13 @@ def read_manifest(directory: str | Path) -> RunManifest | None:
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer llava_cli (format "
                          f"{data['format_version']}); upgrade llava_cli to read it")
-    return RunManifest(**data)
+    try:
+        return RunManifest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"{path} is not a valid llava_cli manifest ({where}: {first['msg']})"
+                         ) from None
 
 
 def package_versions() -> dict[str, str]:

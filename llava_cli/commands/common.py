@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from llava_cli.config import RunConfig
+    from llava_cli.config.run_config import RunConfig
 
 CONFIG_PANEL = "Configuration"
 
@@ -26,7 +26,8 @@ PrintConfig = Annotated[bool, typer.Option(
 def config_or_exit(command: str, recipe: Path | None, sets: list[str] | None,
                    flags: dict[str, Any]) -> RunConfig:
     """Resolve the configuration; a problem ends the command with status 2 and its message."""
-    from llava_cli.config import ConfigError, resolve_config
+    from llava_cli.config.resolve import resolve_config
+    from llava_cli.config.run_config import ConfigError
 
     try:
         return resolve_config(command, recipe, sets, flags)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from llava_cli.demo import DemoResult
+    from llava_cli.demo.run import DemoResult
 
 QUESTION_NAMES = {"color": "shape colour", "side": "left / right", "background": "background"}
 
@@ -33,7 +33,7 @@ def demo(
     """
     from rich.console import Console
 
-    from llava_cli.demo import run_demo
+    from llava_cli.demo.run import run_demo
 
     console = Console()
     try:
@@ -75,6 +75,6 @@ def print_summary(console: Any, result: DemoResult) -> None:
 
 
 def _mark(answer: str, truth: str) -> str:
-    from llava_cli.demo_eval import normalize
+    from llava_cli.demo.evaluate import normalize
 
     return f"[green]{answer}[/]" if normalize(answer) == truth else f"[red]{answer or '∅'}[/]"

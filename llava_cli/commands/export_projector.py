@@ -24,7 +24,7 @@ def export_projector(
     Only the projector tensors are read, never the whole model.
     The file loads back bit-identical with --pretrained-projector FILE, and in LLaVA's code.
     """
-    from llava_cli.export import export_projector as run
+    from llava_cli.artifacts.export import export_projector as run
 
     try:
         result = run(checkpoint, output, output_format)

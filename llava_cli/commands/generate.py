@@ -52,7 +52,8 @@ def generate(
     for path in (image, data):
         if path is not None and not path.is_file():
             raise _fail(f"{path}: no such file", 2)
-    from llava_cli.generation import answer_records, load_for_generation
+    from llava_cli.generation.batch import answer_records
+    from llava_cli.generation.load import load_for_generation
 
     try:
         generator = load_for_generation(checkpoint, adapter)
@@ -60,14 +61,6 @@ def generate(
             count = answer_records(generator, data, output, image_folder, max_new_tokens)
             typer.echo(f"wrote {count} answers to {output}", err=True)
             return
-        generator.answer(_open_image(image), prompt, max_new_tokens, stream=True)
+        generator.answer(image, prompt, max_new_tokens, stream=True)  # None: text only
     except ValueError as err:  # our load/record/image errors are ValueErrors with a message
         raise _fail(str(err), 1) from None
-
-
-def _open_image(path: Path | None) -> object:
-    if path is None:
-        return None
-    from llava_cli.images import load_image
-
-    return load_image(path)

@@ -55,8 +55,8 @@ def inspect_data(
         help="Processes for --check (default: all cores).", rich_help_panel=VIEW)] = None,
 ) -> None:
     """Preview label masks (supervised text highlighted) or --check a whole dataset."""
-    from llava_cli.data_inspect import DEMO_IMAGE_TOKENS, InspectRequest, demo_data
-    from llava_cli.data_inspect import inspect_data as run
+    from llava_cli.inspect.inspect_data import DEMO_IMAGE_TOKENS, InspectRequest, demo_data
+    from llava_cli.inspect.inspect_data import inspect_data as run
 
     if output_format not in ("rich", "json", "jsonl"):
         raise typer.BadParameter("choose rich, json or jsonl", param_hint="--format")

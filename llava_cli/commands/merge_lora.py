@@ -33,8 +33,8 @@ def merge_lora(
     Verified: logits vs the unmerged base + adapter (QLoRA: also vs the quantized base).
     A failed check exits 1 and writes nothing.
     """
-    from llava_cli.merge import VerificationError, describe
-    from llava_cli.merge import merge_lora as run
+    from llava_cli.merge.merge import VerificationError, describe
+    from llava_cli.merge.merge import merge_lora as run
 
     try:
         result = run(run_dir, output_dir, base=base, dtype=dtype, overwrite=overwrite,

@@ -131,8 +131,9 @@ def _trainability_flags(flags: dict[str, Any]) -> dict[str, Any]:
 
 def run_or_exit(stage: str, config: Any) -> None:
     """Run training; a configuration or data problem ends with status 2 and its message."""
-    from llava_cli.reporting import Reporter
-    from llava_cli.training import process_group_closed_at_end, run_training
+    from llava_cli.train.process import process_group_closed_at_end
+    from llava_cli.train.reporting import Reporter
+    from llava_cli.train.run import run_training
 
     reporter = Reporter()
     try:

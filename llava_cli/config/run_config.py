@@ -1,27 +1,24 @@
-"""The one typed run configuration: stage preset < recipe YAML < `--set key=value` < named flags.
+"""The one typed run configuration, validated once (pydantic, frozen, unknown keys refused)
+and saved resolved next to every output.
 
-Validated once (pydantic, unknown keys rejected with the closest valid name), saved resolved
-next to every output. Any `transformers.TrainingArguments` field is accepted too and kept in
-`training_args`; `trainer_args.py` is the only module that turns this into TrainingArguments.
+`config.resolve` builds it from presets, recipes, `--set` and flags; any
+`transformers.TrainingArguments` field is kept in `training_args`, which `train.arguments` alone
+turns into the Trainer's arguments.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llava_cli.deepspeed_checks import refuse_incompatible_deepspeed
+from llava_cli.artifacts.files import write_text_atomically
+from llava_cli.artifacts.manifest import OutputKind
+from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
+from llava_cli.data.samples import DataOptions
+from llava_cli.data.text.templates import canonical_template_name
 
 Trainability = Literal["frozen", "full", "lora"]
 CONFIG_FILENAME = "llava_config.yaml"
@@ -92,8 +89,6 @@ class RunConfig(BaseModel):
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from llava_cli.templates import canonical_template_name
-
         return canonical_template_name(value)
 
     @field_validator("model_max_length")
@@ -123,162 +118,25 @@ class RunConfig(BaseModel):
         args = self.training_args
         return bool(args.get("activation_checkpointing", args.get("gradient_checkpointing")))
 
+    @property
+    def output_kind(self) -> OutputKind:
+        """What the run writes, from trainability alone: a LoRA adapter, the projector alone
+        (nothing else trains), or a full checkpoint."""
+        if self.train_llm == "lora":
+            return OutputKind.LORA
+        if (self.train_llm, self.train_vision_tower) == ("frozen", "frozen"):
+            return OutputKind.PROJECTOR
+        return OutputKind.FULL
+
+    def data_options(self, held_out: bool = False) -> DataOptions:
+        """The data settings of the training records (or, `held_out`, the evaluation ones)."""
+        folder = (self.eval_image_folder or self.image_folder) if held_out else self.image_folder
+        return DataOptions(self.template, self.tokenization, folder, self.image_aspect_ratio,
+                           self.model_max_length)
+
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-# Stage presets: what each command means before any recipe or flag.
-STAGE_PRESETS: dict[str, dict[str, Any]] = {
-    "pretrain": {"template": "plain", "train_vision_tower": "frozen", "train_projector": "full",
-                 "train_llm": "frozen"},
-    "finetune": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "full"},
-    "lora": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "lora",
-             "lora_r": 128, "lora_alpha": 256, "projector_lr": 2e-5,
-             "training_args": {"learning_rate": 2e-4}},
-    "inspect-data": {},
-}
-
-
-def _true(value: Any) -> bool:
-    return value in (True, "true", "True", 1, "1")
-
-
-# LLaVA's own argument names, so LLaVA users can bring their scripts' settings.
-def _llava_aliases() -> dict[str, Any]:
-    return {
-        "version": lambda v: {"template": v},
-        "mm_projector_lr": lambda v: {"projector_lr": v},
-        "mm_vision_tower_lr": lambda v: {"vision_tower_lr": v},
-        "mm_vision_select_layer": lambda v: {"vision_select_layer": v},
-        "mm_vision_select_feature": lambda v: {"vision_select_feature": v},
-        "mm_projector_type": lambda v: {"projector_type": v},
-        "mm_vision_tower": lambda v: {"vision_tower": v},
-        "pretrain_mm_mlp_adapter": lambda v: {"pretrained_projector": v},
-        "tune_mm_mlp_adapter": lambda v: (
-            {"train_llm": "frozen", "train_projector": "full"} if _true(v) else {}),
-        "freeze_backbone": lambda v: {"train_llm": "frozen"} if _true(v) else {},
-        "freeze_mm_mlp_adapter": lambda v: {"train_projector": "frozen"} if _true(v) else {},
-        "unfreeze_mm_vision_tower": lambda v: {"train_vision_tower": "full"} if _true(v) else {},
-        "lora_enable": lambda v: {"train_llm": "lora"} if _true(v) else {},
-        # transformers 5 folded the warm-up ratio into warmup_steps (a float < 1 is a ratio)
-        "warmup_ratio": lambda v: {"training_args": {"warmup_steps": float(v)}},
-        "lora_weight_path": lambda v: {},  # never used by LLaVA's train.py
-        "lazy_preprocess": lambda v: {},  # always lazy here
-        "is_multimodal": lambda v: {},
-        "mm_use_im_patch_token": lambda v: _refuse_true("mm_use_im_patch_token", v),
-        "mm_use_im_start_end": lambda v: _refuse_true("mm_use_im_start_end", v),
-    }
-
-
-def _refuse_true(name: str, value: Any) -> dict[str, Any]:
-    if _true(value):
-        raise ConfigError(f"{name}: true is not supported (LLaVA-1.5 and the llava-hf format use "
-                          "no image start/end or patch tokens); remove it or set it to false")
-    return {}
-
-
-def training_argument_names() -> set[str]:
-    """Field names of `transformers.TrainingArguments` (imports transformers lazily)."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """`--set key=value` items → a dict; values are YAML (numbers, booleans, lists)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set learning_rate=2e-5")
-        out[key.strip()] = _scalar(yaml.safe_load(raw) if raw.strip() else "")
-    return out
-
-
-def _scalar(value: Any) -> Any:
-    """YAML 1.1 reads `2e-5` as a string; numbers written that way are meant as floats."""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            return value
-    return value
-
-
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML file (a mapping of configuration keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of key: value")
-    return {k: _scalar(v) for k, v in data.items()}
-
-
-def _place(key: str, value: Any, out: dict[str, Any], source: str,
-           train_names: set[str]) -> None:
-    """Put one user key where it belongs: our field, a LLaVA alias, or a TrainingArguments field."""
-    aliases = _llava_aliases()
-    if key in RunConfig.model_fields and key != "training_args":
-        out[key] = value
-    elif key in aliases:
-        for k, v in aliases[key](value).items():
-            if k == "training_args":
-                out.setdefault("training_args", {}).update(v)
-            else:
-                out[k] = v
-    elif key in train_names:
-        out.setdefault("training_args", {})[key] = value
-    elif key == "training_args" and isinstance(value, dict):
-        for k, v in value.items():
-            _place(k, _scalar(v), out, source, train_names)
-    else:
-        known = [*RunConfig.model_fields, *aliases, *train_names]
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown configuration key {key!r} (from {source}){hint}")
-
-
-def resolve_config(command: str, recipe: str | Path | None = None,
-                   sets: list[str] | None = None, flags: dict[str, Any] | None = None,
-                   ) -> RunConfig:
-    """Merge stage preset < recipe < `--set` < named flags and validate once.
-
-    Named flags whose value is None were not given and do not override anything.
-    """
-    train_names = training_argument_names()
-    merged: dict[str, Any] = {}
-    layers = [(STAGE_PRESETS.get(command, {}), f"the {command} preset")]
-    if recipe is not None:
-        layers.append((load_recipe(recipe), f"recipe {str(recipe)!r}"))
-    layers.append((parse_set(sets), "--set"))
-    layers.append(({k: v for k, v in (flags or {}).items() if v is not None}, "a flag"))
-    for layer, source in layers:
-        placed: dict[str, Any] = {}
-        for key, value in layer.items():
-            _place(key, value, placed, source, train_names)
-        args = {**merged.get("training_args", {}), **placed.pop("training_args", {})}
-        merged.update(placed)
-        merged["training_args"] = args
-    try:
-        return RunConfig.model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(_explain(err)) from None
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "configuration"
-        lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 PATH_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "pretrained_projector",
@@ -304,8 +162,4 @@ def save_resolved(config: RunConfig, directory: str | Path) -> Path:
     """Write the resolved configuration into `directory` (atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CONFIG_FILENAME
-    temporary = target.with_suffix(".yaml.tmp")
-    temporary.write_text(config.to_yaml())
-    temporary.replace(target)
-    return target
+    return write_text_atomically(directory / CONFIG_FILENAME, config.to_yaml())

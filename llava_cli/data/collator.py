@@ -15,12 +15,7 @@ from typing import Any
 
 import torch
 
-from llava_cli.encoding import IGNORE_INDEX
-
-ALL_DROPPED = (
-    "every sample of this batch was dropped (records with no supervised token, or bad records "
-    "skipped with skip_bad_records); run `llava inspect-data --check` to list them"
-)
+from llava_cli.data.text.encoding import IGNORE_INDEX
 
 
 @dataclass
@@ -31,7 +26,7 @@ class DataCollator:
     `pad_to_multiple_of` rounds the padded length up (tensor-core friendly shapes), but never
     past `max_length`. A sample longer than `max_length` is an error, never cut here: cutting
     could split a run of image tokens, which the dataset's truncation is careful not to do.
-    `None` samples (dropped by the dataset) are skipped. With `padding_free`, the batch is one
+    With `padding_free`, the batch is one
     packed row (`input_ids`, `labels`, `position_ids` of shape [1, total]); each sample's first
     label is masked so that no position is trained to predict across a sample boundary.
     Records the dataset dropped on the way to these samples are passed on (not a model input)
@@ -48,23 +43,20 @@ class DataCollator:
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate `samples` into model inputs (`record_index` is left out: not a model input)."""
-        kept = [s for s in samples if s is not None]
-        if not kept:
-            raise ValueError(f"{ALL_DROPPED} ({len(samples)} sample(s) in the batch)")
-        length = self._padded_length([len(s["input_ids"]) for s in kept])
-        dropped = [drop for s in kept for drop in s.get("dropped", ())]
+        length = self._padded_length([len(s["input_ids"]) for s in samples])
+        dropped = [drop for s in samples for drop in s.get("dropped", ())]
         extra = {"dropped_records": dropped} if dropped else {}
         if self.padding_free:
-            return {**_packed(kept), **_images(kept), **extra}
+            return {**_packed(samples), **_images(samples), **extra}
         batch = {
-            "input_ids": self._pad([s["input_ids"] for s in kept], length, self.pad_token_id),
-            "labels": self._pad([s["labels"] for s in kept], length, IGNORE_INDEX),
+            "input_ids": self._pad([s["input_ids"] for s in samples], length, self.pad_token_id),
+            "labels": self._pad([s["labels"] for s in samples], length, IGNORE_INDEX),
         }
-        mask = [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in kept]
+        mask = [torch.ones(len(s["input_ids"]), dtype=torch.long) for s in samples]
         batch["attention_mask"] = self._pad(mask, length, 0)
-        batch.update(_images(kept))
+        batch.update(_images(samples))
         return {**batch, **extra}
 
     def _padded_length(self, lengths: list[int]) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.templates import IMAGE_PLACEHOLDER, Message
+from llava_cli.data.problems import Problem
+from llava_cli.data.text.templates import IMAGE_PLACEHOLDER, Message
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
@@ -43,33 +44,48 @@ def record_id_of(record: Any, position: int) -> str:
     return f"#{position}"
 
 
+def image_field(record: Any) -> Any:
+    """A record's image entry, read the one way every part of this tool reads it: `image`
+    when the record has that key, else `images` (Mantis-style multi-image data). The record
+    index's byte scan (`json_scan`) applies the same rule (tested on the real records)."""
+    if not isinstance(record, dict):
+        return None
+    return record.get("image", record.get("images"))
+
+
+def has_image(record: Any) -> bool:
+    """Whether a record has an image (see `image_field`); null, "" and [] mean none."""
+    return image_field(record) not in (None, "", [])
+
+
 def _images_of(record: dict[str, Any], rid: str) -> list[str]:
-    image = record.get("image", record.get("images"))
-    if image in (None, "", []):
+    if not has_image(record):
         return []
+    image = image_field(record)
     paths = image if isinstance(image, list) else [image]
     if not all(isinstance(p, str) and p for p in paths):
-        raise RecordError(rid, "bad-field", "field 'image' must be a path or a list of paths")
+        raise RecordError(rid, Problem.BAD_FIELD, "field 'image' must be a path or a list of paths")
     return list(paths)
 
 
 def _turns_of(record: dict[str, Any], rid: str) -> list[tuple[str, str]]:
     turns = record.get("conversations", record.get("conversation"))
     if not isinstance(turns, list) or not turns:
-        raise RecordError(rid, "bad-field", "field 'conversations' must be a non-empty list of "
+        raise RecordError(rid, Problem.BAD_FIELD,
+                          "field 'conversations' must be a non-empty list of "
                           '{"from": "human"|"gpt"|"system", "value": str}')
     parsed = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise RecordError(rid, "bad-field", f"conversations[{n}] is not an object")
+            raise RecordError(rid, Problem.BAD_FIELD, f"conversations[{n}] is not an object")
         speaker = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
         role = _ROLES.get(str(speaker).lower()) if speaker is not None else None
         if role is None:
-            raise RecordError(rid, "role-error", f"conversations[{n}].from is {speaker!r}; "
+            raise RecordError(rid, Problem.ROLE_ERROR, f"conversations[{n}].from is {speaker!r}; "
                               "expected 'human', 'gpt' or 'system'")
         if not isinstance(value, str):
-            raise RecordError(rid, "bad-field", f"conversations[{n}].value must be a string")
+            raise RecordError(rid, Problem.BAD_FIELD, f"conversations[{n}].value must be a string")
         parsed.append((role, value))
     return parsed
 
@@ -85,14 +101,15 @@ def parse_record(record: Any, position: int = 0, strict: bool = False) -> Conver
     """
     rid = record_id_of(record, position)
     if not isinstance(record, dict):
-        raise RecordError(rid, "bad-field", "a record must be a JSON object")
+        raise RecordError(rid, Problem.BAD_FIELD, "a record must be a JSON object")
     images = _images_of(record, rid)
     turns = _turns_of(record, rid)
     conv = Conversation(rid, [], images)
     if turns[0][0] == "system":
         conv.system = turns.pop(0)[1]
     if strict and [role for role, _ in turns] != ["user", "assistant"]:
-        raise RecordError(rid, "role-error", "this template takes exactly one human turn then "
+        raise RecordError(rid, Problem.ROLE_ERROR,
+                          "this template takes exactly one human turn then "
                           f"one gpt turn; the record has {len(turns)} turn(s) "
                           f"({', '.join(role for role, _ in turns)})")
     if turns and turns[0][0] == "assistant":
@@ -101,13 +118,14 @@ def parse_record(record: Any, position: int = 0, strict: bool = False) -> Conver
     for n, (role, _) in enumerate(turns):
         expected = "user" if n % 2 == 0 else "assistant"
         if role != expected:
-            raise RecordError(rid, "role-error", f"turn {n + 1} is from {role!r} but turns must "
+            raise RecordError(rid, Problem.ROLE_ERROR,
+                              f"turn {n + 1} is from {role!r} but turns must "
                               "alternate human, gpt, human, … (a system turn may only come first)")
     if turns and turns[-1][0] == "user":
         turns.pop()
         conv.notes.append("dropped a trailing user turn that has no reply")
     if not turns:
-        raise RecordError(rid, "role-error", "no human/gpt exchange in 'conversations'")
+        raise RecordError(rid, Problem.ROLE_ERROR, "no human/gpt exchange in 'conversations'")
     conv.messages = [Message(role, value) for role, value in turns]  # type: ignore[arg-type]
     _check_placeholders(conv)
     return conv
@@ -120,7 +138,7 @@ def _check_placeholders(conv: Conversation) -> None:
         conv.messages[0] = Message("user", f"{IMAGE_PLACEHOLDER}\n{first.content}")
         conv.notes.append("added <image> at the start of the first human turn")
     elif found != len(conv.images):
-        raise RecordError(conv.record_id, "image-token-mismatch",
+        raise RecordError(conv.record_id, Problem.IMAGE_TOKEN_MISMATCH,
                           f"has {len(conv.images)} image(s) but {found} '<image>' placeholder(s) "
                           "in its text; each image needs exactly one <image>")
 

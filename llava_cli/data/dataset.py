@@ -11,71 +11,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llava_cli.conversation import RecordError
-from llava_cli.records import RecordFormatError, RecordIndex
-from llava_cli.samples import Sample, SampleBuilder
+from llava_cli.data.conversation import RecordError
+from llava_cli.data.problems import Dropped, Problem, ProblemCounter
+from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.samples import Sample, SampleBuilder
 
 logger = logging.getLogger("llava_cli")
 
-FULLY_MASKED = "fully-masked"
 MAX_CONSECUTIVE_DROPS = 100
-
-
-class Dropped(NamedTuple):
-    """One record left out of training: where it is in the file, why, and its id."""
-
-    position: int
-    kind: str
-    record_id: str
-
-
-@dataclass
-class DropCounter:
-    """How many records were dropped, by kind, with the first few record ids of each kind.
-
-    `dataset.dropped` counts every drop in its own process (each DataLoader worker has a
-    forked copy); the run's total over workers and ranks comes from the "dropped" lists that
-    items carry (`LlavaTrainer.dropped_records`). `llava inspect-data --check` lists them all.
-    """
-
-    max_examples: int = 3
-    counts: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, kind: str, record_id: str) -> None:
-        """Count one dropped record of `kind`."""
-        self.counts[kind] += 1
-        ids = self.examples.setdefault(kind, [])
-        if len(ids) < self.max_examples:
-            ids.append(record_id)
-
-    @property
-    def total(self) -> int:
-        """Dropped records of every kind."""
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        """One line per kind: `kind: n (e.g. id1, id2)`."""
-        return "; ".join(f"{kind}: {n} (e.g. {', '.join(self.examples.get(kind, []))})"
-                         for kind, n in self.counts.most_common())
-
-    @classmethod
-    def of_distinct(cls, drops: Iterable[Dropped]) -> DropCounter:
-        """Counts of distinct records (by position): a record dropped in every epoch, or by
-        several workers, counts once."""
-        counter = cls()
-        for drop in sorted({d.position: d for d in drops}.values()):
-            counter.add(drop.kind, drop.record_id)
-        return counter
 
 
 class LazySupervisedDataset(Dataset):
@@ -93,7 +42,7 @@ class LazySupervisedDataset(Dataset):
         self.builder = builder
         self.processor = processor
         self.skip_bad_records = skip_bad_records
-        self.dropped = DropCounter()
+        self.dropped = ProblemCounter()
         # The pid that already logged the "records were dropped" warning: one warning per
         # process (each forked worker has its own), so a long run's log is not flooded.
         self._warned_pid = -1
@@ -125,7 +74,7 @@ class LazySupervisedDataset(Dataset):
         the records dropped on the way under "dropped" (the trainer totals them at the end)."""
         i, dropped = int(i), []
         for attempt in range(MAX_CONSECUTIVE_DROPS):
-            item = self._inputs_or_drop((i + attempt) % len(self))
+            item = self.inputs_or_drop((i + attempt) % len(self))
             if isinstance(item, Dropped):
                 dropped.append(item)
                 continue
@@ -135,16 +84,12 @@ class LazySupervisedDataset(Dataset):
         raise ValueError(f"{MAX_CONSECUTIVE_DROPS} consecutive records from #{i} cannot be "
                          "trained on; run `llava inspect-data --check` on the data")
 
-    def inputs_or_none(self, i: int) -> dict[str, Any] | None:
-        """The model inputs of record `i`, or None (counted) when it cannot be trained on."""
-        item = self._inputs_or_drop(i)
-        return None if isinstance(item, Dropped) else item
-
-    def _inputs_or_drop(self, i: int) -> dict[str, Any] | Dropped:
+    def inputs_or_drop(self, i: int) -> dict[str, Any] | Dropped:
+        """The model inputs of record `i`, or why it is dropped (counted in `dropped`)."""
         try:
             sample = self.builder.build(self._read(i), position=i)
             if not sample.trainable:
-                return self._drop(Dropped(i, FULLY_MASKED, sample.record_id))
+                return self._drop(Dropped(i, Problem.FULLY_MASKED, sample.record_id))
             return self._to_inputs(sample, i)
         except RecordError as err:
             if not self.skip_bad_records:
@@ -160,7 +105,7 @@ class LazySupervisedDataset(Dataset):
             # every record, so it stays fatal.
             if err.__cause__ is None:
                 raise
-            raise RecordError(f"#{i}", "bad-json", str(err)) from err
+            raise RecordError(f"#{i}", Problem.BAD_JSON, str(err)) from err
 
     def _to_inputs(self, sample: Sample, position: int) -> dict[str, Any]:
         encoded = sample.encoded
@@ -184,7 +129,8 @@ class LazySupervisedDataset(Dataset):
         try:
             out = self.processor(images=images, return_tensors="pt")
         except (ValueError, OSError) as err:
-            raise RecordError(record_id, "bad-image", f"image processor failed: {err}") from err
+            raise RecordError(record_id, Problem.BAD_IMAGE,
+                              f"image processor failed: {err}") from err
         result = {"pixel_values": out["pixel_values"].float()}
         if "image_sizes" in out:  # anyres processors: the model needs each image's size
             result["image_sizes"] = torch.as_tensor(out["image_sizes"], dtype=torch.long)

@@ -6,10 +6,10 @@ without paying for torch/transformers imports.
 
 from __future__ import annotations
 
-import ast
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 RGB = tuple[int, int, int]
 ASPECT_RATIOS = ("square", "pad", "anyres")
+# OpenAI CLIP's normalisation: the default image mean (and pad colour) of LLaVA-1.5's tower.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Pillow raises these for unreadable/corrupt data (DecompressionBombError is not an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -224,61 +227,32 @@ def prepare_image(img: Image.Image, aspect_ratio: str, image_mean: Sequence[floa
     )
 
 
-def _parse_resolutions(
-    possible_resolutions: Sequence[Sequence[int]] | str,
-) -> list[tuple[int, int]]:
-    # LLaVA configs sometimes store pinpoints as a string such as "[(336, 672), (672, 336)]".
-    if isinstance(possible_resolutions, str):
-        possible_resolutions = ast.literal_eval(possible_resolutions)
-    parsed = [(int(w), int(h)) for w, h in possible_resolutions]
-    if not parsed:
-        raise ValueError("possible_resolutions is empty")
-    return parsed
+@dataclass(frozen=True)
+class ImageLoader:
+    """Images as the model sees them, the one way for training and for generation alike:
+    decoded (EXIF orientation applied, first frame), transparency composited onto the mean
+    colour (the colour `pad` fills with, so a transparent border and padding look the same),
+    then the `aspect_ratio` policy (`prepare_image`)."""
 
+    aspect_ratio: str = "pad"
+    image_mean: tuple[float, ...] = CLIP_MEAN
 
-def select_best_resolution(
-    original_size: tuple[int, int], possible_resolutions: Sequence[Sequence[int]] | str
-) -> tuple[int, int]:
-    """LLaVA-NeXT's anyres choice of canvas for an image of ``original_size``.
+    @property
+    def background(self) -> RGB:
+        """The colour transparent pixels become (the processor's mean colour)."""
+        return mean_color(self.image_mean)
 
-    Everything is ``(width, height)``, as in the original LLaVA code. Note that HF
-    ``image_grid_pinpoints`` and transformers' own ``select_best_resolution`` use
-    ``(height, width)``: swap both inputs and the result to compare.
+    def open(self, path: str | os.PathLike[str], label: str | None = None) -> Image.Image:
+        """Decode the file at `path` and prepare it (raises `ImageError`)."""
+        return self._policy(self.decode(path, label))
 
-    Picks the resolution that maximises the effective resolution
-    ``min(downscaled_w * downscaled_h, w * h)`` of the aspect-preserving fit; ties go to the
-    one that wastes the least canvas area. The first candidate wins exact ties.
-    """
-    orig_w, orig_h = original_size
-    if orig_w <= 0 or orig_h <= 0:
-        raise ValueError(f"original_size must be positive, got {original_size}")
-    best: tuple[int, int] | None = None
-    best_effective, best_wasted = 0, float("inf")
-    for width, height in _parse_resolutions(possible_resolutions):
-        scale = min(width / orig_w, height / orig_h)
-        # int() truncation, float arithmetic and comparison order all copied from LLaVA-NeXT
-        # so our image token counts match the processor's exactly.
-        fit_w, fit_h = int(orig_w * scale), int(orig_h * scale)
-        effective = min(fit_w * fit_h, orig_w * orig_h)
-        wasted = width * height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (width, height), effective, wasted
-    if best is None:  # only if every candidate gave an effective resolution of 0
-        raise ValueError(f"no usable resolution for {original_size} in {possible_resolutions}")
-    return best
+    def decode(self, path: str | os.PathLike[str], label: str | None = None) -> Image.Image:
+        """The file at `path` in RGB at its own size, not yet prepared (`load_image`)."""
+        return load_image(path, self.background, label=label)
 
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """Prepare an image that is already decoded (any Pillow mode)."""
+        return self._policy(to_rgb(image, self.background))
 
-def anyres_grid_shape(
-    original_size: tuple[int, int],
-    pinpoints: Sequence[Sequence[int]] | str,
-    patch_size: int,
-) -> tuple[int, int]:
-    """Return the anyres tile grid ``(columns, rows)`` for an image of ``original_size`` (w, h).
-
-    As LLaVA-NeXT's ``get_anyres_image_grid_shape``: ``patch_size`` is the tile side (the
-    vision tower's input size, e.g. 336), not the ViT patch size; pinpoints are (w, h).
-    """
-    if patch_size <= 0:
-        raise ValueError(f"patch_size must be positive, got {patch_size}")
-    width, height = select_best_resolution(original_size, pinpoints)
-    return width // patch_size, height // patch_size
+    def _policy(self, image: Image.Image) -> Image.Image:
+        return prepare_image(image, self.aspect_ratio, self.image_mean)

@@ -4,9 +4,8 @@ A simdjson-style scan. Per chunk, masks of quotes, backslashes and brackets are 
 uint64 words; quotes after an odd run of backslashes are dropped; a prefix XOR of the quote
 bits marks the bytes inside strings; the brackets outside strings give the depth by a
 cumulative sum. Each chunk starts right after the last complete record of the one before, so
-it starts outside any string at a known depth: no state crosses chunks. `build_arrays`
-returns, per record, its byte offset and size, whether it has an image and the bytes inside
-its JSON strings; `records.RecordIndex` caches and reads them.
+it starts outside any string at a known depth: no state crosses chunks. `build_arrays` gives,
+per record, its offset, size, image flag and string bytes (`records.RecordIndex` keeps them).
 """
 
 from __future__ import annotations
@@ -256,7 +255,7 @@ class _Scanner:
         images_at, images_set = self.key_in_records(q, instr, s, e, b"images")
         image_at, image_set = self.key_in_records(q, instr, s, e, b"image")
         has[images_set] = True
-        has[image_at] = False  # "image" given decides, "images" is the fallback: as parse_record
+        has[image_at] = False  # "image" decides, "images" is the fallback (conversation.has_image)
         has[image_set] = True
         # Text size = bytes inside strings: popcount of the in-string bits over the record.
         pc = np.concatenate([[0], np.cumsum(_popcount(instr), dtype=np.int64)])
@@ -275,26 +274,8 @@ def line_at(path: str, off: int) -> int:
     return count + 1
 
 
-def _detect(path: str) -> tuple[bool, int]:
-    """(is JSON Lines, offset after any BOM): by the extension, else by the first byte."""
-    with open(path, "rb") as f:
-        start = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
-        f.seek(start)
-        first = b""
-        while not first and (data := f.read(1 << 16)):
-            first = data.lstrip()[:1]
-    if path.endswith(".jsonl") or first == b"{":
-        return True, start
-    if first != b"[":
-        found = repr(first.decode("latin-1")) if first else "an empty file"
-        raise RecordFormatError(f"{path}: expected a JSON array ('[') or JSON Lines ('{{'), "
-                                f"found {found}; give a LLaVA annotation file")
-    return False, start
-
-
-def build_arrays(path: str, chunk_size: int) -> tuple[dict[str, np.ndarray], bool]:
-    """Scan ``path`` once; return the index arrays and whether it is JSON Lines."""
-    lines, start = _detect(path)
+def build_arrays(path: str, chunk_size: int, lines: bool, start: int) -> dict[str, np.ndarray]:
+    """Scan ``path`` (JSON Lines or not, from byte ``start``) once; return the index arrays."""
     sc = _Scanner(path, lines)
     buf = np.zeros(max(64, -(-chunk_size // 64) * 64), np.uint8)
     fill, base = 0, start
@@ -316,4 +297,4 @@ def build_arrays(path: str, chunk_size: int) -> tuple[dict[str, np.ndarray], boo
             fill, base = fill - cut, base + cut
     empty = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, bool), np.zeros(0, np.int64))
     cols = zip(*(sc.parts or [empty]), strict=True)
-    return {name: np.concatenate(c) for name, c in zip(FIELDS, cols, strict=True)}, lines
+    return {name: np.concatenate(c) for name, c in zip(FIELDS, cols, strict=True)}

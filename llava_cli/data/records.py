@@ -14,14 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llava_cli.json_scan import CHUNK_SIZE, FIELDS, RecordFormatError, build_arrays, line_at
+from llava_cli.artifacts.files import atomic_path
+from llava_cli.data.json_scan import (
+    CHUNK_SIZE,
+    FIELDS,
+    RecordFormatError,
+    build_arrays,
+    line_at,
+)
 
 __all__ = ["RecordFormatError", "RecordIndex", "default_cache_dir"]
 FORMAT_VERSION = 2  # 2: has_image also reads the "images" key
@@ -85,23 +91,20 @@ class RecordIndex:
         """Scan ``path`` (one pass, ~0.5 GB/s) without touching any cache."""
         path = os.path.abspath(path)
         key = key or cls._key(path)  # stat before the scan: a concurrent write invalidates it
-        arrays, lines = build_arrays(path, chunk_size)
+        lines, start = detect_format(path)
+        arrays = build_arrays(path, chunk_size, lines, start)
         return cls(path, arrays, key, lines)
 
     def _save(self, file: Path) -> None:
         """Write the cache atomically; skip it silently if the directory is not writable."""
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+            with atomic_path(file) as temporary, open(temporary, "wb") as out:
+                # A file object: given a path, np.savez would append ".npz" to it.
+                np.savez(out, key=np.array(self.key), lines=np.array(self.lines),
+                         **{k: getattr(self, k) for k in FIELDS})
         except OSError:
             return
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, key=np.array(self.key), lines=np.array(self.lines),
-                         **{k: getattr(self, k) for k in FIELDS})
-            os.replace(tmp, file)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -141,3 +144,20 @@ class RecordIndex:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fh": None, "_pid": -1}
+
+
+def detect_format(path: str) -> tuple[bool, int]:
+    """(is JSON Lines, offset after any BOM): by the extension, else by the first byte."""
+    with open(path, "rb") as f:
+        start = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
+        f.seek(start)
+        first = b""
+        while not first and (data := f.read(1 << 16)):
+            first = data.lstrip()[:1]
+    if path.endswith(".jsonl") or first == b"{":
+        return True, start
+    if first != b"[":
+        found = repr(first.decode("latin-1")) if first else "an empty file"
+        raise RecordFormatError(f"{path}: expected a JSON array ('[') or JSON Lines ('{{'), "
+                                f"found {found}; give a LLaVA annotation file")
+    return False, start

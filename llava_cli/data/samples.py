@@ -6,22 +6,21 @@ inspect-data shows is exactly what the model trains on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.conversation import Conversation, RecordError, llava_normalize, parse_record
-from llava_cli.encoding import Encoded, TextEncoder, TokenizationMode
-from llava_cli.images import (
+from llava_cli.data.conversation import Conversation, RecordError, llava_normalize, parse_record
+from llava_cli.data.images import (
     ImageError,
+    ImageLoader,
     check_image_header,
     image_base,
     join_image_path,
-    load_image,
-    mean_color,
-    prepare_image,
 )
-from llava_cli.templates import (
+from llava_cli.data.problems import Problem
+from llava_cli.data.text.encoding import Encoded, TextEncoder, TokenizationMode
+from llava_cli.data.text.templates import (
     CHAT_TEMPLATE,
     TEMPLATES,
     Rendered,
@@ -45,6 +44,20 @@ class DataOptions:
     model_max_length: int | None = 2048
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects of its inputs, as far as building samples goes: its tokenizer
+    (with `<image>`), the image token id, how many tokens an image becomes, and the image
+    processor's mean colour (the pad and transparency colour). `model.inputs` makes it from a
+    model (training) or from a tokenizer and a model folder (`inspect-data`)."""
+
+    tokenizer: Any
+    image_token_id: int
+    count_image_tokens: TokenCounter
+    image_mean: tuple[float, ...]
+    note: str = ""  # where the image-token count came from, shown to the user
+
+
 @dataclass
 class Sample:
     """A tokenized record; `images` are RGB PIL images prepared for the processor."""
@@ -65,16 +78,16 @@ class Sample:
 class SampleBuilder:
     """Turns raw LLaVA records into `Sample`s with one set of data options."""
 
-    def __init__(self, options: DataOptions, tokenizer: Any, image_token_id: int,
-                 count_image_tokens: TokenCounter, image_mean: Sequence[float] | None = None):
+    def __init__(self, options: DataOptions, spec: InputSpec) -> None:
         self.options = options
+        self.spec = spec
         self.template_name = canonical_template_name(options.template)
         self.template = TEMPLATES.get(self.template_name)
-        self.tokenizer = tokenizer
-        self.count_image_tokens = count_image_tokens
-        self.image_mean = list(image_mean) if image_mean is not None else [0.5, 0.5, 0.5]
+        self.tokenizer = spec.tokenizer
+        self.count_image_tokens = spec.count_image_tokens
+        self.images = ImageLoader(options.image_aspect_ratio, tuple(spec.image_mean))
         self._image_base = image_base(options.image_folder)
-        self.encoder = TextEncoder(tokenizer, image_token_id, options.tokenization,
+        self.encoder = TextEncoder(spec.tokenizer, spec.image_token_id, options.tokenization,
                                    options.model_max_length)
 
     def conversation(self, record: Any, position: int) -> Conversation:
@@ -82,7 +95,7 @@ class SampleBuilder:
         strict = self.template is not None and self.template.max_rounds is not None
         conv = parse_record(record, position, strict=strict)
         if self.template is not None and self.template.requires_image and not conv.images:
-            raise RecordError(conv.record_id, "needs-image",
+            raise RecordError(conv.record_id, Problem.NEEDS_IMAGE,
                               f"template {self.template_name!r} needs an image in every record")
         return llava_normalize(conv) if self.options.tokenization == "llava" else conv
 
@@ -111,7 +124,7 @@ class SampleBuilder:
         try:
             encoded = self.encoder(rendered, counts)
         except ValueError as err:
-            raise RecordError(conv.record_id, "image-token-mismatch", str(err)) from err
+            raise RecordError(conv.record_id, Problem.IMAGE_TOKEN_MISMATCH, str(err)) from err
         return Sample(conv.record_id, encoded, rendered, conv, images, sizes)
 
     def _images(self, conv: Conversation, load: bool, header_only: bool
@@ -125,9 +138,9 @@ class SampleBuilder:
                 if header_only:
                     sizes.append(check_image_header(path, label=relative))
                     continue
-                image = load_image(path, mean_color(self.image_mean), label=relative)
+                decoded = self.images.decode(path, label=relative)
             except ImageError as err:
-                raise RecordError(conv.record_id, "bad-image", str(err)) from err
-            sizes.append(image.size)
-            images.append(prepare_image(image, self.options.image_aspect_ratio, self.image_mean))
+                raise RecordError(conv.record_id, Problem.BAD_IMAGE, str(err)) from err
+            sizes.append(decoded.size)
+            images.append(self.images.prepare(decoded))
         return images, sizes

@@ -2,7 +2,7 @@
 cross-check, and the loss-curve plot (Pillow only, so the demo needs no matplotlib).
 
 Answers are compared with the ground truth after trimming and lower-casing: every question of
-the shapes task has a one-word answer (see `llava_cli.shapes`).
+the shapes task has a one-word answer (see `demo.shapes`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_cli.shapes import EVAL_QUESTIONS
+from llava_cli.demo.shapes import EVAL_QUESTIONS
 
 MAX_NEW_TOKENS = 8  # one-word answers; a few spare tokens show what a wrong model rambles
 

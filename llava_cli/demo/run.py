@@ -4,8 +4,8 @@ Data (`shapes.generate_split`) → pretrain → finetune (vision tower unfrozen:
 tower must learn to see) → lora (a new question: the background colour) → merge-lora →
 export-projector → inspect-data → greedy evaluation on a separate split. Each stage prints the
 `llava …` command line that does the same and then runs the library function that command
-runs, with the recipes in `recipes/demo/` — so the demo is also an end-to-end test of the
-code paths users call.
+runs, with the recipes in `demo/recipes/` (package data) — so the demo is also an end-to-end
+test of the code paths users call.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # package data: installed with llava_cli
+REPO_RECIPES = Path("llava_cli") / "demo" / "recipes"  # the same files, seen from a checkout
 STAGES = ("pretrain", "finetune", "lora")
 STARTS_FROM = {"finetune": "pretrain", "lora": "finetune"}  # each stage's starting model
 
@@ -66,7 +67,7 @@ def _rel(path: Path) -> str:
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty output directory unless `overwrite` (as the training commands do)."""
-    from llava_cli.outputs import refuse_unsafe_output_dir
+    from llava_cli.artifacts.output_dir import refuse_unsafe_output_dir
 
     refuse_unsafe_output_dir(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ class Demo:
 
     def generate_data(self) -> None:
         """Train splits and an evaluation split from a different seed (unseen pictures)."""
-        from llava_cli.shapes import generate_split
+        from llava_cli.demo.shapes import generate_split
 
         def work() -> None:
             for kind, n in self.plan.pictures.items():
@@ -100,7 +101,7 @@ class Demo:
                                self.plan.questions.get(kind))
                 self.console.print(f"{kind}: {n} pictures (seed {SEEDS[kind]}) in "
                                    f"{_rel(self.out / 'data' / kind)}")
-        self.console.print("python -c 'from llava_cli.shapes import generate_split; "
+        self.console.print("python -c 'from llava_cli.demo.shapes import generate_split; "
                            "generate_split(FOLDER, N, SEED, KIND)' for each split",
                            style="dim", highlight=False)
         self.step("data", None, work)
@@ -112,7 +113,7 @@ class Demo:
                 f"output_dir={_rel(self.out / stage)}"]
         if stage in STARTS_FROM:
             sets.append(f"model_name_or_path={_rel(self.out / STARTS_FROM[stage])}")
-        elif RECIPES.resolve() != (Path.cwd() / "recipes" / "demo").resolve():
+        elif RECIPES.resolve() != (Path.cwd() / REPO_RECIPES).resolve():
             # Recipe paths are relative to the repository root; elsewhere, name the parts.
             sets += [f"model_name_or_path={_rel(RECIPES / 'llm')}",
                      f"vision_tower={_rel(RECIPES / 'vision')}"]
@@ -121,10 +122,10 @@ class Demo:
         return sets + list(self.plan.sets.get(stage, ()))
 
     def train(self, stage: str) -> None:
-        """`llava STAGE recipes/demo/STAGE.yaml --set … --overwrite` through run_training."""
-        from llava_cli.config import resolve_config
-        from llava_cli.reporting import Reporter
-        from llava_cli.training import run_training
+        """`llava STAGE …/demo/recipes/STAGE.yaml --set … --overwrite` through run_training."""
+        from llava_cli.config.resolve import resolve_config
+        from llava_cli.train.reporting import Reporter
+        from llava_cli.train.run import run_training
 
         recipe = _rel(RECIPES / f"{stage}.yaml")
         sets = self.train_sets(stage)
@@ -136,7 +137,7 @@ class Demo:
 
     def merge(self) -> None:
         """`llava merge-lora OUT/lora --output-dir OUT/merged --overwrite` (verified)."""
-        from llava_cli.merge import describe, merge_lora
+        from llava_cli.merge.merge import describe, merge_lora
 
         run_dir, target = self.out / "lora", self.out / "merged"
         argv = ["llava", "merge-lora", _rel(run_dir), "--output-dir", _rel(target), "--overwrite"]
@@ -146,7 +147,7 @@ class Demo:
 
     def export(self) -> None:
         """`llava export-projector OUT/merged --output OUT/projector.bin` (LLaVA format)."""
-        from llava_cli.export import export_projector
+        from llava_cli.artifacts.export import export_projector
 
         source, target = self.out / "merged", self.out / "projector.bin"
         argv = ["llava", "export-projector", _rel(source), "--output", _rel(target)]
@@ -155,8 +156,8 @@ class Demo:
 
     def inspect(self) -> None:
         """`llava inspect-data` on one LoRA record with the merged model's tokenizer."""
-        from llava_cli.config import resolve_config
-        from llava_cli.data_inspect import InspectRequest, inspect_data
+        from llava_cli.config.resolve import resolve_config
+        from llava_cli.inspect.inspect_data import InspectRequest, inspect_data
 
         data = self.out / "data" / "lora"
         flags = {"data_path": _rel(data / "records.json"), "image_folder": _rel(data),
@@ -169,8 +170,8 @@ class Demo:
 
     def evaluate(self) -> None:
         """Greedy answers of the finetuned and the merged model on the evaluation split."""
-        from llava_cli.demo_eval import evaluation_records, score
-        from llava_cli.generation import load_for_generation
+        from llava_cli.demo.evaluate import evaluation_records, score
+        from llava_cli.generation.load import load_for_generation
 
         folder = self.out / "data" / "eval"
         records = evaluation_records(folder)
@@ -191,7 +192,7 @@ class Demo:
         """The merged model through stock transformers gives the answer our Generator gave."""
         from PIL import Image
 
-        from llava_cli.demo_eval import question_of, stock_answer
+        from llava_cli.demo.evaluate import question_of, stock_answer
 
         with Image.open(folder / record["image"]) as image:
             stock = stock_answer(self.out / "merged", image.convert("RGB"), question_of(record))
@@ -202,7 +203,7 @@ class Demo:
 
     def plot(self) -> None:
         """Loss curves of the three training stages → OUT/loss.png."""
-        from llava_cli.demo_eval import losses, plot_losses
+        from llava_cli.demo.evaluate import losses, plot_losses
 
         target = plot_losses({s: losses(self.out / s) for s in STAGES}, self.out / "loss.png")
         self.console.print(f"loss curves: {_rel(target)}")

@@ -11,11 +11,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from llava_cli.config import RunConfig
-from llava_cli.conversation import RecordError, record_id_of
-from llava_cli.records import RecordFormatError, RecordIndex
-from llava_cli.samples import DataOptions, SampleBuilder
-from llava_cli.text_side import TextSide, load_text_side
+from llava_cli.config.run_config import RunConfig
+from llava_cli.data.conversation import RecordError, record_id_of
+from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.samples import InputSpec, SampleBuilder
+from llava_cli.model.inputs import input_spec_from_paths, sample_builder
 
 OutputFormat = Literal["rich", "json", "jsonl"]
 DEMO_IMAGE_TOKENS = 64
@@ -41,21 +41,17 @@ class InspectRequest:
     image_tokens: int | None = None
 
 
-def _text_side(config: RunConfig, image_tokens: int | None) -> TextSide:
+def _input_spec(config: RunConfig, image_tokens: int | None) -> InputSpec:
     source = config.tokenizer or config.model_name_or_path
     if source is None:
         raise ValueError("no tokenizer: pass --tokenizer PATH or --model PATH")
-    return load_text_side(source, config.model_name_or_path, image_tokens,
-                          config.trust_remote_code)
+    return input_spec_from_paths(source, config.model_name_or_path, image_tokens,
+                                 config.trust_remote_code)
 
 
 def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBuilder:
     """The sample builder that training would use for this configuration."""
-    side = _text_side(config, image_tokens)
-    options = DataOptions(config.template, config.tokenization, config.image_folder,
-                          config.image_aspect_ratio, config.model_max_length)
-    return SampleBuilder(options, side.tokenizer, side.image_token_id, side.count_image_tokens,
-                         side.image_mean)
+    return sample_builder(config, _input_spec(config, image_tokens))
 
 
 def _selected(index: RecordIndex, request: InspectRequest) -> Iterator[tuple[int, Any]]:
@@ -82,7 +78,7 @@ def show_records(config: RunConfig, index: RecordIndex, request: InspectRequest)
     from rich.console import Console
     from rich.text import Text
 
-    from llava_cli.data_view import legend, sample_panel
+    from llava_cli.inspect.view import legend, sample_panel
 
     builder = make_builder(config, request.image_tokens)
     console = Console(highlight=False)
@@ -126,8 +122,8 @@ def check(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int
     from rich.console import Console
     from rich.progress import Progress
 
-    from llava_cli.data_report import check_dataset
-    from llava_cli.data_view import print_report
+    from llava_cli.inspect.check import check_dataset
+    from llava_cli.inspect.view import print_report
 
     make = partial(make_builder, config, request.image_tokens)
     console = Console(stderr=request.output != "rich")

@@ -9,8 +9,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from llava_cli.encoding import IGNORE_INDEX
-from llava_cli.samples import Sample
+from llava_cli.data.samples import Sample
+from llava_cli.data.text.encoding import IGNORE_INDEX
 
 SUPERVISED_STYLE = "bold green"
 MASKED_STYLE = "dim"

@@ -84,7 +84,7 @@ def probe_logits(model: Any, batch: dict[str, Any]) -> Any:
     """Float32 logits of `model` on `batch` (pixel values cast to the vision tower's dtype)."""
     import torch
 
-    from llava_cli.model_factory import components
+    from llava_cli.model.parts import components
 
     dtype = next(components(model).vision_tower.parameters()).dtype
     inputs = {k: v.to(dtype) if k == "pixel_values" else v

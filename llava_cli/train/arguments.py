@@ -1,10 +1,20 @@
-"""The only module that turns our configuration into `transformers.TrainingArguments`."""
+"""The one mapping from our configuration to the Trainer's arguments.
+
+`argument_values` is a pure function of the configuration and two facts about the machine
+(a GPU or not, the dataloader workers to use); `LlavaTrainingArguments` carries the project's
+own trainer settings beside transformers' fields, so the trainer reads every setting from its
+`args`. Process and environment set-up (DeepSpeed without a launcher) is `train.process`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.config import RunConfig
+from transformers import TrainingArguments
+
+from llava_cli.artifacts.manifest import OutputKind
+from llava_cli.config.run_config import RunConfig
 
 # Our defaults where transformers' do not suit LLaVA training; any of them can be overridden.
 DEFAULTS: dict[str, Any] = {
@@ -17,29 +27,52 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
-    """Build TrainingArguments: our defaults < `training_args` from the config < fixed values.
+@dataclass
+class LlavaTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the settings `LlavaTrainer` adds."""
+
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (default: the LLM's)."})
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower (default: the LLM's)."})
+    group_by_modality_length: bool = field(
+        default=False, metadata={"help": "Batches of one modality and similar lengths."})
+    supervised_logits_only: bool = field(
+        default=False, metadata={"help": "LM head and loss only at supervised positions."})
+    output_kind: OutputKind = field(
+        default=OutputKind.FULL, metadata={"help": "What checkpoints hold: projector|full|lora."})
+
+
+def to_training_arguments(config: RunConfig, output_dir: str) -> LlavaTrainingArguments:
+    """The Trainer's arguments for `config` on this machine (see `argument_values`)."""
+    import torch
+
+    values = argument_values(config, output_dir, on_cpu=not torch.cuda.is_available(),
+                             workers=default_workers())
+    try:
+        return LlavaTrainingArguments(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid training arguments: {err}") from err
+
+
+def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers: int
+                    ) -> dict[str, Any]:
+    """Our defaults < `training_args` from the config < fixed values, plus our own settings.
 
     Fixed: `remove_unused_columns=False` (the collator decides the model inputs), non-reentrant
     gradient checkpointing (works with frozen inputs and LoRA), `use_cpu` without CUDA (else
-    torchrun's ranks would each train the whole job, silently).
+    torchrun's ranks would each train the whole job, silently). Pure: reads nothing else.
     """
-    import torch
-    from transformers import TrainingArguments
-
     values = {**DEFAULTS, **config.training_args}
     values.update(output_dir=output_dir, remove_unused_columns=False)
-    on_cpu = not torch.cuda.is_available()
     if on_cpu and values.get("fsdp"):
         raise ValueError("FSDP does not run on CPU with this stack: accelerate only enables it "
                          "for GPU-like backends and would silently train plain DDP instead. "
                          "Use DeepSpeed ZeRO-3 (--deepspeed recipes/deepspeed/zero3.json) or DDP")
-    if values.get("deepspeed"):
-        _single_process_environment()
     _current_checkpointing_names(values)
     if values.get("activation_checkpointing"):
         values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    _input_pipeline(values, on_cpu)
+    _input_pipeline(values, on_cpu, workers)
     _evaluation(values, held_out=bool(config.eval_data_path))
     if on_cpu:
         if values.get("use_liger_kernel"):
@@ -56,31 +89,11 @@ def to_training_arguments(config: RunConfig, output_dir: str) -> Any:
                          "the first step; use --group-by-modality-length, or "
                          "train_sampling_strategy group_by_length: both take the lengths from "
                          "the record index")
-    try:
-        args = TrainingArguments(**values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"invalid training arguments: {err}") from err
-    if values.get("deepspeed") and on_cpu:
-        # With use_cpu, accelerate starts torch.distributed itself and deepspeed.comm stays
-        # uninitialised, so ZeRO-3's zero.Init would see a world of 1 (batch-size assertion).
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    return args
-
-
-def _single_process_environment() -> None:
-    """DeepSpeed without a launcher looks for MPI; give it a one-process world instead."""
-    import os
-    import socket
-
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    values.update(projector_lr=config.projector_lr, vision_tower_lr=config.vision_tower_lr,
+                  group_by_modality_length=config.group_by_modality_length,
+                  supervised_logits_only=config.supervised_logits_only,
+                  output_kind=config.output_kind)
+    return values
 
 
 def _current_checkpointing_names(values: dict[str, Any]) -> None:
@@ -122,11 +135,11 @@ def _strategy(value: Any) -> str:
     return str(getattr(value, "value", value)).lower()
 
 
-def _input_pipeline(values: dict[str, Any], on_cpu: bool) -> None:
+def _input_pipeline(values: dict[str, Any], on_cpu: bool, workers: int) -> None:
     """Image decoding and tokenization in dataloader workers (unless set: `default_workers`),
     alive for the whole run (no re-fork and index re-open per epoch); pinned host memory only
     where there is a GPU to copy to."""
-    values.setdefault("dataloader_num_workers", default_workers())
+    values.setdefault("dataloader_num_workers", workers)
     if values["dataloader_num_workers"] > 0:
         values.setdefault("dataloader_persistent_workers", True)
     if on_cpu:

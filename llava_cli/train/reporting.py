@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -93,3 +94,15 @@ class _RichCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def report_dropped(trainer: Any) -> int:
+    """Warn (on rank 0) how many distinct records training left out and why; return the
+    count. Collective under torch.distributed (every rank calls it)."""
+    dropped = trainer.dropped_records()
+    if dropped.total and trainer.is_world_process_zero():
+        logging.getLogger("llava_cli").warning(
+            "%d record(s) were dropped from training and never trained on: %s. `llava "
+            "inspect-data --check` on the data lists them all.", dropped.total,
+            dropped.summary())
+    return dropped.total

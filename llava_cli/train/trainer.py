@@ -3,7 +3,7 @@
 - parameter groups: the projector and the vision tower may have their own learning rates
   (logged as `learning_rate_<component>` beside the LLM's `learning_rate`);
 - `group_by_modality_length` sampling, and `group_by_length` by the index's lengths;
-- the loss at supervised positions only (`llava_cli.loss`), switchable;
+- the loss at supervised positions only (`train.loss`), switchable;
 - a frozen vision tower that costs no backward (`FrozenPartsNoBackward`), switchable;
 - projector-only runs checkpoint only the projector (not a copy of the frozen LLM);
 - resume that really restores the weights: transformers 5 saves LLaVA checkpoints under the
@@ -23,20 +23,17 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
-from llava_cli.checkpoints import (
-    PROJECTOR_FILE,
-    load_projector_weights,
-    projector_state,
-    write_projector_file,
-)
-from llava_cli.dataset import DropCounter, Dropped
-from llava_cli.loss import (
+from llava_cli.artifacts.manifest import OutputKind
+from llava_cli.artifacts.projector_file import PROJECTOR_FILE, write_projector_file
+from llava_cli.data.problems import Dropped, ProblemCounter
+from llava_cli.data.sampler import ModalityLengthGroupedSampler
+from llava_cli.model.parts import components
+from llava_cli.model.projector import load_projector_weights, projector_state
+from llava_cli.train.loss import (
     shifted_cross_entropy,
     supervised_cross_entropy,
     supervised_positions,
 )
-from llava_cli.model_factory import components
-from llava_cli.sampler import ModalityLengthGroupedSampler
 
 COMPONENT_ORDER = ("llm", "projector", "vision_tower")  # parameter groups, in this order
 
@@ -53,25 +50,29 @@ def _loss_function(keep_supervised_logits: bool, label_smoothing: float) -> Any:
 
 
 class LlavaTrainer(Trainer):
-    """Trainer for LLaVA models; `output_kind` is 'projector', 'full' or 'lora'."""
+    """Trainer for LLaVA models. Takes the Trainer's own arguments only: its settings come
+    from `args`, a `train.arguments.LlavaTrainingArguments` (plain TrainingArguments give
+    transformers' behaviour: one learning rate, the full-logits loss, full checkpoints)."""
 
-    def __init__(self, *args: Any, output_kind: str = "full", projector_lr: float | None = None,
-                 vision_tower_lr: float | None = None, group_by_modality: bool = False,
-                 supervised_logits_only: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Liger's fused linear cross-entropy needs the labels in the model call; with it on,
         # the plain path is the fast one.
-        self.keep_supervised_logits = supervised_logits_only and not self.args.use_liger_kernel
+        self.keep_supervised_logits = (self._setting("supervised_logits_only", False)
+                                       and not self.args.use_liger_kernel)
         loss = _loss_function(self.keep_supervised_logits, self.args.label_smoothing_factor)
         if loss is not None:
             self.compute_loss_func = loss
-        self.output_kind = output_kind
-        self.projector_lr = projector_lr
-        self.vision_tower_lr = vision_tower_lr
-        self.group_by_modality = group_by_modality
+        self.output_kind = OutputKind(self._setting("output_kind", OutputKind.FULL))
+        self.projector_lr = self._setting("projector_lr", None)
+        self.vision_tower_lr = self._setting("vision_tower_lr", None)
+        self.group_by_modality = self._setting("group_by_modality_length", False)
         # Records the dataset dropped on this rank, by position: bounded by distinct records,
         # however many epochs meet them again.
         self._dropped: dict[int, Dropped] = {}
+
+    def _setting(self, name: str, default: Any) -> Any:
+        return getattr(self.args, name, default)
 
     def training_step(self, model: Any, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
@@ -85,7 +86,7 @@ class LlavaTrainer(Trainer):
         inputs.pop("dropped_records", None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
-    def dropped_records(self) -> DropCounter:
+    def dropped_records(self) -> ProblemCounter:
         """Distinct records dropped from training so far, over all ranks and their dataloader
         workers. Collective under torch.distributed: call it on every rank."""
         import torch.distributed as dist
@@ -95,7 +96,7 @@ class LlavaTrainer(Trainer):
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, drops)
             drops = [Dropped(*drop) for rank in gathered for drop in rank]
-        return DropCounter.of_distinct(drops)
+        return ProblemCounter.of_distinct(drops)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -179,7 +180,7 @@ class LlavaTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.output_kind != "projector":
+        if self.output_kind != OutputKind.PROJECTOR:
             return super()._save(output_dir, state_dict)
         # Under DeepSpeed `state_dict` arrives gathered on every rank; else gather here
         # (a collective under ZeRO-3, so before the rank check).
@@ -201,9 +202,9 @@ class LlavaTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = self.model if model is None else model
-        if self.output_kind == "projector":
+        if self.output_kind == OutputKind.PROJECTOR:
             load_projector_weights(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
-        elif self.output_kind == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        elif self._library_loads_checkpoints:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:
             self._load_full_checkpoint(resume_from_checkpoint, model)
@@ -212,9 +213,15 @@ class LlavaTrainer(Trainer):
         # `load_best_model_at_end`: transformers' own loader has resume's blind spots (legacy
         # key names of full LLaVA checkpoints, projector-only checkpoints) and silently keeps
         # the last weights; the same loading as resume instead.
-        if self.output_kind == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self._library_loads_checkpoints:
             return super()._load_best_model()
         return self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    @property
+    def _library_loads_checkpoints(self) -> bool:
+        # PEFT adapters, DeepSpeed and FSDP checkpoints load correctly the library's way.
+        return (self.output_kind == OutputKind.LORA or self.is_deepspeed_enabled
+                or self.is_fsdp_enabled)
 
     @staticmethod
     def _load_full_checkpoint(checkpoint: str, model: Any) -> None:
@@ -232,7 +239,7 @@ class FrozenPartsNoBackward(TrainerCallback):
     sub-model to require grad (needed by reentrant checkpointing only) — the vision tower's
     patch embedding included, so a frozen tower builds a full backward graph and, when
     checkpointed, runs its forward twice, all for gradients nobody reads. Our checkpointing is
-    non-reentrant (`trainer_args`), which needs no such hook: trainable weights inside a
+    non-reentrant (`train.arguments`), which needs no such hook: trainable weights inside a
     checkpointed block get their gradients anyway. So the hooks are removed once the Trainer
     has set checkpointing up; a frozen tower then runs like under `no_grad`.
     """

@@ -74,7 +74,7 @@ def test_inspect_jsonl_contract():
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(x) for x in result.output.splitlines()]
     assert line["id"] == "shape-003" and len(line["input_ids"]) == len(line["labels"])
-    from llava_cli.demo_tokenizer import build_demo_tokenizer
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids("<image>")

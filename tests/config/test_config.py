@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava_cli.config import ConfigError, parse_set, resolve_config, save_resolved
+from llava_cli.config.resolve import parse_set, resolve_config
+from llava_cli.config.run_config import ConfigError, save_resolved
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe(tmp_path, **keys):
@@ -81,7 +82,7 @@ def test_numbers_in_a_nested_training_args_block_are_numbers(tmp_path):
 
 
 def test_saved_run_config_has_absolute_local_paths(tmp_path, monkeypatch):
-    from llava_cli.config import with_absolute_paths
+    from llava_cli.config.run_config import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.json").write_text("[]")

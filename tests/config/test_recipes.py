@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from llava_cli.config import resolve_config
-from llava_cli.manifest import MANIFEST_NAME
-from llava_cli.trainer_args import to_training_arguments
-from llava_cli.training import run_training
+from llava_cli.artifacts.manifest import MANIFEST_NAME
+from llava_cli.config.resolve import resolve_config
+from llava_cli.train.arguments import to_training_arguments
+from llava_cli.train.run import run_training
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 DEEPSPEED = RECIPES / "deepspeed"
-YAMLS = sorted(RECIPES.glob("**/*.yaml"))
+DEMO_RECIPES = ROOT / "llava_cli" / "demo" / "recipes"  # package data: `llava demo` reads them
+YAMLS = sorted(RECIPES.glob("**/*.yaml")) + sorted(DEMO_RECIPES.glob("*.yaml"))
 LLAVA_15 = ["llava-v1.5-7b", "llava-v1.5-13b"]
 GPUS = 8  # LLaVA-1.5 trained on 8 x A100-80GB; the global batch assumes it
 
@@ -40,18 +41,17 @@ def _resolve(path: Path, **flags):
 
 
 def test_recipes_are_shipped():
-    names = {str(p.relative_to(RECIPES)) for p in YAMLS}
+    names = {str(p.relative_to(RECIPES)) for p in YAMLS if p.is_relative_to(RECIPES)}
     assert {f"{model}/{stage}.yaml" for model in [*LLAVA_15, "tiny"] for stage in STAGES} <= names
 
 
-@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(RECIPES)))
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_resolves_and_starts_with_its_command(path):
     assert path.stem in STAGES, "recipe file names say their command"
     config = _resolve(path)
     assert config.output_dir
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and f"llava_cli {path.stem} recipes/" in first
-    assert str(path.relative_to(ROOT)) in first
+    assert first.startswith("# ") and f"llava_cli {path.stem} {path.relative_to(ROOT)}" in first
 
 
 @pytest.mark.parametrize("model", LLAVA_15)

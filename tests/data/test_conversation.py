@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_cli.conversation import RecordError, llava_normalize, parse_record
+from llava_cli.data.conversation import RecordError, llava_normalize, parse_record
 
 
 def _rec(turns, **extra):

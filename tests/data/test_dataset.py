@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_cli.collator import DataCollator
-from llava_cli.conversation import RecordError
-from llava_cli.dataset import FULLY_MASKED, DropCounter, Dropped, LazySupervisedDataset
-from llava_cli.encoding import IGNORE_INDEX
-from llava_cli.records import RecordIndex
-from llava_cli.samples import DataOptions, SampleBuilder
-from tests.conftest import SHARED_ASSETS, load_tokenizer
+from llava_cli.data.collator import DataCollator
+from llava_cli.data.conversation import RecordError
+from llava_cli.data.dataset import LazySupervisedDataset
+from llava_cli.data.problems import Dropped, Problem, ProblemCounter
+from llava_cli.data.records import RecordIndex
+from llava_cli.data.samples import DataOptions, InputSpec, SampleBuilder
+from llava_cli.data.text.encoding import IGNORE_INDEX
+from tests.helpers import SHARED_ASSETS, load_tokenizer
 
 N_IMAGE_TOKENS = (32 // 8) ** 2  # a 32px CLIP with patch 8, "default" feature strategy
 IMG = 32000  # `<image>` is added right after Llama-2's 32000 pieces
@@ -73,8 +74,8 @@ def make_dataset(path: Path, tokenizer, processor, max_length: int | None = 2048
                  skip_bad_records: bool = False, aspect: str = "pad") -> LazySupervisedDataset:
     options = DataOptions(template="v1", image_folder=str(path.parent),
                           model_max_length=max_length, image_aspect_ratio=aspect)
-    builder = SampleBuilder(options, tokenizer, IMG, lambda size: N_IMAGE_TOKENS,
-                            processor.image_mean if processor is not None else None)
+    mean = tuple(processor.image_mean) if processor is not None else (0.5, 0.5, 0.5)
+    builder = SampleBuilder(options, InputSpec(tokenizer, IMG, lambda size: N_IMAGE_TOKENS, mean))
     index = RecordIndex.open(path, cache_dir=path.parent / "cache")
     return LazySupervisedDataset(index, builder, processor, skip_bad_records=skip_bad_records)
 
@@ -196,10 +197,10 @@ def test_collator_anyres_tiles_and_limits():
 def test_fully_masked_sample_is_dropped_and_counted(data_file, tokenizer, processor, caplog):
     ds = make_dataset(data_file, tokenizer, processor, max_length=20)
     with caplog.at_level(logging.WARNING, logger="llava_cli"):
-        assert ds.inputs_or_none(by_id("long-prompt")) is None
-        assert ds.inputs_or_none(by_id("long-prompt")) is None
-    assert ds.dropped.counts == {FULLY_MASKED: 2}
-    assert ds.dropped.examples[FULLY_MASKED] == ["long-prompt", "long-prompt"]
+        assert isinstance(ds.inputs_or_drop(by_id("long-prompt")), Dropped)
+        assert isinstance(ds.inputs_or_drop(by_id("long-prompt")), Dropped)
+    assert ds.dropped.counts == {Problem.FULLY_MASKED: 2}
+    assert ds.dropped.examples[Problem.FULLY_MASKED] == ["long-prompt", "long-prompt"]
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1  # once per process, not once per record
     assert "long-prompt" in warnings[0] and "llava inspect-data --check" in warnings[0]
@@ -210,7 +211,7 @@ def test_missing_image_raises_or_is_skipped(data_file, tokenizer, processor):
     with pytest.raises(RecordError, match=r"record 'missing-image'.*nowhere/gone\.png"):
         make_dataset(data_file, tokenizer, processor)[n]
     ds = make_dataset(data_file, tokenizer, processor, skip_bad_records=True)
-    assert ds.inputs_or_none(n) is None
+    assert isinstance(ds.inputs_or_drop(n), Dropped)
     assert ds.dropped.counts == {"bad-image": 1}
     assert ds.dropped.examples == {"bad-image": ["missing-image"]}
     assert "bad-image: 1 (e.g. missing-image)" in ds.dropped.summary()
@@ -223,7 +224,7 @@ def test_invalid_json_line_is_a_bad_record(tmp_path, tokenizer, processor):
     with pytest.raises(RecordError, match="not valid JSON"):
         make_dataset(path, tokenizer, processor)[1]
     ds = make_dataset(path, tokenizer, processor, skip_bad_records=True)
-    assert ds[0] is not None and ds.inputs_or_none(1) is None
+    assert ds[0] is not None and isinstance(ds.inputs_or_drop(1), Dropped)
     assert ds.dropped.counts == {"bad-json": 1}
     # Through __getitem__ a dropped record is replaced by the next usable one: full batches.
     # The item says which record it replaced (the trainer totals these over workers/ranks).
@@ -241,22 +242,16 @@ def test_unusable_data_is_an_error_not_an_endless_search(data_file, tokenizer, p
 
 def test_collator_passes_on_the_dropped_records_and_counts_are_per_distinct_record():
     row = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6])}
-    first, second = Dropped(4, "bad-image", "a"), Dropped(9, FULLY_MASKED, "b")
+    first, second = Dropped(4, "bad-image", "a"), Dropped(9, Problem.FULLY_MASKED, "b")
     for padding_free in (False, True):
         collate = DataCollator(pad_token_id=PAD, padding_free=padding_free)
         batch = collate([{**row, "dropped": [first]}, row, {**row, "dropped": [second]}])
         assert batch["dropped_records"] == [first, second]
         assert "dropped_records" not in collate([row, row])  # the usual batch: no extra key
     # Dropped again in a later epoch and by another worker: still one record.
-    total = DropCounter.of_distinct([first, second, first, Dropped(4, "bad-image", "a")])
-    assert total.total == 2 and total.counts == {"bad-image": 1, FULLY_MASKED: 1}
+    total = ProblemCounter.of_distinct([first, second, first, Dropped(4, "bad-image", "a")])
+    assert total.total == 2 and total.counts == {"bad-image": 1, Problem.FULLY_MASKED: 1}
     assert total.summary() == "bad-image: 1 (e.g. a); fully-masked: 1 (e.g. b)"
-
-
-def test_all_dropped_batch_is_an_error():
-    with pytest.raises(ValueError, match=r"every sample of this batch was dropped.*"
-                                         r"llava inspect-data --check"):
-        DataCollator(pad_token_id=PAD)([None, None])
 
 
 def test_lengths_come_from_the_index(data_file, tokenizer, processor):

@@ -1,4 +1,4 @@
-"""Tests for llava_cli.images: decoding real-world files and LLaVA's geometry rules."""
+"""Tests for llava_cli.data.images: decoding real-world files and LLaVA's geometry rules."""
 
 from __future__ import annotations
 
@@ -9,23 +9,40 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from llava_cli.images import (
+from llava_cli.data.images import (
     ImageError,
-    anyres_grid_shape,
     check_image_header,
     expand_to_square,
     load_image,
     mean_color,
     prepare_image,
     resolve_image_path,
-    select_best_resolution,
 )
+from tests.helpers import SHARED_ASSETS
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = SHARED_ASSETS
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 RED, BLUE, FILL = (255, 0, 0), (0, 0, 255), (7, 8, 9)
 # LLaVA-NeXT's default pinpoints, (width, height).
 NEXT_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+
+
+def select_best_resolution(size, pinpoints):
+    """transformers' anyres canvas choice (what the LLaVA-NeXT processor tiles to and the model
+    unpads by), in LLaVA's (width, height) order; transformers' own is (height, width)."""
+    from transformers.image_processing_utils import select_best_resolution as hf_select
+
+    height, width = hf_select((size[1], size[0]), [(h, w) for w, h in pinpoints])
+    return width, height
+
+
+def anyres_grid_shape(size, pinpoints, tile):
+    """transformers' anyres tile grid as (columns, rows) for a (width, height) image."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    rows, columns = get_anyres_image_grid_shape((size[1], size[0]),
+                                                [[h, w] for w, h in pinpoints], tile)
+    return columns, rows
 
 
 @pytest.fixture(scope="module")
@@ -282,9 +299,6 @@ def test_select_best_resolution_tie_breaks_on_waste() -> None:
     # All three hold 100x50 at full size (effective 5000); wasted areas 15000, 155000, 25000.
     options = [(400, 400), (300, 100), (200, 100)]
     assert select_best_resolution((100, 50), options) == (200, 100)
-    assert select_best_resolution((100, 50), "[(400, 400), (300, 100), (200, 100)]") == (200, 100)
-    with pytest.raises(ValueError):
-        select_best_resolution((100, 50), [])
 
 
 def test_header_check_falls_back_to_pillow(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_cli import records
-from llava_cli.records import RecordFormatError, RecordIndex, default_cache_dir
+from llava_cli.data import records
+from llava_cli.data.records import RecordFormatError, RecordIndex, default_cache_dir
 
 TRICKY = [
     'he said \\"hi\\" and left',  # written raw below: an escaped quote inside a text

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from llava_cli.shapes import EVAL_QUESTIONS
+from llava_cli.demo.shapes import EVAL_QUESTIONS
 
 STAGE_KINDS = {"pretrain": "projector", "finetune": "full", "lora": "lora"}
 
@@ -74,7 +74,7 @@ def test_merged_model_answers_the_same_in_stock_transformers(quick):
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llava_cli.generation import load_for_generation
+    from llava_cli.generation.load import load_for_generation
 
     out, _ = quick
     record = json.loads((out / "data" / "eval" / "records.json").read_text())[1]

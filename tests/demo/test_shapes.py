@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_cli.conversation import parse_record
-from llava_cli.shapes import (
+from llava_cli.data.conversation import parse_record
+from llava_cli.demo.shapes import (
     ANSWERS,
     BACKGROUNDS,
     COLORS,

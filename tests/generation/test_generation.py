@@ -11,13 +11,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from llava_cli.config import resolve_config
-from llava_cli.generation import clean_answer, generation_kwargs, load_for_generation
-from llava_cli.images import prepare_image
-from llava_cli.shapes import QUESTIONS, generate_split
-from llava_cli.templates import TEMPLATES, Message, render
-from llava_cli.training import run_training
-from tests.conftest import TINY_LLM, TINY_VISION
+from llava_cli.config.resolve import resolve_config
+from llava_cli.data.images import prepare_image
+from llava_cli.data.text.templates import TEMPLATES, Message, render
+from llava_cli.demo.shapes import QUESTIONS, generate_split
+from llava_cli.generation.generator import clean_answer, generation_kwargs
+from llava_cli.generation.load import load_for_generation
+from llava_cli.train.run import run_training
+from tests.helpers import TINY_LLM, TINY_VISION
 
 COMMON = {"per_device_train_batch_size": 2, "save_steps": 100, "overwrite": True,
           "learning_rate": 1e-2, "seed": 7}
@@ -58,7 +59,7 @@ def picture(runs) -> Image.Image:
 
 
 def test_answer_equals_plain_generate_on_the_chat_template_prompt(generator, picture):
-    model, processor, template = generator
+    model, processor, template = generator.model, generator.processor, generator.template
     assert template == "v1" and generator.image_aspect_ratio == "pad"
     reply = generator.answer(picture, QUESTION, max_new_tokens=6)
     assert isinstance(reply, str) and reply == generator.answer(picture, QUESTION, 6)

@@ -12,16 +12,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from llava_cli.checkpoints import load_projector_weights
+from llava_cli.artifacts.export import export_projector
 from llava_cli.cli import app
-from llava_cli.config import resolve_config
-from llava_cli.data_inspect import demo_data
-from llava_cli.export import export_projector
-from llava_cli.merge import merge_lora
-from llava_cli.merge_verify import probe_batch, probe_logits
-from llava_cli.model_factory import components
-from llava_cli.training import run_training
-from tests.conftest import TINY_LLM, TINY_VISION
+from llava_cli.config.resolve import resolve_config
+from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.merge.merge import merge_lora
+from llava_cli.merge.verify import probe_batch, probe_logits
+from llava_cli.model.parts import components
+from llava_cli.model.projector import load_projector_weights
+from llava_cli.train.run import run_training
+from tests.helpers import TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()
 COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
@@ -116,7 +116,7 @@ def test_qlora_merge_is_checked_against_the_quantized_base_too(runs, merged):
 
 def test_merged_model_runs_in_a_pipeline(merged):
     pipe = transformers.pipeline("image-text-to-text", model=str(merged["lora"][0]))
-    from llava_cli.merge_verify import probe_image
+    from llava_cli.merge.verify import probe_image
 
     messages = [{"role": "user", "content": [{"type": "image", "image": probe_image()},
                                              {"type": "text", "text": "What is it?"}]}]
@@ -149,8 +149,8 @@ def test_merge_cli_checkpoint_dir_and_refusals(runs, tmp_path):
 
 def test_failed_verification_writes_nothing_and_overwrite_keeps_user_files(runs, tmp_path,
                                                                           monkeypatch):
-    from llava_cli import merge_verify
-    from llava_cli.merge import VerificationError
+    from llava_cli.merge import verify as merge_verify
+    from llava_cli.merge.merge import VerificationError
 
     out = tmp_path / "out"
     monkeypatch.setitem(merge_verify._TOLERANCES, ("float32", 16), (-1.0, 0.0))

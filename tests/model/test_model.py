@@ -10,17 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llava_cli.adapters import apply_lora, quantization_config  # noqa: E402
-from llava_cli.config import RunConfig  # noqa: E402
-from llava_cli.demo_tokenizer import build_demo_tokenizer  # noqa: E402
-from llava_cli.model_factory import (  # noqa: E402
-    apply_trainability,
-    build_new_model,
-    components,
-    image_tokens_per_image,
-    load_llava,
-)
-from llava_cli.text_side import add_llava_tokens  # noqa: E402
+from llava_cli.config.run_config import RunConfig  # noqa: E402
+from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer  # noqa: E402
+from llava_cli.data.text.tokenizer import add_llava_tokens  # noqa: E402
+from llava_cli.model.build import build_new_model  # noqa: E402
+from llava_cli.model.inputs import image_tokens_per_image  # noqa: E402
+from llava_cli.model.load import load_llava, quantization_config  # noqa: E402
+from llava_cli.model.lora import apply_lora  # noqa: E402
+from llava_cli.model.parts import apply_trainability, components  # noqa: E402
 
 PROMPT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
 

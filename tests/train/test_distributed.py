@@ -29,14 +29,15 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from llava_cli.checkpoints import PROJECTOR_PREFIX, read_projector_file, save_projector
-from llava_cli.config import resolve_config
-from llava_cli.data_inspect import demo_data
-from llava_cli.training import run_training
-from tests.conftest import eval_logits as _logits
-from tests.conftest import probe_batch as _probe
+from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_file
+from llava_cli.config.resolve import resolve_config
+from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.model.projector import save_projector
+from llava_cli.train.run import run_training
+from tests.helpers import eval_logits as _logits
+from tests.helpers import probe_batch as _probe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS, IMAGES = demo_data()
 ZERO2, ZERO3 = (str(ROOT / "recipes" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
 STEPS = 4  # checkpoints at 2 and 4 (save_steps 2): resume from 2, consolidate 4

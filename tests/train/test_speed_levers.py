@@ -10,19 +10,20 @@ import pytest
 import torch
 import transformers
 
-from llava_cli.collator import DataCollator
-from llava_cli.config import ConfigError, RunConfig, resolve_config
-from llava_cli.data_inspect import demo_data
-from llava_cli.loss import (
+from llava_cli.config.resolve import resolve_config
+from llava_cli.config.run_config import ConfigError, RunConfig
+from llava_cli.data.collator import DataCollator
+from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.model.parts import components
+from llava_cli.train.arguments import to_training_arguments
+from llava_cli.train.loss import (
     shifted_cross_entropy,
     supervised_cross_entropy,
     supervised_positions,
     supervised_targets,
 )
-from llava_cli.model_factory import components
-from llava_cli.trainer_args import to_training_arguments
-from llava_cli.training import run_training
-from tests.conftest import TINY_LLM, TINY_VISION
+from llava_cli.train.run import run_training
+from tests.helpers import TINY_LLM, TINY_VISION
 
 IMAGE = 599  # the tiny LLM's last id stands in for the image token
 IMAGE_TOKENS = 16  # 32 px, patch 8, CLS dropped
@@ -131,7 +132,7 @@ def test_supervised_loss_refuses_full_logits():
 def test_padding_free_batch_is_one_row_with_restarting_positions():
     a = {"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}
     b = {"input_ids": [1, 7], "labels": [9, 7]}  # a supervised first label gets masked
-    batch = DataCollator(pad_token_id=0, padding_free=True)([a, None, b])
+    batch = DataCollator(pad_token_id=0, padding_free=True)([a, b])
     assert batch["input_ids"].tolist() == [[1, 5, 6, 1, 7]]
     assert batch["labels"].tolist() == [[-100, 5, 6, -100, 7]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]

@@ -11,14 +11,14 @@ import pytest
 import torch
 import transformers
 
-from llava_cli.checkpoints import load_starting_model
-from llava_cli.config import resolve_config
-from llava_cli.data_inspect import demo_data
-from llava_cli.model_factory import components
-from llava_cli.training import run_training
-from tests.conftest import TINY_LLM, TINY_VISION
-from tests.conftest import eval_logits as _logits
-from tests.conftest import probe_batch as _probe
+from llava_cli.config.resolve import resolve_config
+from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.model.parts import components
+from llava_cli.model.start import load_starting_model
+from llava_cli.train.run import run_training
+from tests.helpers import TINY_LLM, TINY_VISION
+from tests.helpers import eval_logits as _logits
+from tests.helpers import probe_batch as _probe
 
 RECORDS, IMAGES = demo_data()
 COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
@@ -263,7 +263,7 @@ def test_the_cli_destroys_the_process_group_when_a_run_ends(one_rank_group, fine
     import typer
 
     from llava_cli.commands.train import run_or_exit
-    from llava_cli.training import process_group_closed_at_end
+    from llava_cli.train.process import process_group_closed_at_end
 
     with process_group_closed_at_end():
         one_rank_group.all_reduce(torch.ones(1))  # the group is in use inside the block
@@ -282,15 +282,15 @@ def test_the_cli_destroys_the_process_group_when_a_run_ends(one_rank_group, fine
 
 
 def test_the_dropped_records_total_is_logged_once_on_rank_zero(caplog):
-    from llava_cli.dataset import DropCounter, Dropped
-    from llava_cli.training import report_dropped
+    from llava_cli.data.problems import Dropped, ProblemCounter
+    from llava_cli.train.reporting import report_dropped
 
     class Finished:  # what report_dropped asks of the trainer
         def __init__(self, rank_zero: bool, *drops: Dropped) -> None:
             self.rank_zero, self.drops = rank_zero, drops
 
-        def dropped_records(self) -> DropCounter:
-            return DropCounter.of_distinct(self.drops)
+        def dropped_records(self) -> ProblemCounter:
+            return ProblemCounter.of_distinct(self.drops)
 
         def is_world_process_zero(self) -> bool:
             return self.rank_zero
@@ -312,8 +312,8 @@ def test_the_dropped_records_total_is_logged_once_on_rank_zero(caplog):
 def _dropped_on_rank(rank: int, rendezvous: str, queue) -> None:  # a forked rank's body
     import torch.distributed as dist
 
-    from llava_cli.dataset import Dropped
-    from llava_cli.llava_trainer import LlavaTrainer
+    from llava_cli.data.problems import Dropped
+    from llava_cli.train.trainer import LlavaTrainer
 
     class Rank:  # the trainer state dropped_records reads
         _dropped = ({3: Dropped(3, "fully-masked", "long"), 8: Dropped(8, "bad-image", "gone")}
@@ -368,7 +368,7 @@ def test_held_out_records_give_the_eval_loss_at_each_save(finetuned, tmp_path):
     assert f"eval_data_path: {RECORDS}" in saved
     from rich.console import Console
 
-    from llava_cli.reporting import Reporter
+    from llava_cli.train.reporting import Reporter
 
     reporter = Reporter(Console(record=True, width=120))
     reporter.summary(config, "full", {}, trainer.train_dataset, trainer.args, trainer.eval_dataset)
@@ -377,7 +377,7 @@ def test_held_out_records_give_the_eval_loss_at_each_save(finetuned, tmp_path):
 
 
 def test_evaluation_needs_held_out_records_and_defaults_to_the_save_schedule(tmp_path):
-    from llava_cli.trainer_args import to_training_arguments
+    from llava_cli.train.arguments import to_training_arguments
 
     for asked, named in (({"eval_strategy": "steps"}, "eval_strategy 'steps'"),
                          ({"do_eval": True}, "do_eval")):
@@ -431,8 +431,8 @@ def test_load_best_model_at_end_really_loads_the_best_checkpoint(pretrained, fin
 def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, monkeypatch):
     """transformers' own group_by_length loads every sample to measure it before training (and
     measures LLaVA's by "pixel_values": a KeyError), held-out ones too."""
-    from llava_cli.dataset import LazySupervisedDataset
-    from llava_cli.sampler import ModalityLengthGroupedSampler
+    from llava_cli.data.dataset import LazySupervisedDataset
+    from llava_cli.data.sampler import ModalityLengthGroupedSampler
 
     loaded: list[int] = []
     original = LazySupervisedDataset.__getitem__
@@ -463,7 +463,7 @@ def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, m
 
 
 def test_batch_rebalance_is_refused_for_what_it_would_load(tmp_path):
-    from llava_cli.trainer_args import to_training_arguments
+    from llava_cli.train.arguments import to_training_arguments
 
     config = resolve_config("finetune", flags={"train_sampling_strategy": "batch_rebalance"})
     with pytest.raises(ValueError, match="'batch_rebalance' measures every sample by loading it"):

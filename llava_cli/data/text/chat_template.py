@@ -9,8 +9,9 @@ each image item becomes `<image>\\n`, as LLaVA's training data writes it.
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from llava_cli.templates import Template
+from llava_cli.data.text.templates import CHAT_TEMPLATE, TEMPLATES, Template
 
 _CONTENT = """\
 {%- macro content_of(message) -%}
@@ -67,3 +68,13 @@ def chat_template_for(template: Template) -> str:
         else f"{{%- set {name} = {str(value).lower()} -%}}\n"
         for name, value in values.items())
     return f"{{#- llava_cli template: {template.name} -#}}\n" + _CONTENT + settings + _BODY
+
+
+def attach_chat_template(processor: Any, template_name: str) -> None:
+    """Make a processor (and its tokenizer) render `template_name` when applying the chat
+    template, so a saved output prompts at inference exactly as it was trained."""
+    if template_name == CHAT_TEMPLATE:
+        return  # the tokenizer's own template is the training template
+    template = chat_template_for(TEMPLATES[template_name])
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llava_cli.chunked_tokenizer import ChunkedEncoder, owner_ends
-from llava_cli.sp_original import OriginalSentencePieceTokenizer
-from llava_cli.templates import IMAGE_PLACEHOLDER, Rendered
+from llava_cli.data.text.chunked_tokenizer import ChunkedEncoder, owner_ends
+from llava_cli.data.text.sp_original import OriginalSentencePieceTokenizer
+from llava_cli.data.text.templates import IMAGE_PLACEHOLDER, Rendered
 
 IGNORE_INDEX = -100
 TokenizationMode = Literal["hf", "llava"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_cli.chat_template import chat_template_for
-from llava_cli.templates import TEMPLATES, Message, render
+from llava_cli.data.text.chat_template import chat_template_for
+from llava_cli.data.text.templates import TEMPLATES, Message, render
 
 CONV = [Message("user", "<image>\nQ1?"), Message("assistant", "A1."),
         Message("user", "Q2?"), Message("assistant", "")]
@@ -13,7 +13,7 @@ CONV = [Message("user", "<image>\nQ1?"), Message("assistant", "A1."),
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from llava_cli.demo_tokenizer import build_demo_tokenizer
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
 
     return build_demo_tokenizer()
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_cli import chunked_tokenizer, encoding
-from llava_cli.chunked_tokenizer import ChunkedEncoder
-from llava_cli.conversation import RecordError, parse_record
-from llava_cli.encoding import TextEncoder
-from llava_cli.templates import TEMPLATES, render
-from llava_cli.text_side import add_llava_tokens
-from tests.conftest import SHARED_ASSETS, load_tokenizer
+from llava_cli.data.conversation import RecordError, parse_record
+from llava_cli.data.text import chunked_tokenizer, encoding
+from llava_cli.data.text.chunked_tokenizer import ChunkedEncoder
+from llava_cli.data.text.encoding import TextEncoder
+from llava_cli.data.text.templates import TEMPLATES, render
+from llava_cli.data.text.tokenizer import add_llava_tokens
+from tests.helpers import SHARED_ASSETS, load_tokenizer
 
 SENTENCEPIECE_STYLE = ("llama2-vicuna-v1.5", "mistral-7b-v0.1")  # prepend "first" / "always"
 DATA_FILES = ("llava_instruct_misc_real.json", "sharegpt_text_only_sample.json",

@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from llava_cli.encoding import IGNORE_INDEX, TextEncoder
-from llava_cli.samples import DataOptions, SampleBuilder
-from llava_cli.templates import TEMPLATES, Message, render
-from llava_cli.text_side import add_llava_tokens
-from tests.conftest import load_tokenizer
+from llava_cli.data.samples import DataOptions, InputSpec, SampleBuilder
+from llava_cli.data.text.encoding import IGNORE_INDEX, TextEncoder
+from llava_cli.data.text.templates import TEMPLATES, Message, render
+from llava_cli.data.text.tokenizer import add_llava_tokens
+from tests.helpers import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def demo():
-    from llava_cli.demo_tokenizer import build_demo_tokenizer
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
 
     return build_demo_tokenizer()
 
@@ -66,8 +66,8 @@ def test_hf_mode_supervises_the_same_text_as_llava_mode(golden, template):
     records = json.loads((golden / "synthetic_finetune.json").read_text())
     if template == "plain":
         records = [r for r in records if r.get("image") and len(r["conversations"]) == 2]
-    builders = {mode: SampleBuilder(DataOptions(template, mode, model_max_length=None),
-                                    tokenizer, image_id, lambda size: 5)
+    spec = InputSpec(tokenizer, image_id, lambda size: 5, (0.5, 0.5, 0.5))
+    builders = {mode: SampleBuilder(DataOptions(template, mode, model_max_length=None), spec)
                 for mode in ("hf", "llava")}
     compared = 0
     for position, record in enumerate(records[:120]):
@@ -92,7 +92,7 @@ def test_hf_mode_matches_the_saved_llava_hf_tokenizer(assets):
 
 
 def test_labels_from_unsorted_and_overlapping_spans() -> None:
-    from llava_cli.encoding import _labels_from_spans
+    from llava_cli.data.text.encoding import _labels_from_spans
 
     ids = [10, 11, 12, 13, 14, 15]
     ends = np.array([-1, 2, 4, 6, 8, 10])  # BOS (no text), then tokens ending at 2, 4, ...

@@ -7,10 +7,10 @@ from functools import cache
 
 import pytest
 
-from llava_cli.conversation import RecordError, llava_normalize, parse_record
-from llava_cli.encoding import IGNORE_INDEX, TextEncoder
-from llava_cli.templates import TEMPLATES, render
-from tests.conftest import SHARED_ASSETS, load_tokenizer
+from llava_cli.data.conversation import RecordError, llava_normalize, parse_record
+from llava_cli.data.text.encoding import IGNORE_INDEX, TextEncoder
+from llava_cli.data.text.templates import TEMPLATES, render
+from tests.helpers import SHARED_ASSETS, load_tokenizer
 
 GOLDEN = SHARED_ASSETS / "golden"
 CASES = [(data, tok) for data in ("real_records", "synthetic_finetune", "synthetic_pretrain")

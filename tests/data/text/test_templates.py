@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llava_cli.templates import (
+from llava_cli.data.text.templates import (
     TEMPLATES,
     Message,
     canonical_template_name,
     render,
     render_with_chat_template,
 )
-from tests.conftest import load_tokenizer
+from tests.helpers import load_tokenizer
 
 CONV = [Message("user", "<image>\nQ1?"), Message("assistant", "A1."),
         Message("user", "Q2?"), Message("assistant", "A2.")]

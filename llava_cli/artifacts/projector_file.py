@@ -1,0 +1,148 @@
+"""The projector's file formats: ours (safetensors, stock llava-hf key names) and the original
+LLaVA's `mm_projector.bin`, with the key maps between them, and the places the projector sits
+inside other files (HF checkpoints, PEFT adapters).
+
+Tensors in, tensors out: nothing here touches a live model (`model.projector` does that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llava_cli.artifacts.files import write_atomically
+
+PROJECTOR_FILE = "projector.safetensors"
+PROJECTOR_PREFIX = "multi_modal_projector."  # the stock llava-hf key prefix on disk
+LLAVA_PREFIX = "model.mm_projector."  # the original LLaVA's, inside its LLM state dict
+ADAPTER_FILE = "adapter_model.safetensors"
+# The original LLaVA's mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2.
+FROM_LLAVA = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias",
+              "2.weight": "linear_2.weight", "2.bias": "linear_2.bias"}
+TO_LLAVA = {ours: theirs for theirs, ours in FROM_LLAVA.items()}
+# Prefixes a projector file may carry (stripped on reading).
+_FILE_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
+                  PROJECTOR_PREFIX)
+# Where the projector sits in each kind of safetensors file. PEFT stores the trained
+# `modules_to_save` copy without its `modules_to_save.default.` part; older PEFT kept it.
+_ADAPTER_PREFIXES = ("base_model.model.model.multi_modal_projector.modules_to_save.default.",
+                     "base_model.model.model.multi_modal_projector.",
+                     "base_model.model.multi_modal_projector.modules_to_save.default.",
+                     "base_model.model.multi_modal_projector.")
+_MODEL_PREFIXES = (PROJECTOR_PREFIX, "model.multi_modal_projector.")  # legacy, then v5 names
+
+
+def read_projector_file(file: str | Path) -> dict[str, Any]:
+    """Projector tensors from our safetensors or LLaVA's `mm_projector.bin`, keyed
+    `linear_1.weight`, … . Pickles load with `weights_only=True`: no code ever runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(f"projector file {str(file)!r} not found")
+    if file.suffix == ".safetensors":
+        state = load_file(str(file))
+    else:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle errors have many types
+            raise ValueError(f"{file}: not a plain tensor file; refusing to unpickle arbitrary "
+                             f"objects ({err})") from err
+    out = {}
+    for key, tensor in state.items():
+        short = _strip(key, _FILE_PREFIXES) or key
+        out[FROM_LLAVA.get(short, short)] = tensor
+    if not out:
+        raise ValueError(f"{file}: no projector tensors found")
+    return out
+
+
+def write_projector_file(state: dict[str, Any], file: str | Path) -> Path:
+    """Write projector tensors (already under their on-disk names) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    return write_atomically(file, lambda path: save_file(state, str(path),
+                                                         metadata={"format": "pt"}))
+
+
+def write_llava_projector(state: dict[str, Any], file: str | Path) -> dict[str, Any]:
+    """Write `linear_1.weight`, … as the original LLaVA's `mm_projector.bin`; returns what
+    was written (under the original's key names)."""
+    import torch
+
+    written = {LLAVA_PREFIX + TO_LLAVA[k]: v for k, v in state.items()}
+    write_atomically(file, lambda path: torch.save(written, path))
+    return written
+
+
+def read_adapter_projector(file: str | Path) -> dict[str, Any]:
+    """The projector trained alongside a LoRA adapter (PEFT `modules_to_save`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        state = _pick(handle, list(handle.keys()), _ADAPTER_PREFIXES)
+    if not state:
+        raise ValueError(f"{file}: this LoRA adapter holds no projector (it was trained with "
+                         "the projector frozen); export the projector from the run's base")
+    return state
+
+
+def read_model_projector(folder: Path, name: str) -> dict[str, Any]:
+    """Projector tensors of an HF checkpoint, opening only the shard(s) that hold them."""
+    from safetensors import safe_open
+
+    if name.endswith(".json"):
+        weight_map = json.loads((folder / name).read_text()).get("weight_map", {})
+        files = sorted({f for k, f in weight_map.items() if _strip(k, _MODEL_PREFIXES)})
+    else:
+        files = [name]
+    state: dict[str, Any] = {}
+    for file in files:
+        with safe_open(str(folder / file), "pt") as handle:
+            state.update(_pick(handle, list(handle.keys()), _MODEL_PREFIXES))
+    if not state:
+        raise ValueError(f"{folder / name}: no multi_modal_projector.* tensors (not a LLaVA "
+                         "checkpoint?)")
+    return state
+
+
+def projector_from_checkpoint(checkpoint: str | Path) -> tuple[dict[str, Any], str]:
+    """The projector tensors of any output or file, keyed `linear_1.weight`, …, and where they
+    came from: a pretrain output, an HF-layout checkpoint (single file or sharded), a LoRA run
+    or its checkpoint-N, a folder with LLaVA's `mm_projector.bin`, or a projector file."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return read_projector_file(path), str(path.resolve())
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} not found")
+    if (path / ADAPTER_FILE).is_file():
+        return read_adapter_projector(path / ADAPTER_FILE), str((path / ADAPTER_FILE).resolve())
+    for name in (PROJECTOR_FILE, "mm_projector.bin"):
+        if (path / name).is_file():
+            return read_projector_file(path / name), str((path / name).resolve())
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if (path / name).is_file():
+            return read_model_projector(path, name), str((path / name).resolve())
+    raise ValueError(
+        f"{path}: no projector found (looked for {ADAPTER_FILE}, {PROJECTOR_FILE}, "
+        "mm_projector.bin, model.safetensors[.index.json]); pass a pretrain, finetune, "
+        "merged or LoRA output, or an HF-layout LLaVA checkpoint")
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str | None:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
+
+
+def _pick(handle: Any, keys: list[str], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    # First matching prefix wins, so a stale `original_module` copy is never picked up.
+    out = {}
+    for key in keys:
+        short = _strip(key, prefixes)
+        if short is not None and "original_module" not in key and short not in out:
+            out[short] = handle.get_tensor(key)
+    return out

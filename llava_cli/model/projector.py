@@ -1,0 +1,81 @@
+"""The projector of a live model: loading a projector file into it and reading its tensors out,
+whole under DeepSpeed ZeRO-3 too (the file formats themselves are `artifacts.projector_file`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llava_cli.artifacts.projector_file import (
+    PROJECTOR_PREFIX,
+    read_projector_file,
+    write_projector_file,
+)
+from llava_cli.model.parts import components
+
+
+def gathered(module: Any, modify: bool = False) -> Any:
+    """Context in which a module's ZeRO-3-partitioned parameters are whole (a no-op otherwise).
+
+    Without it, a ZeRO-3 model's parameters have placeholder shapes ((0,) or flattened), and
+    writing or saving them is LLaVA's classic "projector lost under ZeRO-3" bug.
+    """
+    from contextlib import nullcontext
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def load_projector_weights(model: Any, file: str | Path) -> None:
+    """Load a projector file into `model`, with a clear error when shapes differ."""
+    projector = components(model).projector
+    state = read_projector_file(file)
+    with gathered(projector, modify=True):
+        _copy_into(projector, state, file)
+
+
+def _copy_into(projector: Any, state: dict[str, Any], file: str | Path) -> None:
+    import torch
+
+    target = projector.state_dict()
+    if set(state) != set(target):
+        raise ValueError(f"{file}: projector keys {sorted(state)} do not match this model's "
+                         f"{sorted(target)} (projector type differs?)")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(target[key].shape):
+            raise ValueError(
+                f"{file}: projector {key} has shape {tuple(tensor.shape)} but this model needs "
+                f"{tuple(target[key].shape)} (vision hidden size × LLM hidden size); the file "
+                "was trained for another LLM or vision tower")
+    with torch.no_grad():
+        projector.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()})
+
+
+def projector_state(model: Any, full_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The projector's tensors under their stock on-disk names (`multi_modal_projector.…`).
+
+    `full_state`: a whole-model state dict already gathered (DeepSpeed's save path); without
+    it the projector is gathered here — collectively, so call this on every rank.
+    """
+    if full_state is not None:
+        state = {PROJECTOR_PREFIX + k.split(PROJECTOR_PREFIX, 1)[1]: v.detach().cpu().contiguous()
+                 for k, v in full_state.items() if PROJECTOR_PREFIX in k}
+        if not state:  # DeepSpeed hands an empty dict when ZeRO-3 does not gather on save
+            raise ValueError("no projector weights to save: with ZeRO-3 set "
+                             "stage3_gather_16bit_weights_on_model_save: true (as "
+                             "recipes/deepspeed/zero3.json does)")
+        return state
+    projector = components(model).projector
+    with gathered(projector):
+        return {PROJECTOR_PREFIX + k: v.detach().cpu().clone().contiguous()
+                for k, v in projector.state_dict().items()}
+
+
+def save_projector(model: Any, file: str | Path,
+                   full_state: dict[str, Any] | None = None) -> Path:
+    """Write the projector as safetensors with the stock on-disk key names."""
+    return write_projector_file(projector_state(model, full_state), file)

@@ -1,0 +1,108 @@
+"""What a vision tower is like, read from its config: how many positions it outputs per image
+(with or without a CLS token), which features LLaVA selects, and the image processor that
+feeds it. A new vision tower needs nothing here but a config transformers knows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llava_cli.data.images import CLIP_MEAN, CLIP_STD
+from llava_cli.data.text.tokenizer import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+def vision_config_of(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The vision config of a CLIP/SigLIP folder (full two-tower model or vision-only)."""
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return getattr(loaded, "vision_config", None) or loaded
+
+
+def vision_model_class(vision_config: PretrainedConfig) -> Any:
+    """The transformers model class of a vision config (CLIPVisionModel, SiglipVisionModel…)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    return MODEL_MAPPING[type(vision_config)]
+
+
+def tower_positions(vision_config: PretrainedConfig) -> int:
+    """Positions the vision tower outputs per image: its patches, plus a CLS token where the
+    tower has one.
+
+    Measured, not looked up by model type: the tower is built from its config and run on the
+    meta device, which allocates nothing and computes only shapes (CLIP-L/336: 577 in well
+    under a second). Built by its constructor, not `_from_config`: under DeepSpeed ZeRO-3 the
+    latter would partition the (meta) parameters.
+    """
+    import torch
+
+    model_class = vision_model_class(vision_config)
+    size = vision_config.image_size
+    channels = getattr(vision_config, "num_channels", 3)
+    with torch.device("meta"):
+        tower = model_class(vision_config)
+        with torch.no_grad():
+            output = tower(pixel_values=torch.empty(1, channels, size, size))
+    return int(output.last_hidden_state.shape[1])
+
+
+def has_cls_token(vision_config: PretrainedConfig) -> bool:
+    """Whether the tower prepends a CLS position to its patches (CLIP does, SigLIP does not)."""
+    per_side = vision_config.image_size // vision_config.patch_size
+    return tower_positions(vision_config) > per_side * per_side
+
+
+def select_strategy(vision_select_feature: str, has_cls: bool) -> str:
+    """transformers' `vision_feature_select_strategy` for LLaVA's `mm_vision_select_feature`:
+    `default` drops the first position (the CLS token), `full` keeps every position."""
+    if not has_cls:
+        return "full"  # "default" would drop a real patch, not a CLS token
+    return "full" if vision_select_feature == "cls_patch" else "default"
+
+
+def build_processor(vision_path: str, vision_config: PretrainedConfig, tokenizer: Any,
+                    strategy: str, has_cls: bool,
+                    pinpoints: list[list[int]] | None = None) -> Any:
+    """LlavaProcessor (LlavaNextProcessor with `pinpoints`) whose image-token count agrees
+    with the model's image features."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+
+    processor_cls = LlavaNextProcessor if pinpoints else LlavaProcessor
+    return processor_cls(
+        image_processor=_image_processor(vision_path, vision_config, has_cls, pinpoints),
+        tokenizer=tokenizer, patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=int(has_cls), image_token=IMAGE_TOKEN)
+
+
+def _image_processor(vision_path: str, vision_config: PretrainedConfig, has_cls: bool,
+                     pinpoints: list[list[int]] | None) -> Any:
+    from transformers import AutoImageProcessor, CLIPImageProcessorPil, LlavaNextImageProcessorPil
+
+    saved = Path(vision_path) / "preprocessor_config.json"
+    if pinpoints:
+        # Keep the tower's resize/normalisation settings, add the anyres grid.
+        settings = json.loads(saved.read_text()) if saved.is_file() else _default_image(
+            vision_config, has_cls)
+        keep = ("size", "crop_size", "image_mean", "image_std", "resample", "rescale_factor")
+        return LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints,
+                                          **{k: settings[k] for k in keep if k in settings})
+    if saved.is_file():
+        # AutoImageProcessor keeps SigLIP's own resize/normalisation; pil: no torchvision here.
+        return AutoImageProcessor.from_pretrained(vision_path, backend="pil")
+    return CLIPImageProcessorPil(**_default_image(vision_config, has_cls))
+
+
+def _default_image(vision_config: PretrainedConfig, has_cls: bool) -> dict[str, Any]:
+    """Settings for a tower folder without a preprocessor_config.json: CLIP's normalisation
+    for towers with a CLS token, SigLIP's (0.5) for those without."""
+    size = vision_config.image_size
+    mean, std = (CLIP_MEAN, CLIP_STD) if has_cls else ((0.5,) * 3,) * 2
+    return {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
+            "image_mean": list(mean), "image_std": list(std)}

@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: where things are, a local tokenizer loader, a probe batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = ROOT.parent / "shared" / "assets"
+RECIPES = ROOT / "recipes"
+# Config-only tiny LLM (Llama, hidden 64, 2 layers) and CLIP vision tower (32 px, patch 8),
+# shipped with the tiny recipes; tests build them with random_init.
+TINY_LLM = RECIPES / "tiny" / "llm"
+TINY_VISION = RECIPES / "tiny" / "vision"
+PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
+
+
+def load_tokenizer(path: Path):
+    """A tokenizer from a local folder, never the hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def probe_batch(processor):
+    """A one-image probe batch (red picture + a v1 prompt) to compare models' logits on."""
+    from PIL import Image
+
+    return processor(images=Image.new("RGB", (40, 30), (220, 40, 40)), text=PROBE_TEXT,
+                     return_tensors="pt")
+
+
+def eval_logits(model, batch):
+    """The model's logits on `batch`, in eval mode without gradients."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
