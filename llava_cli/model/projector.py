@@ -6,11 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llava_cli.artifacts.projector_file import (
-    PROJECTOR_PREFIX,
-    read_projector_file,
-    write_projector_file,
-)
+from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_file
 from llava_cli.model.parts import components
 
 
@@ -73,9 +69,3 @@ def projector_state(model: Any, full_state: dict[str, Any] | None = None) -> dic
     with gathered(projector):
         return {PROJECTOR_PREFIX + k: v.detach().cpu().clone().contiguous()
                 for k, v in projector.state_dict().items()}
-
-
-def save_projector(model: Any, file: str | Path,
-                   full_state: dict[str, Any] | None = None) -> Path:
-    """Write the projector as safetensors with the stock on-disk key names."""
-    return write_projector_file(projector_state(model, full_state), file)

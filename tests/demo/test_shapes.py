@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -178,8 +177,7 @@ def test_questions_override_and_errors(tmp_path):
         generate_split(tmp_path / "x", 1, 0, "test")  # type: ignore[arg-type]
 
 
-def test_two_thousand_images_take_under_ten_seconds(tmp_path):
-    start = time.perf_counter()
+def test_two_thousand_images_are_all_written(tmp_path):
+    # How fast: bench/bench_shapes.py (no timed assertion here).
     generate_split(tmp_path / "big", 2000, 1, "finetune")
-    assert time.perf_counter() - start < 10
     assert len(list((tmp_path / "big" / "images").iterdir())) == 2000

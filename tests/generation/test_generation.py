@@ -143,3 +143,26 @@ def test_cli_batch_mode_writes_one_line_per_record(runs, tmp_path):
 def test_cli_usage_errors(runs):
     result = CliRunner().invoke(app, ["generate", str(runs["finetune"])])
     assert result.exit_code == 2 and "--prompt" in result.stderr
+
+
+def test_generation_sees_the_pixels_training_saw_on_a_transparent_photo(runs, generator,
+                                                                        tmp_path):
+    """One image loader: a non-square picture with transparent pixels reaches the model with
+    the pixel values its training sample had, given as a path or as an opened image
+    (transparency on the mean colour, then padded with it; generate used to put it on white,
+    or drop the alpha channel)."""
+    from llava_cli.train.stages.supervised import build_dataset
+
+    picture = Image.new("RGBA", (48, 30), (200, 30, 30, 255))
+    picture.paste((0, 255, 0, 0), (0, 0, 20, 30))  # transparent, with green behind
+    picture.save(tmp_path / "clear.png")
+    records = [{"id": "clear", "image": "clear.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    config = resolve_config("finetune", flags={
+        "data_path": str(tmp_path / "records.json"), "image_folder": str(tmp_path),
+        "model_name_or_path": str(runs["finetune"])})
+    trained = build_dataset(config, generator.model, generator.processor)[0]["pixel_values"]
+    for given in (tmp_path / "clear.png", Image.open(tmp_path / "clear.png")):
+        served = generator.inputs([given], QUESTION)["pixel_values"]
+        assert torch.equal(served, trained)

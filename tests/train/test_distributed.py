@@ -29,10 +29,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_file
+from llava_cli.artifacts.projector_file import (
+    PROJECTOR_PREFIX,
+    read_projector_file,
+    write_projector_file,
+)
 from llava_cli.config.resolve import resolve_config
 from llava_cli.inspect.inspect_data import demo_data
-from llava_cli.model.projector import save_projector
+from llava_cli.model.projector import projector_state
 from llava_cli.train.run import run_training
 from tests.helpers import eval_logits as _logits
 from tests.helpers import probe_batch as _probe
@@ -71,7 +75,7 @@ def base(tmp_path_factory) -> dict[str, Path]:
     with torch.no_grad():  # a projector unlike the base's: a run that ignored it is detectable
         for param in model.model.multi_modal_projector.parameters():
             param.add_(PERTURB)
-    save_projector(model, root / "projector.safetensors")
+    write_projector_file(projector_state(model), root / "projector.safetensors")
     return {"base": root / "base", "projector": root / "projector.safetensors", "root": root}
 
 
