@@ -39,8 +39,8 @@ class PartsBase(_Base):
     """A new model composed at training time from an LLM and a vision tower."""
 
     type: Literal["parts"] = "parts"
-    llm: str | None
-    vision_tower: str | None
+    llm: str
+    vision_tower: str
     vision_select_layer: int = -2
     vision_select_feature: str = "patch"
     projector_type: str = "mlp2x_gelu"
@@ -89,10 +89,9 @@ class RunManifest(BaseModel):
 
     def write(self, directory: str | Path) -> Path:
         """Write `llava_run.json` into `directory` atomically, stamping time and versions."""
-        stamped = self.model_copy(update={
-            "created": self.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": self.versions or package_versions()})
-        text = json.dumps(stamped.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        self.created = self.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.versions = self.versions or package_versions()
+        text = json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
         return write_text_atomically(Path(directory) / MANIFEST_NAME, text)
 
 

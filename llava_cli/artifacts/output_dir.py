@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llava_cli.artifacts.manifest import MANIFEST_NAME
-from llava_cli.artifacts.projector_file import PROJECTOR_FILE
+from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, PROJECTOR_FILE
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BASE_DIR = "base"  # random-init pretrain runs keep their (unrecoverable) initial weights here
@@ -16,7 +16,7 @@ STALE_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_
                  "pytorch_model.bin.index.json")
 # A previous run's outputs of any kind (e.g. an old adapter next to a new full model).
 STALE_RUN_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.*",
-                     "adapter_config.json", PROJECTOR_FILE, MANIFEST_NAME)
+                     ADAPTER_CONFIG, PROJECTOR_FILE, MANIFEST_NAME)
 
 
 def refuse_unsafe_output_dir(out: Path, allow_non_empty: bool,

@@ -16,7 +16,8 @@ from llava_cli.artifacts.files import write_atomically
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_PREFIX = "multi_modal_projector."  # the stock llava-hf key prefix on disk
 LLAVA_PREFIX = "model.mm_projector."  # the original LLaVA's, inside its LLM state dict
-ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's weights of a LoRA run
+ADAPTER_CONFIG = "adapter_config.json"  # and its configuration
 # The original LLaVA's mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2.
 FROM_LLAVA = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias",
               "2.weight": "linear_2.weight", "2.bias": "linear_2.bias"}

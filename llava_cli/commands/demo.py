@@ -27,7 +27,7 @@ def demo(
     """Train a tiny LLaVA from scratch on CPU through every stage and show what it learnt.
 
     Generates pictures of coloured shapes, then runs pretrain → finetune → lora → merge-lora →
-    export-projector → inspect-data with the recipes in recipes/demo/ (each stage prints the
+    export-projector → inspect-data with the demo's recipes (each stage prints the
     llava command that does the same), then asks the finetuned and the merged model questions
     about pictures they never saw. No GPU and no downloads needed (~7 minutes; --quick ~1–2).
     """

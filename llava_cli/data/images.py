@@ -19,6 +19,9 @@ RGB = tuple[int, int, int]
 ASPECT_RATIOS = ("square", "pad", "anyres")
 # OpenAI CLIP's normalisation: the default image mean (and pad colour) of LLaVA-1.5's tower.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+# What transparent pixels become: white, as transformers' image processors (`convert_to_rgb`)
+# and vLLM make them, so a served model sees what training saw.
+TRANSPARENCY_BACKGROUND = (255, 255, 255)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Pillow raises these for unreadable/corrupt data (DecompressionBombError is not an OSError).
@@ -160,10 +163,10 @@ def to_rgb(img: Image.Image, background: RGB = (255, 255, 255)) -> Image.Image:
         img = img.convert("LA")  # Pillow has no direct premultiplied La -> RGBA conversion
     if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = img.convert("RGBA")  # also un-premultiplies RGBa
-        canvas = Image.new("RGB", rgba.size, tuple(background))
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
         # Alpha-blend rather than drop alpha: a transparent pixel must become the background.
-        canvas.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
-        return canvas
+        # alpha_composite, as transformers' convert_to_rgb does: the same rounding, bit for bit.
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -230,17 +233,14 @@ def prepare_image(img: Image.Image, aspect_ratio: str, image_mean: Sequence[floa
 @dataclass(frozen=True)
 class ImageLoader:
     """Images as the model sees them, the one way for training and for generation alike:
-    decoded (EXIF orientation applied, first frame), transparency composited onto the mean
-    colour (the colour `pad` fills with, so a transparent border and padding look the same),
-    then the `aspect_ratio` policy (`prepare_image`)."""
+    decoded (EXIF orientation applied, first frame), transparency composited onto white (as
+    the saved processor, stock transformers and vLLM do it), then the `aspect_ratio` policy
+    (`prepare_image`: `pad` fills with the processor's mean colour, as LLaVA and the saved
+    processor's `do_pad` do)."""
 
     aspect_ratio: str = "pad"
     image_mean: tuple[float, ...] = CLIP_MEAN
-
-    @property
-    def background(self) -> RGB:
-        """The colour transparent pixels become (the processor's mean colour)."""
-        return mean_color(self.image_mean)
+    background: RGB = TRANSPARENCY_BACKGROUND  # what transparent pixels become
 
     def open(self, path: str | os.PathLike[str], label: str | None = None) -> Image.Image:
         """Decode the file at `path` and prepare it (raises `ImageError`)."""

@@ -47,6 +47,7 @@ class ProblemCounter:
     """
 
     max_examples: int = 3
+    distinct_examples: bool = False  # one example per record id (a report), not per drop
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     messages: dict[str, str] = field(default_factory=dict)  # the first message of each kind
@@ -59,7 +60,7 @@ class ProblemCounter:
     def remember(self, kind: str, record_id: str, message: str | None = None) -> None:
         """Keep `record_id` (and `message`) as an example of `kind` without counting it."""
         ids = self.examples.setdefault(kind, [])
-        if len(ids) < self.max_examples:
+        if len(ids) < self.max_examples and not (self.distinct_examples and record_id in ids):
             ids.append(record_id)
         if message and kind not in self.messages:
             self.messages[kind] = message

@@ -21,7 +21,7 @@ EXAMPLES_PER_KIND = 5
 
 
 def _counter() -> ProblemCounter:
-    return ProblemCounter(max_examples=EXAMPLES_PER_KIND)
+    return ProblemCounter(max_examples=EXAMPLES_PER_KIND, distinct_examples=True)
 
 
 @dataclass

@@ -48,15 +48,12 @@ def question_of(record: dict[str, Any]) -> str:
 
 def score(generator: Any, folder: str | Path, records: list[dict[str, Any]]) -> Scores:
     """Greedy answers of `generator` (a `generation.Generator`) to every record."""
-    from PIL import Image
-
     scores = Scores()
     images: dict[str, Any] = {}
     for record in records:
         name = record["image"]
         if name not in images:  # three questions per picture: decode the PNG once
-            with Image.open(Path(folder) / name) as image:
-                images[name] = image.convert("RGB")
+            images[name] = generator.images.decode(Path(folder) / name)
         reply = generator.answer(images[name], question_of(record), MAX_NEW_TOKENS)
         qtype = record["question_type"]
         scores.answers[record["id"]] = reply

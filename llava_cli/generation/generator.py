@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import Any
 
 from llava_cli.data.images import ImageLoader
+from llava_cli.data.text.stops import template_stop
 from llava_cli.data.text.templates import TEMPLATES
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -34,9 +35,8 @@ class Stops:
 
 def template_stops(tokenizer: Any, template: str | None) -> Stops:
     """The stops of `template` (none for an unknown one) with `tokenizer`."""
-    stop = TEMPLATES[template].stop if template in TEMPLATES else ""
-    ids = tokenizer.encode(stop, add_special_tokens=False) if stop else []
-    if len(ids) <= 1:
+    stop, ids = template_stop(tokenizer, template)
+    if ids or not stop:
         return Stops(stop, ids)
     # Several tokens: match the decoded text (StopStringCriteria precomputes its tables).
     from transformers import StoppingCriteriaList, StopStringCriteria

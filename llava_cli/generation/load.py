@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.artifacts.manifest import CheckpointBase, OutputKind, RunManifest, read_manifest
+from llava_cli.artifacts.projector_file import ADAPTER_CONFIG
 from llava_cli.generation.generator import Generator
 
 _TEMPLATE_MARKER = re.compile(r"llava_cli template: ([\w-]+)")
@@ -29,7 +30,7 @@ def load_for_generation(checkpoint: str | Path, adapter: str | Path | None = Non
             "projector but no trained LLM, so it cannot answer prompts; generate with the "
             "output of `llava finetune` (or `llava lora`) instead")
     if adapter is None and (manifest is None or manifest.kind == OutputKind.LORA) and (
-            checkpoint / "adapter_config.json").is_file():
+            checkpoint / ADAPTER_CONFIG).is_file():
         adapter, checkpoint = checkpoint, _adapter_base(checkpoint, manifest)
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"{checkpoint}: not a model checkpoint (no config.json)")
@@ -64,7 +65,7 @@ def _adapter_base(run_dir: Path, manifest: RunManifest | None) -> Path:
         path = Path(base.path)
         path = path if path.is_absolute() else run_dir / path
     else:
-        config = json.loads((run_dir / "adapter_config.json").read_text())
+        config = json.loads((run_dir / ADAPTER_CONFIG).read_text())
         path = Path(config.get("base_model_name_or_path") or "")
     if not (path / "config.json").is_file():
         raise ValueError(f"{run_dir}: the LoRA base checkpoint {str(path)!r} is not there; pass "

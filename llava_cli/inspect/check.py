@@ -34,10 +34,13 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
             if on_progress:
                 on_progress(bounds[1] - bounds[0])
         return report
-    for part in _scan_in_processes(builder, index, slices, min(workers, len(slices))):
-        report.merge(part)
+    parts: dict[int, Report] = {}
+    for number, part in _scan_in_processes(builder, index, slices, min(workers, len(slices))):
+        parts[number] = part
         if on_progress:
             on_progress(part.records)
+    for number in sorted(parts):  # in file order: the examples do not depend on timing
+        report.merge(parts[number])
     return report
 
 
@@ -47,17 +50,21 @@ def _slices(total: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _scan_in_processes(builder: SampleBuilder, index: RecordIndex,
-                       slices: list[tuple[int, int]], workers: int) -> Iterator[Report]:
-    """Reports of `slices`, scanned by `workers` forked processes, as they finish."""
+                       slices: list[tuple[int, int]], workers: int
+                       ) -> Iterator[tuple[int, Report]]:
+    """(slice number, report) of `slices`, scanned by `workers` forked processes, as they
+    finish."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
     tasks: Any = context.Queue()
     results: Any = context.Queue()
-    for bounds in slices:
-        tasks.put(bounds)
+    for task in enumerate(slices):
+        tasks.put(task)
     for _ in range(workers):
         tasks.put(None)  # one stop sign per worker
+    # Slices left unread when the scan stops early must not keep this process from exiting.
+    tasks.cancel_join_thread()
     processes = [context.Process(target=_work, args=(builder, index, tasks, results),
                                  daemon=True) for _ in range(workers)]
     for process in processes:
@@ -74,9 +81,10 @@ def _scan_in_processes(builder: SampleBuilder, index: RecordIndex,
 
 def _work(builder: SampleBuilder, index: RecordIndex, tasks: Any, results: Any) -> None:
     """A worker's loop: scan slices until the stop sign; a failure is sent back, not lost."""
-    while (bounds := tasks.get()) is not None:
+    while (task := tasks.get()) is not None:
+        number, bounds = task
         try:
-            results.put(scan_records(builder, index, *bounds))
+            results.put((number, scan_records(builder, index, *bounds)))
         except Exception as err:  # noqa: BLE001 - re-raised in the parent
             results.put(_sendable(err))
             return
@@ -91,16 +99,19 @@ def _sendable(err: Exception) -> Exception:
     return err
 
 
-def _next_result(results: Any, processes: list[Any]) -> Report:
+def _next_result(results: Any, processes: list[Any]) -> tuple[int, Report]:
     while True:
         try:
             item = results.get(timeout=RESULT_WAIT_SECONDS)
         except queue.Empty:
             codes = [p.exitcode for p in processes]
-            if any(code not in (None, 0) for code in codes) or None not in codes:
+            if not any(code not in (None, 0) for code in codes) and None in codes:
+                continue  # still working
+            try:  # a worker may have sent its last result just before exiting
+                item = results.get(timeout=RESULT_WAIT_SECONDS)
+            except queue.Empty:
                 raise RuntimeError(f"--check worker processes stopped before the scan was "
                                    f"complete (exit codes {codes})") from None
-            continue
         if isinstance(item, BaseException):
             raise item
         return item

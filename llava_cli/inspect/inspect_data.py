@@ -104,9 +104,10 @@ def show_records(config: RunConfig, index: RecordIndex, request: InspectRequest)
 
 
 def _text_side_note(builder: SampleBuilder) -> str:
-    count = builder.count_image_tokens(None)
-    return f"template {builder.template_name}, {builder.options.tokenization} tokenization, " \
-           f"{count} tokens per image"
+    """What the view assumes: template, tokenization, and where the image-token count came
+    from (`InputSpec.note`: --image-tokens, the model's config, or the LLaVA-1.5 default)."""
+    return (f"template {builder.template_name}, {builder.options.tokenization} tokenization, "
+            f"{builder.spec.note}")
 
 
 def _emit_error(console: Any, output: OutputFormat, err: RecordError) -> None:

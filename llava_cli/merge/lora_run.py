@@ -15,9 +15,10 @@ from llava_cli.artifacts.manifest import (
     RunManifest,
     read_manifest,
 )
+from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
 from llava_cli.config.run_config import CONFIG_FILENAME, RunConfig
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_FILE)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from llava_cli.artifacts.manifest import (
 from llava_cli.artifacts.output_dir import STALE_WEIGHTS, refuse_unsafe_output_dir, remove_stale
 from llava_cli.artifacts.projector_file import ADAPTER_FILE, read_adapter_projector
 from llava_cli.config.run_config import CONFIG_FILENAME
+from llava_cli.data.text.stops import set_generation_stops
 from llava_cli.merge.lora_run import (
     LoraRun,
     find_lora_run,
@@ -81,7 +82,8 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = N
         quantized_ref = None
         if verify and bits != 16:  # the model the adapter was trained against
             quantized_ref = _reference(run, base, run.config.torch_dtype, bits, batch)
-        reference = _merge_into(run, base, dtype, batch, staging, max_shard_size)
+        reference = _merge_into(run, base, dtype, batch, staging, max_shard_size,
+                                processor.tokenizer)
         _save_extras(run, processor, base_info, dtype, staging)
         if verify:
             result.checks = _verify(staging, dtype, bits, batch, reference, quantized_ref, log)
@@ -110,7 +112,7 @@ def _reference(run: LoraRun, base: str | None, dtype: str | None, bits: int,
 
 
 def _merge_into(run: LoraRun, base: str | None, dtype: str, batch: Any, staging: Path,
-                max_shard_size: str) -> Any:
+                max_shard_size: str, tokenizer: Any) -> Any:
     """Merge in place and save to `staging`; returns the unmerged reference logits (or None)."""
     from peft import PeftModel
 
@@ -119,6 +121,8 @@ def _merge_into(run: LoraRun, base: str | None, dtype: str, batch: Any, staging:
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/inf weights
     del model
     _check_projector(merged, run)
+    # The run's template decides where a turn ends, whatever its base's config said.
+    set_generation_stops(merged.generation_config, tokenizer, run.manifest.template)
     merged.save_pretrained(str(staging), max_shard_size=max_shard_size)
     del merged
     gc.collect()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from llava_cli.data.text.tokenizer import IMAGE_TOKEN
 from llava_cli.model.load import load_pretrained, torch_dtype
+from llava_cli.model.partitioned import copy_weights, gathered
 from llava_cli.model.parts import components
 from llava_cli.model.vision import (
     build_processor,
@@ -46,7 +47,6 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
     Without `config.random_init` the LLM and vision weights must load (else an error); with it,
     both are random from their config.json (and a warning says so).
     """
-    import torch
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -91,10 +91,9 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
         vision = load_pretrained(vision_model_class(vision_config), config.vision_tower,
                                   "vision tower", **kwargs)
         parts = components(model)
-        with torch.no_grad():
-            parts.llm.load_state_dict(llm.get_decoder().state_dict())
-            parts.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
-            parts.vision_tower.load_state_dict(vision.state_dict())
+        copy_weights(parts.llm, llm.get_decoder(), "LLM")
+        copy_weights(parts.lm_head, llm.get_output_embeddings(), "LLM lm_head")
+        copy_weights(parts.vision_tower, vision, "vision tower")
         del llm, vision
     model.resize_token_embeddings(len(tokenizer))  # exact: no pad_to_multiple_of
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -114,14 +113,15 @@ def _init_new_parts(model: Any, random_tower: bool) -> None:
     import torch
 
     parts = components(model)
-    for layer in parts.projector.modules():
-        if isinstance(layer, torch.nn.Linear):
-            layer.reset_parameters()
+    with gathered(parts.projector, modify=True):  # ZeRO-3: rank 0's init is everyone's
+        for layer in parts.projector.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
     embeddings = getattr(getattr(parts.vision_tower, "vision_model", parts.vision_tower),
                          "embeddings", None)
     position = getattr(embeddings, "position_embedding", None)
     if random_tower and isinstance(position, torch.nn.Embedding):
-        with torch.no_grad():
+        with gathered(position, modify=True), torch.no_grad():
             position.weight.normal_(0.0, 1.0)
 
 

@@ -43,10 +43,13 @@ def image_token_counter(model_config: PretrainedConfig, processor: Any) -> Token
     if getattr(model_config, "image_grid_pinpoints", None):
         size = processor.image_processor.size
         crop = size.get("shortest_edge") or size["height"]
+        # As LlavaNextProcessor counts when it expands <image>: its _get_number_of_features
+        # includes the CLS position that the `default` feature selection then drops.
+        drop = int(model_config.vision_feature_select_strategy == "default")
 
         def count(image_size: tuple[int, int] | None) -> int:
             width, height = image_size or (crop, crop)
-            return int(processor._get_number_of_features(height, width, crop, crop))
+            return int(processor._get_number_of_features(height, width, crop, crop)) - drop
 
         return count
     fixed = image_tokens_per_image(model_config)

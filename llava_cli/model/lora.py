@@ -30,10 +30,13 @@ def lora_config(config: RunConfig) -> LoraConfig:
         modules_to_save=_fully_trained_modules(config) or None)
 
 
-def apply_lora(model: Any, config: RunConfig) -> Any:
+def apply_lora(model: Any, config: RunConfig, dtype: Any = None) -> Any:
     """Wrap the model with LoRA on the LLM's linear layers (PeftModel); sets trainability.
 
     Quantized models get `prepare_model_for_kbit_training` first (frozen, fp32 norms).
+    `dtype`: the dtype DeepSpeed trains in (bf16/fp16 runs): the new LoRA weights, which PEFT
+    makes in float32, are cast to it, as the original LLaVA casts before adding LoRA —
+    DeepSpeed flattens the trainable weights into one buffer of one dtype.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -44,8 +47,18 @@ def apply_lora(model: Any, config: RunConfig) -> Any:
         # enabling it here too would register input-grad hooks that nothing can remove later.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = get_peft_model(model, lora_config(config))
+    if dtype is not None:
+        _cast_unpartitioned(peft_model, dtype)
     apply_trainability(peft_model, config.train_vision_tower, config.train_projector, "lora")
     return peft_model
+
+
+def _cast_unpartitioned(model: Any, dtype: Any) -> None:
+    """Floating-point weights made after ZeRO-3 partitioned the model (PEFT's) to `dtype`;
+    partitioned ones already are in DeepSpeed's dtype."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
 
 
 def _fully_trained_modules(config: RunConfig) -> list[str]:

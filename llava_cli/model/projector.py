@@ -7,23 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_file
+from llava_cli.model.partitioned import gathered
 from llava_cli.model.parts import components
-
-
-def gathered(module: Any, modify: bool = False) -> Any:
-    """Context in which a module's ZeRO-3-partitioned parameters are whole (a no-op otherwise).
-
-    Without it, a ZeRO-3 model's parameters have placeholder shapes ((0,) or flattened), and
-    writing or saving them is LLaVA's classic "projector lost under ZeRO-3" bug.
-    """
-    from contextlib import nullcontext
-
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def load_projector_weights(model: Any, file: str | Path) -> None:

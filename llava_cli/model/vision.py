@@ -40,13 +40,17 @@ def tower_positions(vision_config: PretrainedConfig) -> int:
     under a second). Built by its constructor, not `_from_config`: under DeepSpeed ZeRO-3 the
     latter would partition the (meta) parameters.
     """
+    import copy
+
     import torch
 
     model_class = vision_model_class(vision_config)
     size = vision_config.image_size
     channels = getattr(vision_config, "num_channels", 3)
+    shapes_only = copy.deepcopy(vision_config)  # eager attention: plain ops, any machine
+    shapes_only._attn_implementation = "eager"
     with torch.device("meta"):
-        tower = model_class(vision_config)
+        tower = model_class(shapes_only)
         with torch.no_grad():
             output = tower(pixel_values=torch.empty(1, channels, size, size))
     return int(output.last_hidden_state.shape[1])
@@ -79,6 +83,31 @@ def build_processor(vision_path: str, vision_config: PretrainedConfig, tokenizer
         tokenizer=tokenizer, patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=int(has_cls), image_token=IMAGE_TOKEN)
+
+
+# Settings a tower's image processor passes on to LLaVA's (LlavaImageProcessor takes them all).
+_IMAGE_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+                   "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def match_image_policy(processor: Any, aspect_ratio: str) -> None:
+    """Make `processor` prepare images as training does, so that stock transformers, pipelines
+    and vLLM (which run the saved processor) see the training pixels: for `pad`, transformers'
+    LlavaImageProcessor with `do_pad` (LLaVA's expand2square in the mean colour, then the
+    tower's resize and crop); for `square`, no padding. Anyres processors tile by themselves.
+    """
+    from transformers import LlavaImageProcessorPil
+
+    image_processor = processor.image_processor
+    if aspect_ratio == "anyres" or not hasattr(image_processor, "to_dict"):
+        return
+    wants_pad = aspect_ratio == "pad"
+    if wants_pad and not isinstance(image_processor, LlavaImageProcessorPil):
+        settings = image_processor.to_dict()
+        processor.image_processor = LlavaImageProcessorPil(
+            do_pad=True, **{k: settings[k] for k in _IMAGE_SETTINGS if k in settings})
+    elif bool(getattr(image_processor, "do_pad", False)) != wants_pad:
+        image_processor.do_pad = wants_pad
 
 
 def _image_processor(vision_path: str, vision_config: PretrainedConfig, has_cls: bool,

@@ -28,16 +28,27 @@ class RunResult:
     trainer: Any = None  # the finished trainer (its model is the trained, in-memory model)
 
 
-def prepare_model(config: RunConfig, model: Any) -> tuple[Any, dict[str, int]]:
+def prepare_model(config: RunConfig, model: Any, args: Any = None) -> tuple[Any, dict[str, int]]:
     """Apply the declared trainability (and LoRA) — the one call that sets requires_grad."""
     from llava_cli.model.lora import apply_lora
     from llava_cli.model.parts import apply_trainability, trainable_counts
 
     if config.train_llm == "lora":
-        model = apply_lora(model, config)  # sets trainability itself (LoRA weights + full parts)
+        # sets trainability itself (LoRA weights + full parts)
+        model = apply_lora(model, config, _deepspeed_dtype(args))
         return model, trainable_counts(model)
     return model, apply_trainability(model, config.train_vision_tower, config.train_projector,
                                      config.train_llm)
+
+
+def _deepspeed_dtype(args: Any) -> Any:
+    """The dtype DeepSpeed trains in, for bf16/fp16 DeepSpeed runs (None otherwise: the
+    Trainer's own mixed precision keeps float32 weights)."""
+    if args is None or not args.deepspeed or not (args.bf16 or args.fp16):
+        return None
+    import torch
+
+    return torch.bfloat16 if args.bf16 else torch.float16
 
 
 def run_training(config: RunConfig, reporter: Any = None,
@@ -49,7 +60,9 @@ def run_training(config: RunConfig, reporter: Any = None,
     from transformers import set_seed
 
     from llava_cli.data.text.chat_template import attach_chat_template
+    from llava_cli.data.text.stops import set_generation_stops
     from llava_cli.model.start import load_starting_model
+    from llava_cli.model.vision import match_image_policy
     from llava_cli.train.arguments import to_training_arguments
     from llava_cli.train.outputs import prepare_output_dir, resume_checkpoint, write_outputs
     from llava_cli.train.process import prepare_environment, start_deepspeed_comm
@@ -63,8 +76,11 @@ def run_training(config: RunConfig, reporter: Any = None,
     start_deepspeed_comm(args)
     set_seed(args.seed)  # before building: random-init parts and new rows are reproducible
     loaded = load_starting_model(config)
-    model, counts = prepare_model(config, loaded.model)
+    model, counts = prepare_model(config, loaded.model, args)
     attach_chat_template(loaded.processor, config.template)
+    set_generation_stops(loaded.model.generation_config, loaded.processor.tokenizer,
+                         config.template)  # stock generate and vLLM stop at the turn's end
+    match_image_policy(loaded.processor, config.image_aspect_ratio)  # saved: serves as trained
     dataset, held_out = stage.datasets(config, model, loaded.processor)
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=held_out,

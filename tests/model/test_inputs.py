@@ -70,3 +70,26 @@ def test_inspect_builds_exactly_the_samples_training_builds(saved_model):
     batch = processor(images=ours.images[:1] or None, text="<image>hi", return_tensors="pt")
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == \
         image_token_counter(model.config, processor)(None)
+
+
+def test_anyres_counter_equals_what_the_processor_inserts():
+    from PIL import Image
+
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
+
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(**TOWER), image_grid_pinpoints=pinpoints,
+        text_config=transformers.LlamaConfig(vocab_size=600, hidden_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4))
+    processor = transformers.LlavaNextProcessor(
+        image_processor=transformers.LlavaNextImageProcessorPil(
+            image_grid_pinpoints=pinpoints, size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32}),
+        tokenizer=build_demo_tokenizer(), patch_size=8, num_additional_image_tokens=1,
+        vision_feature_select_strategy="default", image_token="<image>")
+    count = image_token_counter(config, processor)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for size in [(570, 380), (500, 666), (14, 25), (104, 27), (32, 32)]:
+        batch = processor(images=Image.new("RGB", size), text="<image>hi", return_tensors="pt")
+        assert int((batch["input_ids"] == image_id).sum()) == count(size), size

@@ -1,0 +1,33 @@
+"""Where a template's turn ends, as token ids or a string, for our generator and for every
+saved generation config (so stock `generate` and vLLM stop where training taught the model to).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llava_cli.data.text.templates import TEMPLATES
+
+
+def template_stop(tokenizer: Any, template: str | None) -> tuple[str, list[int]]:
+    """The template's stop string and, when it is a single token, that token's id
+    (`[]` when it takes several tokens, or for a template with no stop of its own)."""
+    stop = TEMPLATES[template].stop if template in TEMPLATES else ""
+    ids = tokenizer.encode(stop, add_special_tokens=False) if stop else []
+    return stop, ids if len(ids) == 1 else []
+
+
+def set_generation_stops(generation_config: Any, tokenizer: Any, template: str | None) -> None:
+    """Make `generation_config` end generation at the template's end of turn: a one-token stop
+    joins the EOS ids; a longer one becomes `stop_strings` (stock `generate` then needs
+    `tokenizer=`; it says so when it is missing). The tokenizer's own EOS is kept."""
+    stop, ids = template_stop(tokenizer, template)
+    if not stop:
+        return
+    eos = generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, list | tuple) else [] if eos is None else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    eos += [i for i in ids if i not in eos]
+    generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    generation_config.stop_strings = None if ids else [stop]
