@@ -52,9 +52,11 @@ def generate(
     for path in (image, data):
         if path is not None and not path.is_file():
             raise _fail(f"{path}: no such file", 2)
+    from llava_cli.commands.common import quiet_libraries
     from llava_cli.generation.batch import answer_records
     from llava_cli.generation.load import load_for_generation
 
+    quiet_libraries()
     try:
         generator = load_for_generation(checkpoint, adapter)
         if data is not None:

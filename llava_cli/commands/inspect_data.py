@@ -71,7 +71,7 @@ def inspect_data(
         image_tokens = image_tokens or DEMO_IMAGE_TOKENS
     config = config_or_exit("inspect-data", recipe, set_, flags)
     if print_config:
-        show_config(config)
+        show_config(config, "inspect-data")
         return
     request = InspectRequest(index, record_id, limit, check, output_format,  # type: ignore[arg-type]
                              show_ids, workers, image_tokens)

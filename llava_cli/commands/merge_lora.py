@@ -33,9 +33,11 @@ def merge_lora(
     Verified: logits vs the unmerged base + adapter (QLoRA: also vs the quantized base).
     A failed check exits 1 and writes nothing.
     """
+    from llava_cli.commands.common import quiet_libraries
     from llava_cli.merge.merge import VerificationError, describe
     from llava_cli.merge.merge import merge_lora as run
 
+    quiet_libraries()
     try:
         result = run(run_dir, output_dir, base=base, dtype=dtype, overwrite=overwrite,
                      verify=verify, max_shard_size=max_shard_size, log=typer.echo)

@@ -29,6 +29,11 @@ def _opt(panel: str, *names: str, help: str | None = None) -> Any:  # noqa: A002
     return typer.Option(*names, help=help, rich_help_panel=panel)
 
 
+def _flag(panel: str, name: str, help: str | None = None) -> Any:  # noqa: A002
+    """A switch with its `--no-` form (None when neither is given)."""
+    return typer.Option(f"--{name}/--no-{name}", help=help, rich_help_panel=panel)
+
+
 def _make_command(stage: str) -> Any:
     def command(
         recipe: Recipe = None,
@@ -43,18 +48,18 @@ def _make_command(stage: str) -> Any:
         vision_select_feature: Annotated[str | None, _opt(MODEL, help="patch | cls_patch.")] = None,
         pretrained_projector: Annotated[str | None, _opt(
             MODEL, help="Projector weights: ours, or LLaVA's mm_projector.bin.")] = None,
-        random_init: Annotated[bool | None, _opt(
-            MODEL, "--random-init", help="LLM/vision from config, no weights (demo/tests).")
+        random_init: Annotated[bool | None, _flag(
+            MODEL, "random-init", help="LLM/vision from config, no weights (demo/tests).")
         ] = None,
         attn_implementation: Annotated[str | None, _opt(MODEL)] = None,
         torch_dtype: Annotated[str | None, _opt(MODEL)] = None,
-        unfreeze_vision_tower: Annotated[bool | None, _opt(
-            TRAINABLE, "--unfreeze-vision-tower")] = None,
-        freeze_llm: Annotated[bool | None, _opt(TRAINABLE, "--freeze-llm")] = None,
-        freeze_projector: Annotated[bool | None, _opt(TRAINABLE, "--freeze-projector")] = None,
+        unfreeze_vision_tower: Annotated[bool | None, _flag(
+            TRAINABLE, "unfreeze-vision-tower")] = None,
+        freeze_llm: Annotated[bool | None, _flag(TRAINABLE, "freeze-llm")] = None,
+        freeze_projector: Annotated[bool | None, _flag(TRAINABLE, "freeze-projector")] = None,
         projector_lr: Annotated[float | None, _opt(TRAINABLE)] = None,
         vision_tower_lr: Annotated[float | None, _opt(TRAINABLE)] = None,
-        lora: Annotated[bool | None, _opt(TRAINABLE, "--lora", help="LoRA on the LLM.")] = None,
+        lora: Annotated[bool | None, _flag(TRAINABLE, "lora", help="LoRA on the LLM.")] = None,
         lora_r: Annotated[int | None, _opt(TRAINABLE)] = None,
         lora_alpha: Annotated[int | None, _opt(TRAINABLE)] = None,
         lora_dropout: Annotated[float | None, _opt(TRAINABLE)] = None,
@@ -71,9 +76,9 @@ def _make_command(stage: str) -> Any:
         image_aspect_ratio: Annotated[str | None, _opt(DATA, help="square | pad | anyres.")
                                       ] = None,
         model_max_length: Annotated[int | None, _opt(DATA)] = None,
-        skip_bad_records: Annotated[bool | None, _opt(DATA, "--skip-bad-records")] = None,
-        group_by_modality_length: Annotated[bool | None, _opt(
-            DATA, "--group-by-modality-length")] = None,
+        skip_bad_records: Annotated[bool | None, _flag(DATA, "skip-bad-records")] = None,
+        group_by_modality_length: Annotated[bool | None, _flag(
+            DATA, "group-by-modality-length")] = None,
         learning_rate: Annotated[float | None, _opt(TRAIN, "--learning-rate", "--lr")] = None,
         num_train_epochs: Annotated[float | None, _opt(TRAIN, "--epochs")] = None,
         max_steps: Annotated[int | None, _opt(TRAIN)] = None,
@@ -82,18 +87,18 @@ def _make_command(stage: str) -> Any:
         warmup_ratio: Annotated[float | None, _opt(TRAIN)] = None,
         lr_scheduler_type: Annotated[str | None, _opt(TRAIN)] = None,
         weight_decay: Annotated[float | None, _opt(TRAIN)] = None,
-        gradient_checkpointing: Annotated[bool | None, _opt(
-            TRAIN, "--gradient-checkpointing")] = None,
-        bf16: Annotated[bool | None, _opt(TRAIN, "--bf16")] = None,
-        fp16: Annotated[bool | None, _opt(TRAIN, "--fp16")] = None,
+        gradient_checkpointing: Annotated[bool | None, _flag(
+            TRAIN, "gradient-checkpointing")] = None,
+        bf16: Annotated[bool | None, _flag(TRAIN, "bf16")] = None,
+        fp16: Annotated[bool | None, _flag(TRAIN, "fp16")] = None,
         seed: Annotated[int | None, _opt(TRAIN)] = None,
         dataloader_num_workers: Annotated[int | None, _opt(TRAIN)] = None,
-        padding_free: Annotated[bool | None, _opt(
-            TRAIN, "--padding-free", help="Pack each batch into one row (no padding).")] = None,
+        padding_free: Annotated[bool | None, _flag(
+            TRAIN, "padding-free", help="Pack each batch into one row (no padding).")] = None,
         deepspeed: Annotated[str | None, _opt(TRAIN, help="DeepSpeed JSON config.")] = None,
         output_dir: Annotated[str | None, _opt(OUT, "--output-dir", "-o")] = None,
-        overwrite: Annotated[bool | None, _opt(
-            OUT, "--overwrite", help="Allow writing into a non-empty output directory.")] = None,
+        overwrite: Annotated[bool | None, _flag(
+            OUT, "overwrite", help="Allow writing into a non-empty output directory.")] = None,
         resume: Annotated[str | None, _opt(
             OUT, help="Continue from a checkpoint path, or 'latest' in the output dir.")] = None,
         save_steps: Annotated[int | None, _opt(OUT)] = None,
@@ -107,7 +112,7 @@ def _make_command(stage: str) -> Any:
         flags.update(_trainability_flags(flags))
         config = config_or_exit(stage, recipe, set_, flags)
         if print_config:
-            show_config(config)
+            show_config(config, stage, trainer=True)
             return
         if stage == "pretrain" and config.train_llm == "lora":
             raise typer.BadParameter("pretrain trains the projector; use finetune --lora")
@@ -118,23 +123,32 @@ def _make_command(stage: str) -> Any:
 
 
 def _trainability_flags(flags: dict[str, Any]) -> dict[str, Any]:
-    """The boolean switches → the per-component trainability keys (None: not given)."""
+    """The boolean switches → the per-component trainability keys (None: not given; the
+    `--no-…` forms undo a recipe's setting: `--no-lora` trains the LLM in full)."""
     lora, freeze_llm = flags.pop("lora"), flags.pop("freeze_llm")
     if lora and freeze_llm:
         raise typer.BadParameter("--lora trains the LLM with LoRA; drop --freeze-llm")
+    llm = ("lora" if lora else "frozen" if freeze_llm
+           else "full" if False in (lora, freeze_llm) else None)
     return {
-        "train_llm": "lora" if lora else "frozen" if freeze_llm else None,
-        "train_vision_tower": "full" if flags.pop("unfreeze_vision_tower") else None,
-        "train_projector": "frozen" if flags.pop("freeze_projector") else None,
+        "train_llm": llm,
+        "train_vision_tower": _switch(flags.pop("unfreeze_vision_tower"), "full", "frozen"),
+        "train_projector": _switch(flags.pop("freeze_projector"), "frozen", "full"),
     }
+
+
+def _switch(value: bool | None, on: str, off: str) -> str | None:
+    return None if value is None else on if value else off
 
 
 def run_or_exit(stage: str, config: Any) -> None:
     """Run training; a configuration or data problem ends with status 2 and its message."""
+    from llava_cli.commands.common import quiet_libraries
     from llava_cli.train.process import process_group_closed_at_end
     from llava_cli.train.reporting import Reporter
     from llava_cli.train.run import run_training
 
+    quiet_libraries()
     reporter = Reporter()
     try:
         with process_group_closed_at_end():

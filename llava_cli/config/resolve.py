@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from llava_cli.config.run_config import ConfigError, RunConfig
+from llava_cli.config.values import TRUE, ValueTypeError, read_yaml_text, typed
 
 # Stage presets: what each command means before any recipe or flag.
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
@@ -26,7 +27,7 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _true(value: Any) -> bool:
-    return value in (True, "true", "True", 1, "1")
+    return value is True or value == 1 or (isinstance(value, str) and value.lower() in TRUE)
 
 
 # LLaVA's own argument names, so LLaVA users can bring their scripts' settings.
@@ -46,8 +47,6 @@ def _llava_aliases() -> dict[str, Any]:
         "freeze_mm_mlp_adapter": lambda v: {"train_projector": "frozen"} if _true(v) else {},
         "unfreeze_mm_vision_tower": lambda v: {"train_vision_tower": "full"} if _true(v) else {},
         "lora_enable": lambda v: {"train_llm": "lora"} if _true(v) else {},
-        # transformers 5 folded the warm-up ratio into warmup_steps (a float < 1 is a ratio)
-        "warmup_ratio": lambda v: {"training_args": {"warmup_steps": float(v)}},
         "lora_weight_path": lambda v: {},  # never used by LLaVA's train.py
         "lazy_preprocess": lambda v: {},  # always lazy here
         "is_multimodal": lambda v: {},
@@ -63,34 +62,32 @@ def _refuse_true(name: str, value: Any) -> dict[str, Any]:
     return {}
 
 
-def training_argument_names() -> set[str]:
-    """Field names of `transformers.TrainingArguments` (imports transformers lazily)."""
+def training_argument_types() -> dict[str, Any]:
+    """Field name → type of `transformers.TrainingArguments` (imports transformers lazily)."""
     import dataclasses
+    import typing
 
     from transformers import TrainingArguments
 
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments)
+            if f.init}
+
+
+def training_argument_names() -> set[str]:
+    """Field names of `transformers.TrainingArguments`."""
+    return set(training_argument_types())
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """`--set key=value` items → a dict; values are YAML (numbers, booleans, lists)."""
+    """`--set key=value` items → a dict of texts, read later by each field's type."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set learning_rate=2e-5")
-        out[key.strip()] = _scalar(yaml.safe_load(raw) if raw.strip() else "")
+        out[key.strip()] = raw.strip()
     return out
-
-
-def _scalar(value: Any) -> Any:
-    """YAML 1.1 reads `2e-5` as a string; numbers written that way are meant as floats."""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            return value
-    return value
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -99,36 +96,41 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_text(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of key: value")
-    return {k: _scalar(v) for k, v in data.items()}
+    return data
 
 
 def _place(key: str, value: Any, out: dict[str, Any], source: str,
-           train_names: set[str]) -> None:
-    """Put one user key where it belongs: our field, a LLaVA alias, or a TrainingArguments field."""
+           train_types: dict[str, Any]) -> None:
+    """Put one user key where it belongs, read by its field's type: our field, a LLaVA alias,
+    or a TrainingArguments field."""
     aliases = _llava_aliases()
-    if key in RunConfig.model_fields and key != "training_args":
-        out[key] = value
-    elif key in aliases:
-        for k, v in aliases[key](value).items():
-            if k == "training_args":
-                out.setdefault("training_args", {}).update(v)
-            else:
-                out[k] = v
-    elif key in train_names:
-        out.setdefault("training_args", {})[key] = value
-    elif key == "training_args" and isinstance(value, dict):
-        for k, v in value.items():
-            _place(k, _scalar(v), out, source, train_names)
-    else:
-        known = [*RunConfig.model_fields, *aliases, *train_names]
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown configuration key {key!r} (from {source}){hint}")
+    try:
+        if key in RunConfig.model_fields and key != "training_args":
+            out[key] = typed(value, RunConfig.model_fields[key].annotation, key)
+        elif key in aliases:
+            for k, v in aliases[key](value).items():
+                _place(k, v, out, source, train_types)
+        elif key in train_types:
+            out.setdefault("training_args", {})[key] = typed(value, train_types[key], key)
+        elif key == "training_args" and isinstance(value, dict):
+            for k, v in value.items():
+                _place(k, v, out, source, train_types)
+        else:
+            _unknown(key, source, [*aliases, *train_types])
+    except ValueTypeError as err:
+        raise ConfigError(f"{err} (from {source})") from None
+
+
+def _unknown(key: str, source: str, names: list[str]) -> None:
+    """The error for a key nothing knows, with the closest valid name."""
+    close = difflib.get_close_matches(key, [*RunConfig.model_fields, *names], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown configuration key {key!r} (from {source}){hint}")
 
 
 def resolve_config(command: str, recipe: str | Path | None = None,
@@ -138,7 +140,7 @@ def resolve_config(command: str, recipe: str | Path | None = None,
 
     Named flags whose value is None were not given and do not override anything.
     """
-    train_names = training_argument_names()
+    train_types = training_argument_types()
     merged: dict[str, Any] = {}
     layers = [(STAGE_PRESETS.get(command, {}), f"the {command} preset")]
     if recipe is not None:
@@ -148,7 +150,7 @@ def resolve_config(command: str, recipe: str | Path | None = None,
     for layer, source in layers:
         placed: dict[str, Any] = {}
         for key, value in layer.items():
-            _place(key, value, placed, source, train_names)
+            _place(key, value, placed, source, train_types)
         args = {**merged.get("training_args", {}), **placed.pop("training_args", {})}
         merged.update(placed)
         merged["training_args"] = args
@@ -161,6 +163,10 @@ def resolve_config(command: str, recipe: str | Path | None = None,
 def _explain(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "configuration"
-        lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a check across keys: its message names them
+            lines.append(message)
+            continue
+        key = ".".join(str(p) for p in problem["loc"])
+        lines.append(f"{key}: {message} (got {problem.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -28,6 +28,24 @@ CONFIG_FILENAME = "llava_config.yaml"
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
+# report_to integrations → the packages that provide them (any one will do).
+REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                     "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",),
+                     "neptune": ("neptune",), "dvclive": ("dvclive",), "trackio": ("trackio",)}
+
+
+def _refuse_missing_reporters(report_to: Any) -> None:
+    """One line naming the install command, not a traceback after the model has loaded."""
+    import importlib.util
+
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to or [])
+    for name in (str(n).strip() for n in names):
+        packages = REPORTER_PACKAGES.get(name)
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise ValueError(f"report_to {name} needs the {packages[0]} package: "
+                             f"pip install {packages[0]}")
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (which key, what to do)."""
 
@@ -79,6 +97,8 @@ class RunConfig(BaseModel):
     supervised_logits_only: bool = True  # LM head + loss only where labels are supervised
     skip_frozen_backward: bool = True  # a frozen vision tower runs forward only
     padding_free: bool = False  # pack each batch into one row (no padding at all)
+    # Kept as the user wrote it; transformers 5 folded it into warmup_steps (train.arguments)
+    warmup_ratio: float | None = None
     # Output
     output_dir: str | None = None
     overwrite: bool = False
@@ -110,6 +130,7 @@ class RunConfig(BaseModel):
         refuse_incompatible_deepspeed(
             self.training_args.get("deepspeed"), self.bits,
             {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
+        _refuse_missing_reporters(self.training_args.get("report_to"))
         return self
 
     @property

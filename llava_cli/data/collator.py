@@ -48,6 +48,9 @@ class DataCollator:
         length = self._padded_length([len(s["input_ids"]) for s in samples])
         dropped = [drop for s in samples for drop in s.get("dropped", ())]
         extra = {"dropped_records": dropped} if dropped else {}
+        errors = [error for s in samples for error in s.get("record_errors", ())]
+        if errors:  # raised by the trainer in the main process (see the dataset)
+            extra["record_errors"] = errors
         if self.padding_free:
             return {**_packed(samples), **_images(samples), **extra}
         batch = {

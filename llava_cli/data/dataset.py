@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from llava_cli.data.conversation import RecordError
 from llava_cli.data.problems import Dropped, Problem, ProblemCounter
@@ -72,14 +72,25 @@ class LazySupervisedDataset(Dataset):
         """The model inputs of record `i`; a dropped record (see class doc) is replaced by the
         next usable one, so batches stay full and no step trains on nothing. The item lists
         the records dropped on the way under "dropped" (the trainer totals them at the end)."""
-        i, dropped = int(i), []
+        i, dropped, errors = int(i), [], []
         for attempt in range(MAX_CONSECUTIVE_DROPS):
-            item = self.inputs_or_drop((i + attempt) % len(self))
+            try:
+                item = self.inputs_or_drop((i + attempt) % len(self))
+            except RecordError as err:
+                if get_worker_info() is None:
+                    raise
+                # In a DataLoader worker the error would reach the user wrapped in a worker
+                # traceback: it travels with the next item instead, and the trainer raises it
+                # in the main process, the same error as without workers.
+                errors.append((err.record_id, err.kind, err.detail))
+                continue
             if isinstance(item, Dropped):
                 dropped.append(item)
                 continue
             if dropped:
                 item["dropped"] = dropped
+            if errors:
+                item["record_errors"] = errors
             return item
         raise ValueError(f"{MAX_CONSECUTIVE_DROPS} consecutive records from #{i} cannot be "
                          "trained on; run `llava inspect-data --check` on the data")

@@ -79,10 +79,12 @@ class ProblemCounter:
         """Records counted, of every kind."""
         return sum(self.counts.values())
 
-    def summary(self) -> str:
-        """One line per kind: `kind: n (e.g. id1, id2)`."""
+    def summary(self, kinds: Iterable[str] | None = None) -> str:
+        """One line per kind (of `kinds`, default all): `kind: n (e.g. id1, id2)`."""
+        chosen = None if kinds is None else set(kinds)
         return "; ".join(f"{kind}: {n} (e.g. {', '.join(self.examples.get(kind, []))})"
-                         for kind, n in self.counts.most_common())
+                         for kind, n in self.counts.most_common()
+                         if chosen is None or kind in chosen)
 
     @classmethod
     def of_distinct(cls, drops: Iterable[Dropped]) -> ProblemCounter:

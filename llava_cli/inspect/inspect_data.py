@@ -123,7 +123,7 @@ def check(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int
     from rich.console import Console
     from rich.progress import Progress
 
-    from llava_cli.inspect.check import check_dataset
+    from llava_cli.data.scan import check_dataset
     from llava_cli.inspect.view import print_report
 
     make = partial(make_builder, config, request.image_tokens)

@@ -65,6 +65,8 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
     """
     values = {**DEFAULTS, **config.training_args}
     values.update(output_dir=output_dir, remove_unused_columns=False)
+    if config.warmup_ratio is not None:  # transformers 5: a warmup_steps below 1 is a ratio
+        values.setdefault("warmup_steps", config.warmup_ratio)
     if on_cpu and values.get("fsdp"):
         raise ValueError("FSDP does not run on CPU with this stack: accelerate only enables it "
                          "for GPU-like backends and would silently train plain DDP instead. "

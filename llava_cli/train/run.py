@@ -71,6 +71,7 @@ def run_training(config: RunConfig, reporter: Any = None,
 
     output_dir = prepare_output_dir(config)
     resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
+    stage.check_data(config)  # bad records are an error now, not at their first batch
     prepare_environment(config.training_args.get("deepspeed"))
     args = to_training_arguments(config, str(output_dir))
     start_deepspeed_comm(args)

@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE, write_projector_file
+from llava_cli.data.conversation import RecordError
 from llava_cli.data.problems import Dropped, ProblemCounter
 from llava_cli.data.sampler import ModalityLengthGroupedSampler
 from llava_cli.model.parts import components
@@ -47,6 +48,12 @@ def _loss_function(keep_supervised_logits: bool, label_smoothing: float) -> Any:
     else:
         return None
     return partial(loss, label_smoothing=label_smoothing) if label_smoothing else loss
+
+
+def _raise_record_errors(inputs: dict[str, Any]) -> None:
+    errors = inputs.pop("record_errors", None)
+    if errors:
+        raise RecordError(*errors[0])
 
 
 class LlavaTrainer(Trainer):
@@ -76,13 +83,16 @@ class LlavaTrainer(Trainer):
 
     def training_step(self, model: Any, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
-        """The Trainer's step; first takes note of the records dropped to fill this batch."""
+        """The Trainer's step; first takes note of the records dropped to fill this batch, and
+        raises the error of a bad record met in a dataloader worker."""
+        _raise_record_errors(inputs)
         self._dropped.update((drop.position, drop) for drop in inputs.pop("dropped_records", ()))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
         """The Trainer's evaluation step (records dropped from evaluation are not totalled)."""
+        _raise_record_errors(inputs)
         inputs.pop("dropped_records", None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 

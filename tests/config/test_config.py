@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from llava_cli.cli import app
 from llava_cli.config.resolve import parse_set, resolve_config
 from llava_cli.config.run_config import ConfigError, save_resolved
+from llava_cli.train.arguments import argument_values
+
+runner = CliRunner()
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,9 +50,11 @@ def test_lora_preset_and_llava_aliases(tmp_path):
 def test_any_training_argument_is_accepted():
     config = resolve_config("finetune", sets=["warmup_ratio=0.03", "lr_scheduler_type=cosine",
                                               "report_to=[]"])
-    # LLaVA's warmup_ratio is transformers 5's fractional warmup_steps
-    assert config.training_args == {"warmup_steps": 0.03, "lr_scheduler_type": "cosine",
-                                    "report_to": []}
+    # LLaVA's warmup_ratio is kept as written; transformers 5 gets a fractional warmup_steps
+    assert config.warmup_ratio == 0.03
+    assert config.training_args == {"lr_scheduler_type": "cosine", "report_to": []}
+    values = argument_values(config, "out", on_cpu=True, workers=0)
+    assert values["warmup_steps"] == 0.03 and "warmup_ratio" not in values
 
 
 def test_unknown_key_names_the_closest():
@@ -56,7 +64,7 @@ def test_unknown_key_names_the_closest():
 
 
 def test_bad_values_and_files(tmp_path):
-    with pytest.raises(ConfigError, match="tokenization: Input should be 'hf' or 'llava'"):
+    with pytest.raises(ConfigError, match="tokenization: 'fast' is not one of hf, llava"):
         resolve_config("finetune", sets=["tokenization=fast"])
     with pytest.raises(ConfigError, match="unknown template 'v9'"):
         resolve_config("finetune", sets=["template=v9"])
@@ -128,3 +136,48 @@ def test_deepspeed_conflicts_are_refused_before_anything_is_built(tmp_path):
     # One rate for everything: DeepSpeed's scheduler is the user's choice.
     assert resolve_config("finetune", flags={"deepspeed": warmup}).projector_lr is None
     assert resolve_config("lora", flags={"deepspeed": _deepspeed(tmp_path)}).projector_lr == 2e-5
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("learning_rate=abc", "learning_rate: expected a number, got 'abc'"),
+    ("seed=1.5", "seed: expected a whole number, got '1.5'"),
+    ("max_steps=4e0", "max_steps: expected a whole number, got '4e0'"),
+    ("bf16=maybe", "bf16: expected true or false, got 'maybe'"),
+    ("model_max_length=lots", "model_max_length: expected a whole number"),
+])
+def test_a_value_its_field_cannot_take_is_an_error_up_front(item, message):
+    with pytest.raises(ConfigError, match=re.escape(message) + r".*\(from --set\)"):
+        resolve_config("finetune", sets=[item])
+
+
+def test_values_are_read_by_their_fields_type_in_recipes_and_set(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("save_strategy: no\nrun_name: 1e5\nlr_scheduler_kwargs: {min_lr: 1e-6}\n"
+                      "bf16: yes\nlearning_rate: 2e-5\nmax_steps: 10\n")
+    for config in (resolve_config("finetune", recipe),
+                   resolve_config("finetune", sets=[
+                       "save_strategy=no", "run_name=1e5", "lr_scheduler_kwargs={min_lr: 1e-6}",
+                       "bf16=yes", "learning_rate=2e-5", "max_steps=10"])):
+        assert config.training_args == {  # YAML 1.1 would have made "no" False, "1e5" 1e5
+            "save_strategy": "no", "run_name": "1e5", "lr_scheduler_kwargs": {"min_lr": 1e-6},
+            "bf16": True, "learning_rate": 2e-5, "max_steps": 10}
+        assert isinstance(config.training_args["lr_scheduler_kwargs"]["min_lr"], float)
+
+
+def test_print_config_shows_what_was_written_and_what_the_trainer_gets(tmp_path):
+    result = runner.invoke(app, ["finetune", "--set", "warmup_ratio=0.03", "--no-bf16",
+                                 "--set", "save_strategy=no", "--print-config"])
+    assert result.exit_code == 0, result.output
+    config, trainer = result.output.split("trainer_arguments:")
+    assert "warmup_ratio: 0.03" in config and "warmup_steps" not in config
+    assert "warmup_steps: 0.03" in trainer and "save_strategy: 'no'" in trainer
+    assert "bf16: false" in trainer and "report_to: none" in trainer  # our defaults shown
+    refused = runner.invoke(app, ["finetune", "--set", "do_eval=true", "--print-config"])
+    assert refused.exit_code == 2 and "needs held-out records" in refused.stderr
+
+
+def test_every_switch_has_its_no_form():
+    result = runner.invoke(app, ["lora", "--no-lora", "--no-gradient-checkpointing",
+                                 "--no-unfreeze-vision-tower", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "train_llm: full" in result.output and "train_vision_tower: frozen" in result.output

@@ -67,7 +67,7 @@ def test_llava_15_hyperparameters(model, stage):
             == global_batch)
     assert args["num_train_epochs"] == 1
     assert args["weight_decay"] == 0
-    assert args["warmup_steps"] == 0.03  # warmup_ratio 0.03 (transformers 5 spelling)
+    assert config.warmup_ratio == 0.03 and "warmup_steps" not in args  # as the recipe says
     assert args["lr_scheduler_type"] == "cosine"
     assert args["bf16"] is True and args["tf32"] is True
     assert args["gradient_checkpointing"] is True

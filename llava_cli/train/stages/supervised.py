@@ -14,8 +14,9 @@ from llava_cli.config.run_config import RunConfig
 from llava_cli.data.collator import DataCollator
 from llava_cli.data.dataset import LazySupervisedDataset
 from llava_cli.data.problems import Problem
-from llava_cli.data.scan import scan_records
-from llava_cli.model.inputs import input_spec_of, sample_builder
+from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.scan import Report, check_dataset, scan_records
+from llava_cli.model.inputs import input_spec_from_paths, input_spec_of, sample_builder
 from llava_cli.train.reporting import is_main_process
 
 
@@ -48,22 +49,51 @@ def collator(config: RunConfig, processor: Any) -> DataCollator:
                         max_length=config.model_max_length, padding_free=config.padding_free)
 
 
+def check_data(config: RunConfig) -> None:
+    """Scan the training records before anything heavy loads, as `inspect-data --check` does
+    (on every core, images by header): a missing or corrupt image, a wrong --image-folder or a
+    malformed record is one short error naming the records (a warning with
+    --skip-bad-records), not a crash at the first batch that holds it. Records that only
+    train on nothing are dropped and counted during training, as before. Rank 0 scans; the
+    other ranks go on loading (a failure here ends the whole launch)."""
+    if not config.data_path:
+        raise ValueError("data_path is required (--data-path FILE.json)")
+    if not is_main_process():
+        return
+    spec = input_spec_from_paths(config.tokenizer or str(config.model_name_or_path),
+                                 config.model_name_or_path, None, config.trust_remote_code)
+    try:
+        index = RecordIndex.open(config.data_path)
+    except RecordFormatError as err:
+        raise ValueError(str(err)) from None
+    report = check_dataset(lambda: sample_builder(config, spec), index)
+    _judge(report, len(index), config.data_path, "trained on", config.skip_bad_records,
+           errors_only=True)
+
+
 def check_held_out(dataset: LazySupervisedDataset, config: RunConfig) -> None:
     """Scan the held-out records before training (images by header). A bad one would stop the
     run at its first evaluation, which comes before that step's checkpoint is written: the
     training up to there would be lost."""
     report = scan_records(dataset.builder, dataset.index, 0, len(dataset))
-    if not report.failed:
+    _judge(report, len(dataset), config.eval_data_path, "evaluated", config.skip_bad_records)
+
+
+def _judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool,
+           errors_only: bool = False) -> None:
+    """Raise for records that cannot be used (unless `skip_bad`: then warn on rank 0)."""
+    counts = report.problems.counts
+    errors = {kind for kind in counts if kind in Problem.ERRORS}
+    bad = sum(counts[kind] for kind in errors) if errors_only else report.problems.total
+    if not bad:
         return
-    found = report.problems.summary()
-    advice = f"`llava inspect-data {config.eval_data_path} --check` lists them all"
-    bad = report.problems.total
-    errors = {kind for kind in report.problems.counts if kind != Problem.FULLY_MASKED}
-    if bad >= len(dataset) or (errors and not config.skip_bad_records):
-        more = "" if config.skip_bad_records else "; fix them or pass --skip-bad-records"
-        raise ValueError(f"held-out data {config.eval_data_path}: {bad} of {len(dataset)} "
-                         f"record(s) cannot be evaluated ({found}){more}. {advice}")
+    found = report.problems.summary(errors if errors_only else None)
+    advice = f"`llava inspect-data {path} --check` lists them all"
+    if bad >= total or (errors and not skip_bad):
+        more = "" if skip_bad else "; fix them or pass --skip-bad-records"
+        raise ValueError(f"{'held-out' if use == 'evaluated' else 'training'} data {path}: "
+                         f"{bad} of {total} record(s) cannot be {use} ({found}){more}. {advice}")
     if is_main_process():
         logging.getLogger("llava_cli").warning(
-            "held-out data %s: %d record(s) cannot be evaluated and are replaced by the next "
-            "one (%s). %s.", config.eval_data_path, bad, found, advice)
+            "%s data %s: %d record(s) cannot be %s and are replaced by the next one (%s). %s.",
+            "held-out" if use == "evaluated" else "training", path, bad, use, found, advice)

@@ -1,4 +1,4 @@
-"""inspect.check: the whole-file scan on several processes, and what happens when a worker
+"""data.scan: the whole-file scan on several processes, and what happens when a worker
 fails (its error comes back; a dead worker is an error, never a hang)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llava_cli.data.records import RecordIndex
-from llava_cli.inspect.check import check_dataset
+from llava_cli.data.scan import check_dataset
 
 
 @pytest.fixture
