@@ -140,6 +140,17 @@ class RunConfig(BaseModel):
         return bool(args.get("activation_checkpointing", args.get("gradient_checkpointing")))
 
     @property
+    def load_dtype(self) -> str | None:
+        """The dtype weights load in: `torch_dtype` when given; else bfloat16 for a bf16 run
+        without DeepSpeed (float32 weights would take twice the memory; the original LLaVA
+        loads in the training dtype too — DeepSpeed keeps its own copies); else float32."""
+        if self.torch_dtype:
+            return self.torch_dtype
+        if self.training_args.get("bf16") and not self.training_args.get("deepspeed"):
+            return "bfloat16"
+        return None
+
+    @property
     def output_kind(self) -> OutputKind:
         """What the run writes, from trainability alone: a LoRA adapter, the projector alone
         (nothing else trains), or a full checkpoint."""

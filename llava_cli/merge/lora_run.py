@@ -80,7 +80,9 @@ def load_base(run: LoraRun, base: str | None, dtype: str | None, bits: int) -> A
     from llava_cli.model.load import load_llava
 
     saved = run.config or RunConfig()
-    settings = saved.model_copy(update={"torch_dtype": dtype, "bits": bits})
+    # Only what the run changed counts as given (the saved file lists every default too).
+    settings = RunConfig.model_validate(saved.model_dump(exclude_defaults=True)).model_copy(
+        update={"torch_dtype": dtype, "bits": bits})
     recorded = run.manifest.base
     if base:
         return load_llava(str(Path(base).resolve()), settings, for_training=False)

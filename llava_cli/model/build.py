@@ -16,8 +16,8 @@ from llava_cli.model.partitioned import copy_weights, gathered
 from llava_cli.model.parts import components
 from llava_cli.model.vision import (
     build_processor,
-    has_cls_token,
     select_strategy,
+    tower_positions,
     vision_config_of,
     vision_model_class,
 )
@@ -62,7 +62,8 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
     remote = config.trust_remote_code
     text_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=remote)
     vision_config = vision_config_of(config.vision_tower, remote)
-    has_cls = has_cls_token(vision_config)
+    positions = tower_positions(vision_config)  # patches (+ CLS): measured once
+    has_cls = positions > (vision_config.image_size // vision_config.patch_size) ** 2
     strategy = select_strategy(config.vision_select_feature, has_cls)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -77,8 +78,10 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
         vision_feature_layer=config.vision_select_layer,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
         multimodal_projector_bias=True,
+        # what one image (one tile for anyres) becomes: the saved config says what the model is
+        image_seq_length=positions - int(strategy == "default"),
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
-    dtype = torch_dtype(config.torch_dtype)
+    dtype = torch_dtype(config.load_dtype)
     model = model_cls._from_config(
         llava_config, attn_implementation=config.attn_implementation, dtype=dtype)
     _init_new_parts(model, config.random_init)

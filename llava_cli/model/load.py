@@ -76,7 +76,7 @@ def load_llava(path: str, config: RunConfig, for_training: bool = True) -> Any:
     from transformers import AutoModelForImageTextToText
 
     quant = quantization_config(config)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(config.torch_dtype),
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(config.load_dtype),
                               "attn_implementation": config.attn_implementation,
                               "trust_remote_code": config.trust_remote_code}
     if quant is not None:

@@ -20,9 +20,9 @@ from llava_cli.artifacts.manifest import (
     PartsBase,
     read_manifest,
 )
-from llava_cli.artifacts.output_dir import BASE_DIR
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE
 from llava_cli.config.run_config import RunConfig
+from llava_cli.model.inputs import image_tokens_per_image
 from llava_cli.model.load import load_llava
 from llava_cli.model.projector import load_projector_weights
 
@@ -49,17 +49,72 @@ def load_starting_model(config: RunConfig) -> Loaded:
         raise ValueError(f"{path} is a LoRA run (manifest kind 'lora'); merge it first with "
                          "`llava merge-lora`, or start from its base")
     if manifest is not None and manifest.kind == OutputKind.PROJECTOR:
+        _refuse_new_model_settings(config, f"{path} (a pretrain output)")
         loaded = _from_pretrain_output(path, manifest.base, config)
     elif _is_llava_checkpoint(path, config):
+        _refuse_new_model_settings(config, f"{path} (a LLaVA checkpoint)")
         loaded = Loaded(load_llava(str(path), config), _load_processor(path, config),
                         CheckpointBase(path=_resolved(str(path))))
     else:
         loaded = _new_model(config)
+    _refuse_other_image_policy(config, loaded.model.config)
+    _refuse_other_features(config, loaded.model.config)
+    if not getattr(loaded.model.config, "image_grid_pinpoints", None):
+        # A checkpoint may say 576 for a tower that yields 49: what we save must be true.
+        loaded.model.config.image_seq_length = image_tokens_per_image(loaded.model.config)
     if config.pretrained_projector:
         load_projector_weights(loaded.model, config.pretrained_projector)
         loaded.base = loaded.base.model_copy(update={
             "pretrained_projector": str(Path(config.pretrained_projector).resolve())})
     return loaded
+
+
+def _refuse_new_model_settings(config: RunConfig, source: str) -> None:
+    """A setting that cannot apply is an error, never silently ignored (and then recorded in
+    the manifest as if it had been applied)."""
+    given = [key for key, value in (("vision_tower", config.vision_tower),
+                                    ("random_init", config.random_init),
+                                    ("image_grid_pinpoints", config.image_grid_pinpoints))
+             if value]
+    if config.projector_type != "mlp2x_gelu":  # what every LLaVA checkpoint here has
+        given.append(f"projector_type {config.projector_type}")
+    if given:
+        raise ValueError(f"{', '.join(given)}: {source} already has its vision tower and "
+                         "projector, so these settings (which build a new model) cannot apply; "
+                         "drop them, or start from an LLM to build a new model")
+
+
+def _refuse_other_features(config: RunConfig, model_config: Any) -> None:
+    """An explicitly given feature selection the starting model does not have."""
+    given = config.model_fields_set
+    layer = model_config.vision_feature_layer
+    if "vision_select_layer" in given and config.vision_select_layer != layer:
+        raise ValueError(f"vision_select_layer {config.vision_select_layer}: the starting model "
+                         f"uses layer {layer} of its vision tower; drop the setting")
+    full = model_config.vision_feature_select_strategy == "full"
+    wanted = config.vision_select_feature == "cls_patch"
+    if "vision_select_feature" in given and wanted != full and _has_cls_position(model_config):
+        raise ValueError(f"vision_select_feature {config.vision_select_feature}: the starting "
+                         f"model uses strategy {model_config.vision_feature_select_strategy!r};"
+                         " drop the setting")
+
+
+def _has_cls_position(model_config: Any) -> bool:
+    from llava_cli.model.vision import has_cls_token
+
+    return has_cls_token(model_config.vision_config)
+
+
+def _refuse_other_image_policy(config: RunConfig, model_config: Any) -> None:
+    """LLaVA-NeXT models tile images (anyres); LLaVA models take one (square or pad)."""
+    tiles = bool(getattr(model_config, "image_grid_pinpoints", None))
+    if tiles and config.image_aspect_ratio != "anyres":
+        raise ValueError(f"image_aspect_ratio {config.image_aspect_ratio!r}: this is a "
+                         "LLaVA-NeXT model, which tiles every image; pass "
+                         "--image-aspect-ratio anyres")
+    if not tiles and config.image_aspect_ratio == "anyres":
+        raise ValueError("image_aspect_ratio 'anyres' needs a LLaVA-NeXT model; this LLaVA "
+                         "model takes one image per placeholder: use pad (LLaVA-1.5) or square")
 
 
 def _is_llava_checkpoint(path: Path, config: RunConfig) -> bool:
@@ -116,10 +171,13 @@ def _requantize(model: Any, processor: Any, config: RunConfig) -> Any:
 
 def _from_pretrain_output(path: Path, base: Base, config: RunConfig) -> Loaded:
     """LLM + vision tower (+ the trained projector) as recorded by a `pretrain` run."""
-    if isinstance(base, CheckpointBase):  # random-init pretrain: its base weights live in the run
-        base_dir = (path / BASE_DIR).resolve()  # absolute: later manifests must find it
-        loaded = Loaded(load_llava(str(base_dir), config), _load_processor(path, config),
-                        base.model_copy(update={"path": str(base_dir)}))
+    if isinstance(base, CheckpointBase):
+        # A pretrain from a LLaVA checkpoint names it; a random-init pretrain keeps its base
+        # weights in the run (`base/`, relative). Absolute either way: later manifests too.
+        base_dir = Path(base.path) if Path(base.path).is_absolute() else path / base.path
+        loaded = Loaded(load_llava(str(base_dir.resolve()), config),
+                        _load_processor(path, config),
+                        base.model_copy(update={"path": str(base_dir.resolve())}))
     elif isinstance(base, PartsBase):
         parts = config.model_copy(update={
             "model_name_or_path": base.llm, "vision_tower": base.vision_tower,

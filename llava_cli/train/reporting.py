@@ -30,13 +30,18 @@ class Reporter:
             hf_logging.set_verbosity_error()
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
-                args: Any, held_out: Any = None) -> None:
-        """Trainable parameters per component, data counts, effective batch, output kind."""
+                args: Any, held_out: Any = None, weights: str | None = None) -> None:
+        """Trainable parameters per component, data counts, effective batch, output kind,
+        and the dtype the weights are in (`weights`)."""
         if not self.enabled:
             return
         table = Table(title="llava training run", title_justify="left", show_header=False)
         for part, n in counts.items():
             table.add_row(f"trainable {part}", f"{n:,}")
+        if weights:
+            why = (" (the bf16 training dtype; --torch-dtype float32 keeps float32)"
+                   if weights == "bfloat16" and not config.torch_dtype else "")
+            table.add_row("weights", f"{weights}{why}")
         images = int(dataset.index.has_image.sum())
         table.add_row("records", f"{len(dataset):,} ({images:,} with images, "
                       f"{len(dataset) - images:,} text-only)")

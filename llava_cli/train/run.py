@@ -91,7 +91,8 @@ def run_training(config: RunConfig, reporter: Any = None,
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
-        reporter.summary(config, config.output_kind, counts, dataset, args, held_out)
+        weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+        reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, output_dir, metrics)
