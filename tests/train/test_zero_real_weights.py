@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-2/3 on two processes, starting the way users start: from models saved to disk
 and loaded with `from_pretrained` (never `random_init`) — an LLM + vision tower + projector
-file (the LLaVA-1.5 recipe's path) and a `llava pretrain` output, full and LoRA, fp32 and bf16.
+file (the LLaVA-1.5 recipe's path), a `llava pretrain` output and an existing LLaVA
+checkpoint; full, LoRA and QLoRA (ZeRO-2: DeepSpeed cannot partition 4-bit weights); fp32
+and bf16.
 
 Before the first step every component's gathered weights must equal the files they came from
 (`zero_probe.py` writes them); then the run trains, saves, reloads without DeepSpeed, resumes.
@@ -66,8 +68,12 @@ def parts(tmp_path_factory) -> dict[str, Path]:
         "data_path": RECORDS, "image_folder": IMAGES, "max_steps": 1,
         "per_device_train_batch_size": 2, "output_dir": str(root / "pretrain"),
         "skip_bad_records": True}))  # the sample has a text-only record: not for stage 1
+    run_training(resolve_config("finetune", flags={  # an existing LLaVA checkpoint
+        "model_name_or_path": str(root / "pretrain"), "data_path": RECORDS,
+        "image_folder": IMAGES, "max_steps": 1, "per_device_train_batch_size": 2,
+        "output_dir": str(root / "checkpoint")}))
     return {"llm": root / "llm", "vit": root / "vit", "projector": root / "projector.safetensors",
-            "pretrain": root / "pretrain"}
+            "pretrain": root / "pretrain", "checkpoint": root / "checkpoint"}
 
 
 def launch(stage: str, out: Path, **flags) -> Path:
@@ -112,6 +118,33 @@ def assert_started_from_the_files(out: Path, parts: dict[str, Path], projector: 
     for key, tensor in expected.items():
         assert probe[key].dtype == dtype, key
         assert torch.equal(probe[key], tensor.to(dtype)), key
+
+
+def _checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved LLaVA checkpoint's tensors under the probe's component names."""
+    names = {"language_model.model.": "llm.", "language_model.lm_head.": "lm_head.",
+             "vision_tower.vision_model.": "vision_tower.", "vision_tower.": "vision_tower.",
+             "multi_modal_projector.": "projector."}
+    out = {}
+    for key, tensor in load_file(str(folder / "model.safetensors")).items():
+        prefix = next(p for p in names if key.startswith(p))
+        out[names[prefix] + key.removeprefix(prefix)] = tensor
+    return out
+
+
+def assert_started_from_the_checkpoint(out: Path, checkpoint: Path,
+                                       quantized: bool = False) -> None:
+    """Every component before the first step == the checkpoint's file (QLoRA: the 4-bit LLM
+    linears are quantized, everything else equal)."""
+    probe = _normalised(load_file(str(out.parent / f"{out.name}.probe.safetensors")))
+    expected = _checkpoint_weights(checkpoint)
+    compared = 0
+    for key, tensor in expected.items():
+        if quantized and probe[key].dtype == torch.uint8:
+            continue  # bitsandbytes storage of a quantized linear
+        assert torch.equal(probe[key].float(), tensor.float()), key
+        compared += 1
+    assert compared > len(expected) // 3
 
 
 def _plain(output_dir: Path):
@@ -169,3 +202,22 @@ def test_bf16_full_finetune_from_a_pretrain_output(parts, tmp_path):
                                   dtype=torch.bfloat16)
     saved = load_file(str(run / "model.safetensors"))
     assert all(torch.isfinite(v.float()).all() and v.numel() for v in saved.values())
+
+
+def test_zero3_full_finetune_from_a_llava_checkpoint(parts, tmp_path):
+    run = launch("finetune", tmp_path / "ckpt", model_name_or_path=str(parts["checkpoint"]),
+                 deepspeed=ZERO3)
+    assert_started_from_the_checkpoint(run, parts["checkpoint"])
+    assert _plain(run).state_dict().keys() == _plain(parts["checkpoint"]).state_dict().keys()
+
+
+def test_qlora_under_zero2_from_a_llava_checkpoint_then_merge(parts, tmp_path):
+    """QLoRA where DeepSpeed allows it (ZeRO-2; ZeRO-3 is refused: bitsandbytes weights cannot
+    be partitioned)."""
+    from llava_cli.merge.merge import merge_lora
+
+    run = launch("finetune", tmp_path / "qlora", model_name_or_path=str(parts["checkpoint"]),
+                 deepspeed=ZERO2, train_llm="lora", bits=4, lora_r=4, lora_alpha=8)
+    assert_started_from_the_checkpoint(run, parts["checkpoint"], quantized=True)
+    merged = merge_lora(run, tmp_path / "merged")
+    assert merged.bits == 4 and all(check.ok for check in merged.checks)
