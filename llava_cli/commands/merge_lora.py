@@ -26,6 +26,9 @@ def merge_lora(
         "--verify/--no-verify", help="Reload the result with stock transformers and compare "
         "its logits with base + adapter (default: on).")] = True,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.")] = "5GB",
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow code shipped with the base or run to execute "
+        "(only ever from this flag; never from the run's saved configuration).")] = False,
 ) -> None:
     """Merge a LoRA/QLoRA run into its full-precision base and save a standalone checkpoint.
 
@@ -40,7 +43,8 @@ def merge_lora(
     quiet_libraries()
     try:
         result = run(run_dir, output_dir, base=base, dtype=dtype, overwrite=overwrite,
-                     verify=verify, max_shard_size=max_shard_size, log=typer.echo)
+                     verify=verify, max_shard_size=max_shard_size, log=typer.echo,
+                     trust_remote_code=trust_remote_code)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"llava merge-lora: {err}", err=True)
         raise typer.Exit(2) from None

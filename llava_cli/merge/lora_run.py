@@ -31,8 +31,11 @@ class LoraRun:
     config: RunConfig | None  # the resolved training configuration, when saved
 
 
-def find_lora_run(run_dir: str | Path) -> LoraRun:
-    """The LoRA run at `run_dir`, or the run whose checkpoint-N `run_dir` is."""
+def find_lora_run(run_dir: str | Path, trust_remote_code: bool = False) -> LoraRun:
+    """The LoRA run at `run_dir`, or the run whose checkpoint-N `run_dir` is.
+
+    `trust_remote_code` is the user's choice on this command line alone: whatever the run's
+    saved configuration says, a folder we are given never makes us execute code it ships."""
     path = Path(run_dir)
     if not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} not found")
@@ -47,14 +50,17 @@ def find_lora_run(run_dir: str | Path) -> LoraRun:
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
     if missing:
         raise ValueError(f"{path}: no LoRA adapter ({', '.join(missing)} missing)")
-    return LoraRun(root, path, manifest, _saved_config(root))
+    return LoraRun(root, path, manifest, _saved_config(root, trust_remote_code))
 
 
-def _saved_config(root: Path) -> RunConfig | None:
+def _saved_config(root: Path, trust_remote_code: bool) -> RunConfig | None:
     import yaml
 
     file = root / CONFIG_FILENAME
-    return RunConfig.model_validate(yaml.safe_load(file.read_text())) if file.is_file() else None
+    if not file.is_file():
+        return None
+    saved = RunConfig.model_validate(yaml.safe_load(file.read_text()))
+    return saved.model_copy(update={"trust_remote_code": trust_remote_code})
 
 
 def recorded_base(run: LoraRun) -> Base:
@@ -71,7 +77,7 @@ def load_processor(run: LoraRun) -> Any:
     from transformers import AutoProcessor
 
     folder = run.adapter if (run.adapter / "processor_config.json").is_file() else run.root
-    remote = bool(run.config and run.config.trust_remote_code)
+    remote = bool(run.config and run.config.trust_remote_code)  # the user's flag (find_lora_run)
     return AutoProcessor.from_pretrained(str(folder), trust_remote_code=remote)
 
 

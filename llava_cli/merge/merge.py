@@ -59,8 +59,8 @@ class MergeResult:
 
 def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = None,
                dtype: str = "float32", overwrite: bool = False, verify: bool = True,
-               max_shard_size: str = "5GB",
-               log: Callable[[str], None] = lambda _: None) -> MergeResult:
+               max_shard_size: str = "5GB", log: Callable[[str], None] = lambda _: None,
+               trust_remote_code: bool = False) -> MergeResult:
     """Merge the adapter of `run_dir` into its base (or `base`) and save it to `output_dir`.
 
     Raises ValueError for bad inputs and VerificationError (leaving `output_dir` untouched)
@@ -68,7 +68,7 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = N
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    run = find_lora_run(run_dir)
+    run = find_lora_run(run_dir, trust_remote_code)
     out = Path(output_dir)
     _check_output(out, run, overwrite)
     bits = run.config.bits if run.config else 16

@@ -235,3 +235,30 @@ def test_export_errors(runs, tmp_path):
     shapes = r"has shape \(64,( 32)?\) but this model needs \(48,( 32)?\)"
     with pytest.raises(ValueError, match=shapes):
         load_projector_weights(other, tmp_path / "p.weights")
+
+
+def test_a_run_folder_never_makes_merge_execute_its_code(runs, tmp_path):
+    """A LoRA folder whose saved configuration says trust_remote_code and whose processor
+    config points at a Python file it ships: that file runs only with --trust-remote-code on
+    the user's own command line."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"], run)
+    saved = yaml.safe_load((run / "llava_config.yaml").read_text())
+    (run / "llava_config.yaml").write_text(yaml.safe_dump({**saved, "trust_remote_code": True}))
+    marker = tmp_path / "executed"
+    (run / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                 "from transformers import LlavaProcessor as EvilProcessor\n")
+    config = json.loads((run / "processor_config.json").read_text())
+    config["auto_map"] = {"AutoProcessor": "evil.EvilProcessor"}
+    (run / "processor_config.json").write_text(json.dumps(config))
+    refused = runner.invoke(app, ["merge-lora", str(run), "-o", str(tmp_path / "m1"),
+                                  "--no-verify"])
+    assert not marker.exists(), "code from the run folder ran without --trust-remote-code"
+    assert "Traceback" not in refused.output
+    runner.invoke(app, ["merge-lora", str(run), "-o", str(tmp_path / "m2"), "--no-verify",
+                        "--trust-remote-code"])
+    assert marker.exists()  # the same folder with the user's flag: the attack was real
