@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from llava_cli.config.run_config import ConfigError, RunConfig
+from llava_cli.config.run_config import ConfigError, RunConfig, refuse_missing_reporters
 from llava_cli.config.values import TRUE, ValueTypeError, read_yaml_text, typed
 
 # Stage presets: what each command means before any recipe or flag.
@@ -155,9 +155,15 @@ def resolve_config(command: str, recipe: str | Path | None = None,
         merged.update(placed)
         merged["training_args"] = args
     try:
-        return RunConfig.model_validate(merged)
+        config = RunConfig.model_validate(merged)
+        # Here, not in the model: a saved configuration read back elsewhere (merge-lora on
+        # another machine) need not have the reporter installed.
+        refuse_missing_reporters(config.training_args.get("report_to"))
     except ValidationError as err:
         raise ConfigError(_explain(err)) from None
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration:\n  {err}") from None
+    return config
 
 
 def _explain(err: ValidationError) -> str:

@@ -34,7 +34,7 @@ REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("
                      "neptune": ("neptune",), "dvclive": ("dvclive",), "trackio": ("trackio",)}
 
 
-def _refuse_missing_reporters(report_to: Any) -> None:
+def refuse_missing_reporters(report_to: Any) -> None:
     """One line naming the install command, not a traceback after the model has loaded."""
     import importlib.util
 
@@ -111,6 +111,14 @@ class RunConfig(BaseModel):
     def _known_template(cls, value: str) -> str:
         return canonical_template_name(value)
 
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _a_ratio(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value < 1:
+            raise ValueError("must be at least 0 and below 1 (a share of the training steps); "
+                             "give warmup_steps for a number of steps")
+        return value
+
     @field_validator("model_max_length")
     @classmethod
     def _positive_length(cls, value: int) -> int:
@@ -130,7 +138,6 @@ class RunConfig(BaseModel):
         refuse_incompatible_deepspeed(
             self.training_args.get("deepspeed"), self.bits,
             {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
-        _refuse_missing_reporters(self.training_args.get("report_to"))
         return self
 
     @property
@@ -180,8 +187,8 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
     """The same configuration with every existing local path made absolute (hub ids and
     names that are not paths stay), so a saved config works from any directory."""
     def absolute(value: Any) -> Any:
-        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() \
-            else value
+        return str(Path(value).resolve()) if isinstance(value, str) and value \
+            and Path(value).exists() else value
 
     update: dict[str, Any] = {key: absolute(getattr(config, key)) for key in PATH_KEYS}
     if "deepspeed" in config.training_args:

@@ -56,8 +56,8 @@ def typed(value: Any, annotation: Any, key: str) -> Any:
     """`value` (text, or already typed) as a value of `annotation`; ValueTypeError if it
     cannot be one."""
     options = _options(annotation)
-    if isinstance(value, str) and value in NULLS and type(None) in options:
-        return None
+    if isinstance(value, str) and (value in NULLS or value == "") and type(None) in options:
+        return None  # `key:` with nothing after it is null, as YAML means it
     errors = []
     for option in sorted(options, key=_preference):
         if option is type(None):
@@ -138,7 +138,7 @@ def _float(value: Any, key: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)
+        return float(value.strip().replace(".inf", "inf").replace("Infinity", "inf"))
     raise ValueTypeError(f"{key}: expected a number, got {value!r}")
 
 

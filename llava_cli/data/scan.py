@@ -130,7 +130,7 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
                   workers: int | None = None, on_progress: Callable[[int], None] | None = None,
                   slice_size: int = 2000) -> Report:
     """Scan every record with `workers` processes (default: all cores) and merge the reports."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or _usable_cores()
     report = Report()
     builder = make_builder()  # once, before forking: workers start scanning at once
     slices = list(_slices(len(index), slice_size))
@@ -148,6 +148,13 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
     for number in sorted(parts):  # in file order: the examples do not depend on timing
         report.merge(parts[number])
     return report
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (affinity and container limits), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _slices(total: int, size: int) -> Iterator[tuple[int, int]]:

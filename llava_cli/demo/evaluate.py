@@ -85,7 +85,8 @@ def stock_answer(model_dir: str | Path, image: Any, question: str) -> str:
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=square, text=prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                             tokenizer=processor.tokenizer)
     text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return text.split("</s>")[0].strip()
 

@@ -52,8 +52,10 @@ def generation_kwargs(processor: Any, template: str | None, max_new_tokens: int,
     eos = [tokenizer.eos_token_id, *stops.extra_eos] if tokenizer.eos_token_id is not None \
         else stops.extra_eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    # tokenizer: the saved generation config may hold stop_strings, which need it
     return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1,
-            "eos_token_id": eos, "pad_token_id": pad, "stopping_criteria": stops.criteria}
+            "eos_token_id": eos, "pad_token_id": pad, "stopping_criteria": stops.criteria,
+            "tokenizer": tokenizer}
 
 
 def clean_answer(text: str, template: str | None) -> str:

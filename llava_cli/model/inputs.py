@@ -64,12 +64,13 @@ def input_spec_of(model: Any, processor: Any) -> InputSpec:
 
 
 def input_spec_from_paths(tokenizer_path: str, model_path: str | None = None,
-                          image_tokens: int | None = None,
-                          trust_remote_code: bool = False) -> InputSpec:
+                          image_tokens: int | None = None, trust_remote_code: bool = False,
+                          anyres_estimate: int | None = None) -> InputSpec:
     """The inputs a model will expect, for looking at data before any model is loaded.
 
     Precedence for the count: `image_tokens` given > the model folder's config > 576
-    (CLIP-L/14-336, LLaVA-1.5), the last one stated in `note`.
+    (CLIP-L/14-336, LLaVA-1.5), the last one stated in `note`. An anyres (LLaVA-NeXT) folder
+    is an error unless `anyres_estimate` says what fixed count to assume instead.
     """
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
     add_llava_tokens(tokenizer)
@@ -78,7 +79,7 @@ def input_spec_from_paths(tokenizer_path: str, model_path: str | None = None,
     mean = _image_mean(folder) if folder else CLIP_MEAN
     if image_tokens is not None:
         count, note = image_tokens, f"{image_tokens} tokens per image (--image-tokens)"
-    elif folder is not None and (found := _count_from_folder(folder)) is not None:
+    elif folder is not None and (found := _count_from_folder(folder, anyres_estimate)):
         count, note = found, f"{found} tokens per image (from {folder / 'config.json'})"
     else:
         count, note = LLAVA_15_IMAGE_TOKENS, (
@@ -100,7 +101,7 @@ def _image_mean(folder: Path) -> tuple[float, ...]:
     return CLIP_MEAN
 
 
-def _count_from_folder(folder: Path) -> int | None:
+def _count_from_folder(folder: Path, anyres_estimate: int | None = None) -> int | None:
     """The per-image token count of a saved LLaVA model folder (None: not a LLaVA model)."""
     config_file = folder / "config.json"
     if not (config_file.is_file() and json.loads(config_file.read_text()).get("vision_config")):
@@ -109,6 +110,8 @@ def _count_from_folder(folder: Path) -> int | None:
 
     config = AutoConfig.from_pretrained(str(folder))
     if getattr(config, "image_grid_pinpoints", None):
+        if anyres_estimate is not None:
+            return anyres_estimate
         raise ValueError(f"{folder} is an anyres (LLaVA-NeXT) model: its image-token count "
                          "depends on each image's size; pass --image-tokens N for a fixed "
                          "estimate")

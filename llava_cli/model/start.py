@@ -174,10 +174,11 @@ def _from_pretrain_output(path: Path, base: Base, config: RunConfig) -> Loaded:
     if isinstance(base, CheckpointBase):
         # A pretrain from a LLaVA checkpoint names it; a random-init pretrain keeps its base
         # weights in the run (`base/`, relative). Absolute either way: later manifests too.
-        base_dir = Path(base.path) if Path(base.path).is_absolute() else path / base.path
-        loaded = Loaded(load_llava(str(base_dir.resolve()), config),
-                        _load_processor(path, config),
-                        base.model_copy(update={"path": str(base_dir.resolve())}))
+        inside = path / base.path
+        where = str(inside.resolve()) if not Path(base.path).is_absolute() and inside.is_dir() \
+            else base.path  # an absolute folder, or a hub id
+        loaded = Loaded(load_llava(where, config), _load_processor(path, config),
+                        base.model_copy(update={"path": where}))
     elif isinstance(base, PartsBase):
         parts = config.model_copy(update={
             "model_name_or_path": base.llm, "vision_tower": base.vision_tower,

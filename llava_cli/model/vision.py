@@ -103,9 +103,13 @@ def match_image_policy(processor: Any, aspect_ratio: str) -> None:
         return
     wants_pad = aspect_ratio == "pad"
     if wants_pad and not isinstance(image_processor, LlavaImageProcessorPil):
-        settings = image_processor.to_dict()
-        processor.image_processor = LlavaImageProcessorPil(
-            do_pad=True, **{k: settings[k] for k in _IMAGE_SETTINGS if k in settings})
+        settings = {k: v for k, v in image_processor.to_dict().items()
+                    if k in _IMAGE_SETTINGS and v is not None}
+        # LlavaImageProcessor's own defaults crop to 224: a tower that resizes to its size
+        # without cropping (SigLIP) must say so, or its 384 px images would come out 224.
+        settings["do_center_crop"] = bool(settings.get("do_center_crop"))
+        settings.setdefault("crop_size", settings.get("size"))
+        processor.image_processor = LlavaImageProcessorPil(do_pad=True, **settings)
     elif bool(getattr(image_processor, "do_pad", False)) != wants_pad:
         image_processor.do_pad = wants_pad
 

@@ -181,3 +181,22 @@ def test_every_switch_has_its_no_form():
                                  "--no-unfreeze-vision-tower", "--print-config"])
     assert result.exit_code == 0, result.output
     assert "train_llm: full" in result.output and "train_vision_tower: frozen" in result.output
+
+
+def test_empty_values_are_null_and_odd_numbers_are_named_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pretrained_projector:\ntokenizer:\nlearning_rate: .inf\n")
+    config = resolve_config("finetune", recipe)
+    assert config.pretrained_projector is None and config.tokenizer is None
+    assert config.training_args["learning_rate"] == float("inf")
+    with pytest.raises(ConfigError, match="warmup_ratio: must be at least 0 and below 1"):
+        resolve_config("finetune", sets=["warmup_ratio=1.0"])
+
+
+def test_a_saved_configuration_naming_a_reporter_reads_back_without_it():
+    from llava_cli.config.run_config import RunConfig
+
+    saved = RunConfig.model_validate({"training_args": {"report_to": "wandb"}})
+    assert saved.training_args["report_to"] == "wandb"  # merge-lora on another machine
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        resolve_config("finetune", sets=["report_to=wandb"])

@@ -66,3 +66,23 @@ def test_stock_generate_stops_at_the_end_of_the_turn(outputs, template):
     assert text.startswith(REPLY.strip()) or text.startswith(REPLY), text
     assert text.endswith(stop), (template, text)
     assert AFTER.strip() not in text
+
+
+def test_our_generator_answers_with_a_stop_string_config(outputs):
+    from llava_cli.generation.load import load_for_generation
+
+    generator = load_for_generation(outputs["v0"])  # "###": saved as stop_strings
+    assert isinstance(generator.answer(None, "Hello!", max_new_tokens=3), str)
+
+
+def test_an_earlier_stages_stop_does_not_end_this_ones_turns():
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
+    from llava_cli.data.text.stops import set_generation_stops
+
+    tokenizer = build_demo_tokenizer()
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    config = transformers.GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    set_generation_stops(config, tokenizer, "plain")  # pretrain: a caption ends at "\n"
+    assert config.eos_token_id == [tokenizer.eos_token_id, *newline]
+    set_generation_stops(config, tokenizer, "v1")  # finetune from it: "</s>" only
+    assert config.eos_token_id == tokenizer.eos_token_id

@@ -250,8 +250,10 @@ def test_a_run_folder_never_makes_merge_execute_its_code(runs, tmp_path):
     saved = yaml.safe_load((run / "llava_config.yaml").read_text())
     (run / "llava_config.yaml").write_text(yaml.safe_dump({**saved, "trust_remote_code": True}))
     marker = tmp_path / "executed"
-    (run / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                 "from transformers import LlavaProcessor as EvilProcessor\n")
+    (run / "evil.py").write_text(  # a subclass: loading it must not touch LlavaProcessor itself
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlavaProcessor\n\n\n"
+        "class EvilProcessor(LlavaProcessor):\n    pass\n")
     config = json.loads((run / "processor_config.json").read_text())
     config["auto_map"] = {"AutoProcessor": "evil.EvilProcessor"}
     (run / "processor_config.json").write_text(json.dumps(config))

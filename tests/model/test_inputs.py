@@ -93,3 +93,27 @@ def test_anyres_counter_equals_what_the_processor_inserts():
     for size in [(570, 380), (500, 666), (14, 25), (104, 27), (32, 32)]:
         batch = processor(images=Image.new("RGB", size), text="<image>hi", return_tensors="pt")
         assert int((batch["input_ids"] == image_id).sum()) == count(size), size
+
+
+def test_pad_keeps_a_siglip_towers_size(assets):
+    """SigLIP resizes to 384 × 384 without cropping; LLaVA's processor would crop to 224 by
+    default. The pad processor saved for it must give the tower's size."""
+    from PIL import Image
+
+    from llava_cli.model.vision import match_image_policy
+
+    tower = transformers.AutoImageProcessor.from_pretrained(
+        assets / "configs" / "siglip-so400m-patch14-384", backend="pil")
+    processor = transformers.LlavaProcessor(image_processor=tower,
+                                            tokenizer=build_tokenizer(), patch_size=14)
+    match_image_policy(processor, "pad")
+    assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil"
+    pixels = processor.image_processor(images=Image.new("RGB", (500, 300)),
+                                       return_tensors="np")["pixel_values"]
+    assert pixels.shape == (1, 3, 384, 384)
+
+
+def build_tokenizer():
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
+
+    return build_demo_tokenizer()

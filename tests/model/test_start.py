@@ -89,3 +89,20 @@ def test_saved_config_counts_the_image_tokens_the_processor_inserts(checkpoint, 
     batch = processor(images=Image.new("RGB", (40, 30)), text="<image>", return_tensors="pt")
     inserted = int((batch["input_ids"] == saved.image_token_id).sum())
     assert saved.image_seq_length == inserted == 16  # not LLaVA-1.5's 576
+
+
+def test_an_anyres_checkpoint_finetunes(tmp_path):
+    """The data check before the model loads estimates an anyres model's image tokens
+    (only errors count there) instead of refusing the LLaVA-NeXT folder."""
+    folder = tmp_path / "next"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_starting_model(resolve_config("finetune", flags={
+            "model_name_or_path": str(TINY_LLM), "vision_tower": str(TINY_VISION),
+            "tokenizer": "demo", "random_init": True, "image_aspect_ratio": "anyres"}))
+    loaded.model.save_pretrained(folder)
+    loaded.processor.save_pretrained(folder)
+    result = run_training(resolve_config("finetune", flags={
+        "model_name_or_path": str(folder), "image_aspect_ratio": "anyres",
+        "output_dir": str(tmp_path / "out"), **DATA}))
+    assert type(result.trainer.model).__name__ == "LlavaNextForConditionalGeneration"

@@ -1,5 +1,6 @@
 """Where a template's turn ends, as token ids or a string, for our generator and for every
-saved generation config (so stock `generate` and vLLM stop where training taught the model to).
+saved generation config (so stock `generate` stops where training taught the model to; vLLM
+reads the EOS ids, not `stop_strings`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def set_generation_stops(generation_config: Any, tokenizer: Any, template: str |
         return
     eos = generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, list | tuple) else [] if eos is None else [eos]
+    # An earlier stage's template stop (pretrain's newline) must not end this one's turns;
+    # EOS ids the base model came with (Llama-3's several) stay.
+    ours = {i for name in TEMPLATES for i in template_stop(tokenizer, name)[1]}
+    eos = [i for i in eos if i not in ours or i == tokenizer.eos_token_id]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.insert(0, tokenizer.eos_token_id)
     eos += [i for i in ids if i not in eos]

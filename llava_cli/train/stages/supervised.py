@@ -16,7 +16,12 @@ from llava_cli.data.dataset import LazySupervisedDataset
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError, RecordIndex
 from llava_cli.data.scan import Report, check_dataset, scan_records
-from llava_cli.model.inputs import input_spec_from_paths, input_spec_of, sample_builder
+from llava_cli.model.inputs import (
+    LLAVA_15_IMAGE_TOKENS,
+    input_spec_from_paths,
+    input_spec_of,
+    sample_builder,
+)
 from llava_cli.train.reporting import is_main_process
 
 
@@ -60,8 +65,10 @@ def check_data(config: RunConfig) -> None:
         raise ValueError("data_path is required (--data-path FILE.json)")
     if not is_main_process():
         return
+    # Only errors are judged here, so an anyres model's per-size count may be estimated.
     spec = input_spec_from_paths(config.tokenizer or str(config.model_name_or_path),
-                                 config.model_name_or_path, None, config.trust_remote_code)
+                                 config.model_name_or_path, None, config.trust_remote_code,
+                                 anyres_estimate=LLAVA_15_IMAGE_TOKENS)
     try:
         index = RecordIndex.open(config.data_path)
     except RecordFormatError as err:
