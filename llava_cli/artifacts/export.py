@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.artifacts.files import write_text_atomically
+from llava_cli.artifacts.output_dir import refuse_existing_file
 from llava_cli.artifacts.projector_file import (
     PROJECTOR_PREFIX,
     TO_LLAVA,
@@ -55,12 +56,16 @@ def resolve_format(output: str | Path, fmt: str | None) -> str:
 
 
 def export_projector(checkpoint: str | Path, output: str | Path,
-                     fmt: str | None = None) -> ExportResult:
-    """Write the projector of `checkpoint` to `output` in `fmt` (see `resolve_format`)."""
+                     fmt: str | None = None, overwrite: bool = False) -> ExportResult:
+    """Write the projector of `checkpoint` to `output` in `fmt` (see `resolve_format`); an
+    existing file (or its safetensors description) is replaced only with `overwrite`."""
+    output = Path(output)
+    refuse_existing_file(output, overwrite)
     fmt = resolve_format(output, fmt)
+    if fmt == SAFETENSORS_FORMAT:
+        refuse_existing_file(Path(f"{output}.json"), overwrite)
     state, source = projector_from_checkpoint(checkpoint)
     _check_mlp2x(state, source)
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in sorted(state.items())}
     if fmt == LLAVA_FORMAT:

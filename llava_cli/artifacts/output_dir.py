@@ -29,6 +29,15 @@ def refuse_unsafe_output_dir(out: Path, allow_non_empty: bool,
         raise ValueError(f"output directory {str(out)!r} is not empty; {remedy}")
 
 
+def refuse_existing_file(target: Path, overwrite: bool) -> None:
+    """The one rule for every file a command writes: never onto a directory, never over an
+    existing file unless the user passed --overwrite."""
+    if target.is_dir():
+        raise ValueError(f"{str(target)!r} is a directory; give a file name to write")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{str(target)!r} exists; pass --overwrite to replace it")
+
+
 def remove_stale(out: Path, patterns: tuple[str, ...]) -> None:
     """Delete the files in `out` matching `patterns` (other files are left alone)."""
     for pattern in patterns:

@@ -18,6 +18,8 @@ def export_projector(
         "--format", help="llava (mm_projector.bin) | safetensors (+ FILE.json). Default: "
         "from the extension (.bin/.pt → llava, .safetensors → safetensors).",
         show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Export the projector weights (LLaVA mm_projector.bin or safetensors).
 
@@ -27,7 +29,7 @@ def export_projector(
     from llava_cli.artifacts.export import export_projector as run
 
     try:
-        result = run(checkpoint, output, output_format)
+        result = run(checkpoint, output, output_format, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"llava export-projector: {err}", err=True)
         raise typer.Exit(2) from None

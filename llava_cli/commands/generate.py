@@ -47,8 +47,13 @@ def generate(
         raise _fail("--data (batch mode) cannot be combined with --prompt/--image", 2)
     if data is not None and output is None:
         raise _fail("batch mode needs --output OUT.jsonl", 2)
-    if output is not None and output.exists() and not overwrite:
-        raise _fail(f"{output} exists; pass --overwrite to replace it", 2)
+    if output is not None:
+        from llava_cli.artifacts.output_dir import refuse_existing_file
+
+        try:
+            refuse_existing_file(output, overwrite)
+        except ValueError as err:
+            raise _fail(str(err), 2) from None
     for path in (image, data):
         if path is not None and not path.is_file():
             raise _fail(f"{path}: no such file", 2)

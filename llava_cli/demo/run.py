@@ -150,8 +150,10 @@ class Demo:
         from llava_cli.artifacts.export import export_projector
 
         source, target = self.out / "merged", self.out / "projector.bin"
-        argv = ["llava", "export-projector", _rel(source), "--output", _rel(target)]
-        result = self.step("export-projector", argv, lambda: export_projector(source, target))
+        argv = ["llava", "export-projector", _rel(source), "--output", _rel(target),
+                "--overwrite"]  # as every stage: a rerun replaces its outputs
+        result = self.step("export-projector", argv,
+                           lambda: export_projector(source, target, overwrite=True))
         self.console.print(f"projector ({result.format}: {', '.join(result.keys)})")
 
     def inspect(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,23 @@ def test_a_run_folder_never_makes_merge_execute_its_code(runs, tmp_path):
     runner.invoke(app, ["merge-lora", str(run), "-o", str(tmp_path / "m2"), "--no-verify",
                         "--trust-remote-code"])
     assert marker.exists()  # the same folder with the user's flag: the attack was real
+
+
+def test_export_never_replaces_a_file_without_overwrite(runs, tmp_path):
+    """`export-projector RUN -o RUN/model.safetensors` replaced a whole model with a projector
+    and exited 0; an existing file now needs --overwrite, and a directory is refused."""
+    run = tmp_path / "full"
+    shutil.copytree(runs["full"], run)
+    model = (run / "model.safetensors").read_bytes()
+    result = runner.invoke(app, ["export-projector", str(run), "-o",
+                                 str(run / "model.safetensors")])
+    assert result.exit_code == 2 and "exists; pass --overwrite" in result.stderr
+    assert (run / "model.safetensors").read_bytes() == model
+    result = runner.invoke(app, ["export-projector", str(run), "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    target = tmp_path / "p.bin"
+    assert runner.invoke(app, ["export-projector", str(run), "-o", str(target)]).exit_code == 0
+    again = runner.invoke(app, ["export-projector", str(run), "-o", str(target)])
+    assert again.exit_code == 2
+    assert runner.invoke(app, ["export-projector", str(run), "-o", str(target),
+                               "--overwrite"]).exit_code == 0
