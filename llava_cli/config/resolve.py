@@ -74,11 +74,6 @@ def training_argument_types() -> dict[str, Any]:
             if f.init}
 
 
-def training_argument_names() -> set[str]:
-    """Field names of `transformers.TrainingArguments`."""
-    return set(training_argument_types())
-
-
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """`--set key=value` items → a dict of texts, read later by each field's type."""
     out: dict[str, Any] = {}
