@@ -11,6 +11,7 @@ import typer
 
 from llava_cli import __version__
 from llava_cli.commands import demo, export_projector, generate, inspect_data, merge_lora, train
+from llava_cli.commands.boundary import guarded
 
 app = typer.Typer(
     name="llava",
@@ -37,14 +38,25 @@ def _root(
     """Train LLaVA-style vision-language models."""
 
 
-app.command("pretrain", help=train.PRETRAIN_HELP)(train.pretrain)
-app.command("finetune", help=train.FINETUNE_HELP)(train.finetune)
-app.command("lora", help=train.LORA_HELP)(train.lora)
-app.command("merge-lora")(merge_lora.merge_lora)
-app.command("inspect-data")(inspect_data.inspect_data)
-app.command("export-projector")(export_projector.export_projector)
-app.command("generate")(generate.generate)
-app.command("demo")(demo.demo)
+COMMANDS = {
+    "pretrain": (train.pretrain, train.PRETRAIN_HELP),
+    "finetune": (train.finetune, train.FINETUNE_HELP),
+    "lora": (train.lora, train.LORA_HELP),
+    "merge-lora": (merge_lora.merge_lora, None),
+    "inspect-data": (inspect_data.inspect_data, None),
+    "export-projector": (export_projector.export_projector, None),
+    "generate": (generate.generate, None),
+    "demo": (demo.demo, None),
+}
+
+
+def _register_commands() -> None:
+    # Every command behind the one boundary: bad input is one line, never a traceback.
+    for name, (function, help_text) in COMMANDS.items():
+        app.command(name, help=help_text)(guarded(name, function))
+
+
+_register_commands()
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:

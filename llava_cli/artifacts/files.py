@@ -6,8 +6,10 @@ of one; a reader never sees a file that is still being written.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,3 +44,25 @@ def write_atomically(target: str | os.PathLike[str], write: Callable[[Path], obj
 def write_text_atomically(target: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to `target` atomically (UTF-8)."""
     return write_atomically(target, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write is taken for a full disk
+
+
+@contextmanager
+def full_disk_named(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Writers report a full disk in their own words (torch.save: "unexpected pos …"); when a
+    write in the block fails and `directory`'s disk is (nearly) full, raise it as the OSError
+    ENOSPC it is, naming `directory`."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            raise err from None
+        if free >= NEARLY_FULL:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory)) from err

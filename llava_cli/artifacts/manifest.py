@@ -6,6 +6,7 @@ decided from a directory's name (LLaVA's "the folder name must contain 'llava'" 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 from enum import Enum
@@ -46,6 +47,7 @@ class PartsBase(_Base):
     projector_type: str = "mlp2x_gelu"
     random_init: bool = False
     pretrained_projector: str | None = None  # a projector file loaded on top
+    fingerprint: str | None = None  # of the weight files it was built from (`base_fingerprint`)
 
 
 class CheckpointBase(_Base):
@@ -57,6 +59,7 @@ class CheckpointBase(_Base):
     random_init: bool = False
     pretrained_projector: str | None = None
     started_from: str | None = None  # the model a relative `path` was reached from
+    fingerprint: str | None = None  # of its weight files and projector file (`base_fingerprint`)
 
 
 class MergedBase(_Base):
@@ -93,6 +96,51 @@ class RunManifest(BaseModel):
         self.versions = self.versions or package_versions()
         text = json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
         return write_text_atomically(Path(directory) / MANIFEST_NAME, text)
+
+
+# What `weights_fingerprint` reads in a folder: every weight file transformers may load.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+NOT_WEIGHTS = ("training_args.bin",)  # the Trainer's pickled arguments, beside the weights
+
+
+def base_fingerprint(base: Base) -> str | None:
+    """The fingerprint of the weights `base` is built from: its checkpoint folder (or its LLM
+    and vision tower folders) and the projector file loaded on top. None when there is
+    nothing local to read: random-init parts, hub ids, a path relative to another run."""
+    if isinstance(base, MergedBase):
+        return None
+    if isinstance(base, PartsBase):
+        sources = [] if base.random_init else [base.llm, base.vision_tower]
+    else:
+        sources = [base.path] if Path(base.path).is_absolute() else []
+    if sources and base.pretrained_projector:
+        sources.append(base.pretrained_projector)
+    return weights_fingerprint(sources)
+
+
+def weights_fingerprint(sources: list[str]) -> str | None:
+    """`sha256:…` over the whole content of every weight file of `sources` (folders, or
+    single weight files), in order, each folder's files sorted by name; None when `sources`
+    is empty or one of them is not a local file or a folder with weight files."""
+    lines = []
+    for index, source in enumerate(sources):
+        files = _weight_files(Path(source))
+        if not files:
+            return None
+        for file in files:
+            with file.open("rb") as handle:  # streamed: never the whole file in memory
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            lines.append(f"{index} {file.name} {digest}")
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []  # a hub id, or gone
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                  and p.name not in NOT_WEIGHTS)
 
 
 def read_manifest(directory: str | Path) -> RunManifest | None:

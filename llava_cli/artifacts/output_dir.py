@@ -3,7 +3,12 @@ left there that would shadow or mix with the new one."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from llava_cli.artifacts.manifest import MANIFEST_NAME
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, PROJECTOR_FILE
@@ -19,14 +24,115 @@ STALE_RUN_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "adap
                      ADAPTER_CONFIG, PROJECTOR_FILE, MANIFEST_NAME)
 
 
+LOCK_NAME = ".llava.lock"
+STAGING_NAME = ".llava-publishing"  # a command's new outputs, complete before they move in
+_OURS = (LOCK_NAME, STAGING_NAME)  # what never makes a directory "not empty"
+
+
 def refuse_unsafe_output_dir(out: Path, allow_non_empty: bool,
                              remedy: str = "pass --overwrite to write into it") -> None:
     """The one rule for every command that writes a directory: never into a file, never into
     a non-empty directory unless the user allowed it (`remedy` says how)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output directory {str(out)!r} is a file")
-    if out.is_dir() and any(out.iterdir()) and not allow_non_empty:
+    if out.is_dir() and not allow_non_empty and any(
+            p.name not in _OURS for p in out.iterdir()):
         raise ValueError(f"output directory {str(out)!r} is not empty; {remedy}")
+
+
+def refuse_overlap(out: Path, inputs: Mapping[str, str | None],
+                   may_hold_output: Mapping[str, str | None] | None = None) -> None:
+    """An output directory that is, contains or lies inside one of the command's `inputs`
+    (label → path; hub ids and missing paths are skipped) is refused: writing or clearing it
+    could destroy what the command reads, and outputs inside a model folder would become part
+    of it. `may_hold_output` are inputs an output may lie inside (an image folder: `-o` under
+    `--image-folder .` touches no image), but not be or contain."""
+    for label, given in {**inputs, **(may_hold_output or {})}.items():
+        relation = _relation(out, given)
+        if relation == "lies inside" and label in (may_hold_output or {}):
+            continue
+        if relation:
+            raise ValueError(f"output directory {str(out)!r} {relation} the {label} "
+                             f"{given!r}; choose an output directory apart from every input")
+
+
+def _relation(out: Path, given: str | None) -> str | None:
+    if not given or not Path(given).exists():
+        return None
+    where, source = out.resolve(), Path(given).resolve()
+    if where == source:
+        return "is"
+    if where in source.parents:
+        return "contains"
+    return "lies inside" if source in where.parents else None
+
+
+@contextmanager
+def output_lock(out: Path, held: bool = True) -> Iterator[None]:
+    """Hold `out/.llava.lock` (an advisory lock the system drops when the process dies) for
+    the block, so that two runs can never write into one directory; `held=False` (the other
+    ranks of a distributed run, whose rank 0 holds it) does nothing. A directory the block
+    created and left empty is removed again."""
+    if not held:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {str(out)!r} is a file")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(out / LOCK_NAME, "a+", encoding="utf-8") as handle:
+            _lock_or_refuse(handle, out)
+            try:
+                yield
+            finally:
+                (out / LOCK_NAME).unlink(missing_ok=True)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _lock_or_refuse(handle: IO[str], out: Path) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise ValueError(f"output directory {str(out)!r} is in use by another run ({holder}); "
+                         "wait for it to end or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+
+
+def publish_staged(staging: Path, out: Path, stale: tuple[str, ...]) -> None:
+    """Move a command's complete new outputs from `staging` into `out`, then delete what a
+    previous output left there matching `stale` (so nothing is deleted before the new work
+    exists). The old manifest goes first and the new one comes last: a folder with a
+    manifest is always a complete output."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    new = {item.name for item in staging.iterdir()}
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
+        _move_into(item, out / item.name)
+    for pattern in stale:
+        for old in out.glob(pattern):
+            if old.name not in new:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    staging.rmdir()
+
+
+def _move_into(item: Path, target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        replaced = target.with_name(f".replaced-{target.name}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(target, replaced)
+        os.rename(item, target)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(item, target)
 
 
 def refuse_existing_file(target: Path, overwrite: bool) -> None:
@@ -36,10 +142,3 @@ def refuse_existing_file(target: Path, overwrite: bool) -> None:
         raise ValueError(f"{str(target)!r} is a directory; give a file name to write")
     if target.exists() and not overwrite:
         raise ValueError(f"{str(target)!r} exists; pass --overwrite to replace it")
-
-
-def remove_stale(out: Path, patterns: tuple[str, ...]) -> None:
-    """Delete the files in `out` matching `patterns` (other files are left alone)."""
-    for pattern in patterns:
-        for stale in out.glob(pattern):
-            stale.unlink()

@@ -51,6 +51,12 @@ def read_projector_file(file: str | Path) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - pickle errors have many types
             raise ValueError(f"{file}: not a plain tensor file; refusing to unpickle arbitrary "
                              f"objects ({err})") from err
+    if not isinstance(state, dict) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor)
+            for key, value in state.items()):
+        raise ValueError(f"projector file {str(file)!r} holds a {type(state).__name__}, not a "
+                         "mapping of tensor names to tensors (LLaVA's mm_projector.bin or our "
+                         "projector.safetensors)")
     out = {}
     for key, tensor in state.items():
         short = _strip(key, _FILE_PREFIXES) or key

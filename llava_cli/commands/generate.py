@@ -47,6 +47,9 @@ def generate(
         raise _fail("--data (batch mode) cannot be combined with --prompt/--image", 2)
     if data is not None and output is None:
         raise _fail("batch mode needs --output OUT.jsonl", 2)
+    if data is None and output is not None:
+        raise _fail("--output is for batch mode (--data FILE); a single answer is printed "
+                    "(redirect it to keep it)", 2)
     if output is not None:
         from llava_cli.artifacts.output_dir import refuse_existing_file
 

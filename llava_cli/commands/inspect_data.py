@@ -47,6 +47,12 @@ def inspect_data(
     check: Annotated[bool, typer.Option(
         "--check", help="Scan every record and report problems (exit 1 if any).",
         rich_help_panel=VIEW)] = False,
+    full_decode: Annotated[bool, typer.Option(
+        "--full-decode", help="--check decodes every image (default: header, pixel limit and "
+        "the file's end).", rich_help_panel=VIEW)] = False,
+    allow_outside: Annotated[bool, typer.Option(
+        "--allow-images-outside-folder", help="Accept image paths that leave --image-folder "
+        "('../', absolute).", rich_help_panel=DATA)] = False,
     output_format: Annotated[str, typer.Option(
         "--format", help="rich | json | jsonl.", rich_help_panel=VIEW)] = "rich",
     show_ids: Annotated[bool, typer.Option(
@@ -63,7 +69,10 @@ def inspect_data(
     flags = {"data_path": str(data) if data else None, "image_folder": image_folder,
              "tokenizer": tokenizer, "model_name_or_path": model, "template": template,
              "tokenization": tokenization, "model_max_length": model_max_length,
-             "image_aspect_ratio": image_aspect_ratio}
+             "image_aspect_ratio": image_aspect_ratio,
+             # Off means "not given": a recipe or --set may still turn them on.
+             "image_check": "full" if full_decode else None,
+             "allow_images_outside_folder": True if allow_outside else None}
     if demo:
         records, folder = demo_data()
         flags = {"data_path": records, "image_folder": folder, "tokenizer": "demo",

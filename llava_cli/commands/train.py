@@ -142,7 +142,8 @@ def _switch(value: bool | None, on: str, off: str) -> str | None:
 
 
 def run_or_exit(stage: str, config: Any) -> None:
-    """Run training; a configuration or data problem ends with status 2 and its message."""
+    """Run training; a configuration or data problem ends with status 2 and its message
+    (printed by the command boundary, on the reporting rank only)."""
     from llava_cli.commands.common import quiet_libraries
     from llava_cli.train.process import process_group_closed_at_end
     from llava_cli.train.reporting import Reporter
@@ -153,9 +154,9 @@ def run_or_exit(stage: str, config: Any) -> None:
     try:
         with process_group_closed_at_end():
             result = run_training(config, reporter)
-    except (ValueError, OSError, NotImplementedError) as err:  # OSError: a path or hub id
+    except (ValueError, OSError, NotImplementedError):  # OSError: a path, a hub id, a disk
         if reporter.enabled:
-            typer.echo(f"llava {stage}: {err}", err=True)
+            raise  # the command boundary prints it (once: on the rank that reports)
         raise typer.Exit(2) from None
     if reporter.enabled:
         reporter.console.print(f"[green]done[/]: {result.kind} output in {result.output_dir}")

@@ -91,7 +91,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
-        data = read_yaml_text(path.read_text()) or {}
+        data = read_yaml_text(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {str(path)!r} is not a text file (a YAML recipe is UTF-8 "
+                          "text)") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {str(path)!r} is nested too deeply to read") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

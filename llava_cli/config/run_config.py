@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llava_cli.artifacts.files import write_text_atomically
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
-from llava_cli.data.samples import DataOptions
+from llava_cli.data.samples import DataOptions, ImageCheck
 from llava_cli.data.text.templates import canonical_template_name
 
 Trainability = Literal["frozen", "full", "lora"]
@@ -44,6 +44,35 @@ def refuse_missing_reporters(report_to: Any) -> None:
         if packages and not any(importlib.util.find_spec(p) for p in packages):
             raise ValueError(f"report_to {name} needs the {packages[0]} package: "
                              f"pip install {packages[0]}")
+
+
+POSITIVE_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                   "gradient_accumulation_steps")
+POSITIVE_INTERVALS = ("save_steps", "logging_steps", "eval_steps")  # below 1: a ratio
+
+
+def refuse_impossible_counts(training_args: dict[str, Any]) -> None:
+    """Counts the Trainer would divide by, loop zero times over, or crash on — one line
+    before anything loads. `num_train_epochs` of 0 or less counts only without `max_steps`
+    (which overrides the epochs in transformers)."""
+    for name in POSITIVE_COUNTS:
+        value = training_args.get(name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} {value!r}: must be a whole number of at least 1")
+    for name in POSITIVE_INTERVALS:
+        value = training_args.get(name)
+        if isinstance(value, (int, float)) and value <= 0:
+            raise ValueError(f"{name} {value!r}: must be above 0")
+    max_steps = training_args.get("max_steps")
+    if isinstance(max_steps, int) and (max_steps == 0 or max_steps < -1):
+        raise ValueError(f"max_steps {max_steps}: give a number of steps of at least 1 (or "
+                         "leave it out to train for num_train_epochs)")
+    epochs = training_args.get("num_train_epochs")
+    if isinstance(epochs, (int, float)) and epochs <= 0 and \
+            not (isinstance(max_steps, int) and max_steps > 0):
+        raise ValueError(f"num_train_epochs (--epochs) is {epochs:g}: nothing would be "
+                         "trained; give a positive number of epochs (0.5 is half of one), "
+                         "or max_steps")
 
 
 class ConfigError(ValueError):
@@ -92,6 +121,10 @@ class RunConfig(BaseModel):
     image_grid_pinpoints: list[list[int]] | None = None
     model_max_length: int = 2048
     skip_bad_records: bool = False
+    # What the data checks (pre-training, held-out, inspect-data --check) read of each image:
+    # fast = header, Pillow's pixel limit and the file's end; full = decode every file.
+    image_check: ImageCheck = "fast"
+    allow_images_outside_folder: bool = False  # image paths may leave image_folder (../, /abs)
     group_by_modality_length: bool = False
     # Speed levers, each switchable alone (bench/bench_levers.py measures them)
     supervised_logits_only: bool = True  # LM head + loss only where labels are supervised
@@ -138,6 +171,7 @@ class RunConfig(BaseModel):
         refuse_incompatible_deepspeed(
             self.training_args.get("deepspeed"), self.bits,
             {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
+        refuse_impossible_counts(self.training_args)
         return self
 
     @property
@@ -171,7 +205,8 @@ class RunConfig(BaseModel):
         """The data settings of the training records (or, `held_out`, the evaluation ones)."""
         folder = (self.eval_image_folder or self.image_folder) if held_out else self.image_folder
         return DataOptions(self.template, self.tokenization, folder, self.image_aspect_ratio,
-                           self.model_max_length)
+                           self.model_max_length, image_check=self.image_check,
+                           allow_images_outside_folder=self.allow_images_outside_folder)
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""

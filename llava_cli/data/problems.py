@@ -21,11 +21,19 @@ class Problem:
     ROLE_ERROR = "role-error"  # turns that are not human/gpt alternating
     NEEDS_IMAGE = "needs-image"  # the template needs an image and the record has none
     IMAGE_TOKEN_MISMATCH = "image-token-mismatch"  # <image> placeholders vs images
-    BAD_IMAGE = "bad-image"  # an image file is missing or cannot be decoded
+    BAD_IMAGE = "bad-image"  # an image file is missing, cannot be decoded or is too large
+    IMAGE_OUTSIDE_FOLDER = "image-outside-folder"  # '../' or absolute, and that is not allowed
+    NO_RECORDS = "no-records"  # the whole file: it holds no record at all
     FULLY_MASKED = "fully-masked"  # no supervised token left: trains on nothing, dropped
     TRUNCATED = "truncated"  # cut to model_max_length (a note, not an error)
+    # Warnings: `--check` reports them, nothing fails on them.
+    EMPTY_REPLY = "empty-reply"  # a gpt turn with no text: it teaches answering nothing
+    DUPLICATE_ID = "duplicate-id"  # a record with the id of an earlier one
+    HUGE_IMAGE = "huge-image"  # under Pillow's limit, yet slow to decode every epoch
 
-    ERRORS = (BAD_JSON, BAD_FIELD, ROLE_ERROR, NEEDS_IMAGE, IMAGE_TOKEN_MISMATCH, BAD_IMAGE)
+    ERRORS = (BAD_JSON, BAD_FIELD, ROLE_ERROR, NEEDS_IMAGE, IMAGE_TOKEN_MISMATCH, BAD_IMAGE,
+              IMAGE_OUTSIDE_FOLDER, NO_RECORDS)
+    WARNINGS = (EMPTY_REPLY, DUPLICATE_ID, HUGE_IMAGE)
 
 
 class Dropped(NamedTuple):

@@ -30,7 +30,7 @@ from llava_cli.data.json_scan import (
 )
 
 __all__ = ["RecordFormatError", "RecordIndex", "default_cache_dir"]
-FORMAT_VERSION = 2  # 2: has_image also reads the "images" key
+FORMAT_VERSION = 3  # 2: has_image also reads the "images" key; 3: an object on top is refused
 def default_cache_dir() -> Path:
     """``$LLAVA_CLI_CACHE/index`` if that variable is set, else ``~/.cache/llava_cli/index``."""
     root = os.environ.get("LLAVA_CLI_CACHE")
@@ -93,6 +93,8 @@ class RecordIndex:
         key = key or cls._key(path)  # stat before the scan: a concurrent write invalidates it
         lines, start = detect_format(path)
         arrays = build_arrays(path, chunk_size, lines, start)
+        if lines:
+            refuse_an_object_on_top(path, arrays)
         return cls(path, arrays, key, lines)
 
     def _save(self, file: Path) -> None:
@@ -161,3 +163,24 @@ def detect_format(path: str) -> tuple[bool, int]:
         raise RecordFormatError(f"{path}: expected a JSON array ('[') or JSON Lines ('{{'), "
                                 f"found {found}; give a LLaVA annotation file")
     return False, start
+
+
+def refuse_an_object_on_top(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse a file read as JSON Lines that is one JSON object written out whole: its first
+    record spans several lines (`json.dump(obj, indent=2)`), or a `.json` file holds a single
+    object (LLaVA's `.json` is a list of records; its records in one object, say
+    {"data": [...]}, would otherwise be one record with a misleading error)."""
+    offsets, sizes = arrays["offsets"], arrays["sizes"]
+    if not len(offsets):
+        return
+    first, size = int(offsets[0]), int(sizes[0])
+    with open(path, "rb") as f:
+        f.seek(first)
+        spread = len(f.readline(size)) < size  # JSON strings hold no raw newline
+    if spread and path.lower().endswith(".jsonl"):
+        raise RecordFormatError(f"{path}: line {line_at(path, first)}: record #0 spans several "
+                                "lines; JSON Lines holds one record per line")
+    if spread or (len(offsets) == 1 and path.lower().endswith(".json")):
+        raise RecordFormatError(f"{path}: the top level must be a list of records "
+                                "([{...}, {...}]), not a JSON object; put the records in a "
+                                "list, or give JSON Lines (one record per line, .jsonl)")

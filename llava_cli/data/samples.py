@@ -6,15 +6,16 @@ inspect-data shows is exactly what the model trains on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from llava_cli.data.conversation import Conversation, RecordError, llava_normalize, parse_record
 from llava_cli.data.images import (
     ImageError,
     ImageLoader,
-    check_image_header,
+    check_image,
     image_base,
     join_image_path,
 )
@@ -33,6 +34,11 @@ from llava_cli.data.text.templates import (
 TokenCounter = Callable[[tuple[int, int] | None], int]
 
 
+# What the data checks read of each image (`images.check_image`): header, pixel limit and end
+# ("fast"), or every byte decoded ("full").
+ImageCheck = Literal["fast", "full"]
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """The data settings a sample depends on (a slice of the run configuration)."""
@@ -42,6 +48,9 @@ class DataOptions:
     image_folder: str | None = None
     image_aspect_ratio: str = "pad"
     model_max_length: int | None = 2048
+    image_check: ImageCheck = "fast"  # what the data checks read of each image: `check_image`
+    # Paths that leave `image_folder` ('../x.jpg', '/abs/x.jpg') are refused unless allowed.
+    allow_images_outside_folder: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,10 @@ class SampleBuilder:
         self.count_image_tokens = spec.count_image_tokens
         self.images = ImageLoader(options.image_aspect_ratio, tuple(spec.image_mean))
         self._image_base = image_base(options.image_folder)
+        # Without an image folder there is none to leave: paths resolve against the cwd.
+        self._confined = options.image_folder is not None and \
+            not options.allow_images_outside_folder
+        self._inside = os.path.join(self._image_base, "")  # the folder with a trailing "/"
         self.encoder = TextEncoder(spec.tokenizer, spec.image_token_id, options.tokenization,
                                    options.model_max_length)
 
@@ -110,12 +123,26 @@ class SampleBuilder:
         """Where a record's image lives (relative paths resolve against `image_folder`)."""
         return join_image_path(self._image_base, relative)
 
+    def confined_image_path(self, record_id: str, relative: str) -> str:
+        """`image_path`, refused (`RecordError`, before the file is touched) when it leaves
+        the image folder and that is not allowed. By name: `..` and absolute paths count, a
+        symlink inside the folder is followed, as image folders are often links to a data
+        disk and a record cannot make one."""
+        path = self.image_path(relative)
+        if self._confined and not path.startswith(self._inside):
+            raise RecordError(record_id, Problem.IMAGE_OUTSIDE_FOLDER,
+                              f"image {relative!r} resolves to {path}, outside the image folder "
+                              f"{self._image_base} (allow such paths with --set "
+                              "allow_images_outside_folder=true)")
+        return path
+
     def build(self, record: Any, position: int = 0, load_images: bool = True,
               header_only: bool = False) -> Sample:
         """Make the sample for `record`. `load_images=False` skips the files entirely (counts
-        then assume a fixed-size tower); `header_only` reads sizes without decoding pixels.
-        Raises `RecordError` (structure) or `ImageError` (missing/corrupt file, wrapped in
-        a `RecordError` of kind 'bad-image').
+        then assume a fixed-size tower); `header_only` checks each image as the data checks
+        do (`check_image`, fast or `full` as `image_check` says) and keeps only its size.
+        Raises `RecordError` (structure, an image outside the folder) or `ImageError`
+        (missing/corrupt/too large file, wrapped in a `RecordError` of kind 'bad-image').
         """
         conv = self.conversation(record, position)
         images, sizes = self._images(conv, load_images, header_only)
@@ -132,11 +159,12 @@ class SampleBuilder:
         images, sizes = [], []
         if not load:
             return images, sizes
+        full = self.options.image_check == "full"
         for relative in conv.images:
-            path = self.image_path(relative)
+            path = self.confined_image_path(conv.record_id, relative)
             try:
                 if header_only:
-                    sizes.append(check_image_header(path, label=relative))
+                    sizes.append(check_image(path, label=relative, full=full))
                     continue
                 decoded = self.images.decode(path, label=relative)
             except ImageError as err:

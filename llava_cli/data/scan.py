@@ -2,8 +2,9 @@
 (`scan_records`) or on all of them (`check_dataset`).
 
 Used by `inspect-data --check`, and by training before its model loads (training records) and
-before its first step (held-out records). Images are checked by header only (existence,
-format, size), which is what makes a full scan of a 665k-record file take minutes, not hours.
+before its first step (held-out records). Images get the fast check (`images.check_image`:
+header, Pillow's pixel limit, the file's end), which is what makes a full scan of a
+665k-record file take minutes, not hours; `image_check: full` decodes them all.
 
 In parallel, the sample builder is made once, before forking: each worker process inherits it
 and the record index (fork passes a process's arguments without pickling them), takes slices
@@ -12,6 +13,7 @@ of the index from a queue, and sends back one small `Report` per slice.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import queue
@@ -24,9 +26,12 @@ import numpy as np
 from llava_cli.data.conversation import RecordError, has_image, image_field
 from llava_cli.data.problems import Problem, ProblemCounter
 from llava_cli.data.records import RecordFormatError, RecordIndex
-from llava_cli.data.samples import SampleBuilder
+from llava_cli.data.samples import Sample, SampleBuilder
 
 EXAMPLES_PER_KIND = 5
+# Above this an image is a warning: decoded in RGB it takes 192 MB, and every epoch decodes it
+# again (about half a second a worker) for a tower that sees a few hundred pixels.
+HUGE_IMAGE_PIXELS = 64_000_000
 
 
 def _counter() -> ProblemCounter:
@@ -45,6 +50,10 @@ class Report:
     problems: ProblemCounter = field(default_factory=_counter)  # errors and fully-masked
     notes: ProblemCounter = field(default_factory=_counter)  # harmless fixes
     truncations: ProblemCounter = field(default_factory=_counter)
+    warnings: ProblemCounter = field(default_factory=_counter)  # worth a look, not failing
+    # (hash of the id, position) of each record that has an id, for `count_duplicate_ids`:
+    # 16 bytes a record crosses from the workers, not the ids' text.
+    ids: list[np.ndarray] = field(default_factory=list)
 
     @property
     def truncated(self) -> int:
@@ -56,12 +65,13 @@ class Report:
         for name in ("records", "image_records", "text_only", "multi_image"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.lengths += other.lengths
-        for name in ("problems", "notes", "truncations"):
+        self.ids += other.ids
+        for name in ("problems", "notes", "truncations", "warnings"):
             getattr(self, name).merge(getattr(other, name))
 
     @property
     def failed(self) -> bool:
-        """True when any record would fail or train on nothing."""
+        """True when any record would fail or train on nothing (or there is no record)."""
         return self.problems.total > 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,45 +82,100 @@ class Report:
         if len(lengths):
             percentiles["max"] = int(lengths.max())
         examples = {**self.problems.examples, **self.notes.examples,
-                    **self.truncations.examples}
+                    **self.truncations.examples, **self.warnings.examples}
         return {
             "records": self.records, "image_records": self.image_records,
             "text_only_records": self.text_only, "multi_image_records": self.multi_image,
             "length_tokens": percentiles, "truncated": self.truncated,
             "problems": dict(self.problems.counts), "notes": dict(self.notes.counts),
-            "examples": examples, "first_messages": dict(self.problems.messages),
-            "ok": not self.failed,
+            "warnings": dict(self.warnings.counts), "examples": examples,
+            "first_messages": dict(self.problems.messages),
+            "warning_messages": dict(self.warnings.messages), "ok": not self.failed,
         }
 
 
 def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: int) -> Report:
-    """Scan records [start, stop) of `index` into a `Report`."""
+    """Scan records [start, stop) of `index` into a `Report`; an index without records is a
+    `no-records` problem."""
     report = Report()
-    lengths = []
+    if len(index) == 0:
+        report.problems.add(Problem.NO_RECORDS, os.path.basename(index.path),
+                            f"{index.path} holds no records: there is nothing to train on")
+    lengths: list[int] = []
+    ids: list[tuple[int, int]] = []
     for position in range(start, stop):
-        report.records += 1
-        try:
-            record = index.read(position)
-        except RecordFormatError as err:
-            report.problems.add(Problem.BAD_JSON, f"#{position}", str(err))
-            continue
-        _count_images(report, record)
-        try:
-            sample = builder.build(record, position, header_only=True)
-        except RecordError as err:
-            report.problems.add(err.kind, err.record_id, str(err))
-            continue
-        for note in sample.conversation.notes:
-            report.notes.add(note, sample.record_id)
-        lengths.append(len(sample.encoded))
-        if sample.encoded.truncated:
-            report.truncations.add(Problem.TRUNCATED, sample.record_id)
-        if not sample.trainable:
-            report.problems.add(Problem.FULLY_MASKED, sample.record_id,
-                                f"record {sample.record_id!r} has no supervised token after "
-                                "tokenization/truncation; it would be dropped from training")
+        _scan_one(report, builder, index, position, lengths, ids)
     report.lengths.append(np.asarray(lengths, dtype=np.int32))
+    report.ids.append(np.asarray(ids, dtype=np.int64).reshape(-1, 2))
     return report
+
+
+def _scan_one(report: Report, builder: SampleBuilder, index: RecordIndex, position: int,
+              lengths: list[int], ids: list[tuple[int, int]]) -> None:
+    report.records += 1
+    try:
+        record = index.read(position)
+    except RecordFormatError as err:
+        report.problems.add(Problem.BAD_JSON, f"#{position}", str(err))
+        return
+    _count_images(report, record)
+    if isinstance(record, dict) and record.get("id") not in (None, ""):
+        ids.append((_id_hash(str(record["id"])), position))
+    try:
+        sample = builder.build(record, position, header_only=True)
+    except RecordError as err:
+        report.problems.add(err.kind, err.record_id, str(err))
+        return
+    for note in sample.conversation.notes:
+        report.notes.add(note, sample.record_id)
+    lengths.append(len(sample.encoded))
+    if sample.encoded.truncated:
+        report.truncations.add(Problem.TRUNCATED, sample.record_id)
+    if not sample.trainable:
+        report.problems.add(Problem.FULLY_MASKED, sample.record_id,
+                            f"record {sample.record_id!r} has no supervised token after "
+                            "tokenization/truncation; it would be dropped from training")
+    _warn(report, sample)
+
+
+def _warn(report: Report, sample: Sample) -> None:
+    """The warnings of a usable record: an empty reply, an image over HUGE_IMAGE_PIXELS."""
+    rid = sample.record_id
+    if any(m.role == "assistant" and not m.content.strip()
+           for m in sample.conversation.messages):
+        report.warnings.add(Problem.EMPTY_REPLY, rid, f"record {rid!r} has an empty gpt reply: "
+                            "training on it teaches the model to answer nothing")
+    for width, height in sample.image_sizes:
+        if width * height > HUGE_IMAGE_PIXELS:
+            report.warnings.add(
+                Problem.HUGE_IMAGE, rid, f"record {rid!r} has a {width}×{height} image "
+                f"({width * height / 1e6:.0f} megapixels, over {HUGE_IMAGE_PIXELS // 10**6}): "
+                "every epoch decodes it in full; shrink such images once, beforehand")
+            return
+
+
+def _id_hash(record_id: str) -> int:
+    """A 64-bit hash of an id, the same in every process (`hash` of a str is salted)."""
+    digest = hashlib.blake2b(record_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def count_duplicate_ids(report: Report, index: RecordIndex) -> None:
+    """Warn about records whose id an earlier record already has: counted from the hashes,
+    named by reading the first few of them back from `index`."""
+    pairs = np.concatenate(report.ids) if report.ids else np.zeros((0, 2), np.int64)
+    hashes, first, counts = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    shared = np.flatnonzero(counts > 1)
+    if not len(shared):
+        return
+    report.warnings.counts[Problem.DUPLICATE_ID] += int((counts[shared] - 1).sum())
+    for hashed in hashes[shared[np.argsort(first[shared])][:EXAMPLES_PER_KIND]]:
+        positions = pairs[pairs[:, 0] == hashed, 1]
+        record_id = str(index.read(int(positions[0]))["id"])
+        listed = positions[:EXAMPLES_PER_KIND]
+        shown = ", ".join(f"#{p}" for p in listed) + (", …" if len(positions) > len(listed) else "")
+        report.warnings.remember(Problem.DUPLICATE_ID, record_id, f"id {record_id!r} is used "
+                                 f"by {len(positions)} records ({shown})")
 
 
 def _count_images(report: Report, record: Any) -> None:
@@ -129,16 +194,19 @@ RESULT_WAIT_SECONDS = 1.0  # how often the parent looks whether a worker died
 def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
                   workers: int | None = None, on_progress: Callable[[int], None] | None = None,
                   slice_size: int = 2000) -> Report:
-    """Scan every record with `workers` processes (default: all cores) and merge the reports."""
+    """Scan every record with `workers` processes (default: all cores), merge the reports and
+    count the ids that several records share."""
     workers = workers or _usable_cores()
     report = Report()
     builder = make_builder()  # once, before forking: workers start scanning at once
-    slices = list(_slices(len(index), slice_size))
+    # An empty index still gets its one scan: it reports that there is no record.
+    slices = list(_slices(len(index), slice_size)) or [(0, 0)]
     if workers <= 1 or len(slices) <= 1:
         for bounds in slices:
             report.merge(scan_records(builder, index, *bounds))
             if on_progress:
                 on_progress(bounds[1] - bounds[0])
+        count_duplicate_ids(report, index)
         return report
     parts: dict[int, Report] = {}
     for number, part in _scan_in_processes(builder, index, slices, min(workers, len(slices))):
@@ -147,6 +215,7 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
             on_progress(part.records)
     for number in sorted(parts):  # in file order: the examples do not depend on timing
         report.merge(parts[number])
+    count_duplicate_ids(report, index)
     return report
 
 

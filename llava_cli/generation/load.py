@@ -82,7 +82,10 @@ def _load_model(path: Path, device: str | None) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    from llava_cli.model.load import LLAVA_MODEL, load_pretrained
+
+    # Strict: a checkpoint with missing weights would answer from random ones.
+    model = load_pretrained(AutoModelForImageTextToText, str(path), LLAVA_MODEL)
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -112,7 +112,10 @@ def _text_side_note(builder: SampleBuilder) -> str:
 
 def _emit_error(console: Any, output: OutputFormat, err: RecordError) -> None:
     if output == "rich":
-        console.print(f"[red]error[/] ({err.kind}): {err}")
+        from rich.markup import escape
+
+        # Escaped: the message quotes the data, and a "[b]" in an id is not Rich markup.
+        console.print(f"[red]error[/] ({err.kind}): {escape(str(err))}")
     else:
         sys.stdout.write(json.dumps({"id": err.record_id, "error": str(err),
                                      "kind": err.kind}) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -99,7 +100,7 @@ def legend() -> Text:
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    """The `--check` report for humans."""
+    """The `--check` report for humans (errors red, notes and warnings yellow)."""
     table = Table("", "count", "examples", title="dataset check", title_justify="left")
     lengths = report["length_tokens"]
     table.add_row("records", str(report["records"]), "")
@@ -109,24 +110,27 @@ def report_table(report: dict[str, Any]) -> Table:
     if lengths:
         table.add_row("length p50 / p90 / p99 / max (tokens, images included)",
                       " / ".join(str(lengths[k]) for k in ("p50", "p90", "p99", "max")), "")
-    table.add_row("truncated", str(report["truncated"]),
-                  ", ".join(report["examples"].get("truncated", [])))
-    for kind, count in sorted(report["problems"].items()):
-        table.add_row(Text(kind, style="red"), str(count),
-                      ", ".join(report["examples"].get(kind, [])))
-    for note, count in sorted(report["notes"].items()):
-        table.add_row(Text(note, style="yellow"), str(count),
-                      ", ".join(report["examples"].get(note, [])))
+    groups = [({"truncated": report["truncated"]}, ""), (report["problems"], "red"),
+              ({**report["notes"], **report["warnings"]}, "yellow")]
+    for counts, style in groups:
+        for kind, count in sorted(counts.items()):
+            # Text, not a str: ids are data, and a "[b]" in one is not Rich markup.
+            table.add_row(Text(kind, style=style), str(count),
+                          Text(", ".join(report["examples"].get(kind, []))))
     return table
 
 
 def print_report(console: Console, report: dict[str, Any]) -> None:
     """The table, the first message of each problem, and the verdict."""
     console.print(report_table(report))
+    # Messages quote the data (ids, paths): escaped, so a "[b]" in them is not Rich markup.
     for kind, message in report["first_messages"].items():
-        console.print(f"[red]{kind}[/]: {message}", highlight=False)
+        console.print(f"[red]{kind}[/]: {escape(message)}", highlight=False)
+    for kind, message in report["warning_messages"].items():
+        console.print(f"[yellow]{kind}[/] (warning): {escape(message)}", highlight=False)
     if report["ok"]:
-        console.print("[green]OK[/]: every record can be trained on")
+        warned = " (see the warnings above)" if report["warnings"] else ""
+        console.print(f"[green]OK[/]: every record can be trained on{warned}")
     else:
         console.print("[red]FAILED[/]: fix the records above, or pass --skip-bad-records to "
                       "training to skip them (fully masked records are always dropped)")

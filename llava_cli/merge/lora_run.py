@@ -13,6 +13,7 @@ from llava_cli.artifacts.manifest import (
     OutputKind,
     PartsBase,
     RunManifest,
+    base_fingerprint,
     read_manifest,
 )
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
@@ -72,6 +73,64 @@ def recorded_base(run: LoraRun) -> Base:
     return base
 
 
+def base_to_merge_into(run: LoraRun, base: str | None) -> Base:
+    """The base a merge uses (`--base`, else the run's own) as its manifest will record it."""
+    return CheckpointBase(path=_local_or_hub(base)) if base else recorded_base(run)
+
+
+def _local_or_hub(name: str) -> str:
+    """A local folder as an absolute path (the manifest works from anywhere); a hub id as is."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def fingerprinted(run: LoraRun, base: Base, explicit: bool) -> Base:
+    """`base` with the fingerprint of its weight files, refused when the run recorded another:
+    the adapter belongs to the weights it was trained on (a base retrained or overwritten
+    since, even by `merge-lora -o BASE --overwrite`, would get the delta a second time).
+    `explicit`: `base` is the user's --base. Without a recorded fingerprint (older runs,
+    hub ids) there is nothing to check."""
+    recorded = run.manifest.base
+    expected = getattr(recorded, "fingerprint", None)
+    if explicit and expected and _composed(recorded):
+        raise ValueError(f"--base {base.path}: {run.root} was trained on a base composed at "
+                         f"training time ({_describe(recorded)}), which no single checkpoint "
+                         "can be checked against; drop --base (the recorded parts are rebuilt "
+                         "and checked)")
+    if not (expected or explicit):
+        return base
+    found = base_fingerprint(base)
+    if expected and found != expected:
+        raise ValueError(_changed(run, base, explicit, gone=found is None))
+    return base.model_copy(update={"fingerprint": found})
+
+
+def _composed(base: Base) -> bool:
+    """A base built at training time, not loaded from one checkpoint folder as it is."""
+    return isinstance(base, PartsBase) or getattr(base, "pretrained_projector", None) is not None
+
+
+def _describe(base: Base) -> str:
+    if isinstance(base, PartsBase):
+        where = f"LLM {base.llm} + vision tower {base.vision_tower}"
+    else:
+        where = getattr(base, "path", str(base))
+    projector = getattr(base, "pretrained_projector", None)
+    return f"{where} + projector {projector}" if projector else where
+
+
+def _changed(run: LoraRun, base: Base, explicit: bool, gone: bool) -> str:
+    what = f"--base {_describe(base)}" if explicit else f"the base {_describe(base)}"
+    if gone:
+        problem = "has no weight files to check against"
+    elif explicit:
+        problem = "is not the base the run was trained on: its weight files differ from"
+    else:
+        problem = "has changed since the run was trained: its weight files differ from"
+    return (f"{what} {problem} the fingerprint in {run.root / MANIFEST_NAME}, so the adapter "
+            "would be applied to other weights; pass the original base with --base, or "
+            "re-train the LoRA run on this one")
+
+
 def load_processor(run: LoraRun) -> Any:
     """The processor saved with the adapter (a checkpoint-N has its own), else the run's."""
     from transformers import AutoProcessor
@@ -91,7 +150,7 @@ def load_base(run: LoraRun, base: str | None, dtype: str | None, bits: int) -> A
         update={"torch_dtype": dtype, "bits": bits})
     recorded = run.manifest.base
     if base:
-        return load_llava(str(Path(base).resolve()), settings, for_training=False)
+        return load_llava(_local_or_hub(base), settings, for_training=False)
     # A relative path ("base" of a random-init pretrain) or an added projector file: the
     # recorded path alone is not the model that was trained on.
     if (isinstance(recorded, CheckpointBase) and Path(recorded.path).is_absolute()

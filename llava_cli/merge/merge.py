@@ -11,7 +11,6 @@ happens after the merged model is freed.
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,18 +24,26 @@ from llava_cli.artifacts.manifest import (
     CheckpointBase,
     MergedBase,
     OutputKind,
+    PartsBase,
     RunManifest,
 )
-from llava_cli.artifacts.output_dir import STALE_WEIGHTS, refuse_unsafe_output_dir, remove_stale
+from llava_cli.artifacts.output_dir import (
+    STALE_WEIGHTS,
+    output_lock,
+    publish_staged,
+    refuse_overlap,
+    refuse_unsafe_output_dir,
+)
 from llava_cli.artifacts.projector_file import ADAPTER_FILE, read_adapter_projector
 from llava_cli.config.run_config import CONFIG_FILENAME
 from llava_cli.data.text.stops import set_generation_stops
 from llava_cli.merge.lora_run import (
     LoraRun,
+    base_to_merge_into,
     find_lora_run,
+    fingerprinted,
     load_base,
     load_processor,
-    recorded_base,
 )
 from llava_cli.merge.verify import Check, compare, probe_batch, probe_logits, tolerance
 
@@ -55,6 +62,7 @@ class MergeResult:
     base: Base
     bits: int
     checks: list[Check] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # checks that could not run, and why
 
 
 def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = None,
@@ -70,18 +78,27 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = N
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     run = find_lora_run(run_dir, trust_remote_code)
     out = Path(output_dir)
-    _check_output(out, run, overwrite)
+    base_info = base_to_merge_into(run, base)
+    _check_output(out, run, base_info, overwrite)
+    base_info = fingerprinted(run, base_info, explicit=bool(base))  # before any work
     bits = run.config.bits if run.config else 16
-    base_info = CheckpointBase(path=str(Path(base).resolve())) if base else recorded_base(run)
     result = MergeResult(out, base_info, bits)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # never two merges (or a merge and a run) into one folder
+        _merge_and_publish(run, out, base, base_info, dtype, verify, max_shard_size, bits,
+                           result, log)
+    return result
+
+
+def _merge_and_publish(run: LoraRun, out: Path, base: str | None, base_info: Base, dtype: str,
+                       verify: bool, max_shard_size: str, bits: int, result: MergeResult,
+                       log: Callable[[str], None]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         processor = load_processor(run)
         batch = probe_batch(processor) if verify else None
         quantized_ref = None
         if verify and bits != 16:  # the model the adapter was trained against
-            quantized_ref = _reference(run, base, run.config.torch_dtype, bits, batch)
+            quantized_ref = _quantized_reference(run, base, bits, batch, result, log)
         reference = _merge_into(run, base, dtype, batch, staging, max_shard_size,
                                 processor.tokenizer)
         _save_extras(run, processor, base_info, dtype, staging)
@@ -90,13 +107,36 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = N
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone after _publish; on error: cleanup
-    return result
 
 
-def _check_output(out: Path, run: LoraRun, overwrite: bool) -> None:
-    if out.resolve() in (run.root.resolve(), run.adapter.resolve()):
-        raise ValueError(f"--output-dir {str(out)!r} is the run directory; choose another")
+def _check_output(out: Path, run: LoraRun, base: Base, overwrite: bool) -> None:
+    """Never into, around or inside the run or a folder the base is read from — except the
+    base checkpoint itself with --overwrite (allowed: its fingerprint changes, so a later
+    merge of a run trained on it is refused rather than applying the adapter twice)."""
+    inputs: dict[str, str | None] = {"LoRA run": str(run.root)}
+    if isinstance(base, CheckpointBase):
+        same = out.resolve() == Path(base.path).resolve()
+        inputs["base checkpoint"] = None if same else base.path
+    elif isinstance(base, PartsBase):
+        inputs.update({"base LLM": base.llm, "base vision tower": base.vision_tower})
+    inputs["base's projector file"] = getattr(base, "pretrained_projector", None)
+    refuse_overlap(out, inputs)
     refuse_unsafe_output_dir(out, overwrite)
+
+
+def _quantized_reference(run: LoraRun, base: str | None, bits: int, batch: Any,
+                         result: MergeResult, log: Callable[[str], None]) -> Any:
+    """Logits of the quantized base + adapter, as trained; None (said, with the reason)
+    where bitsandbytes cannot quantize on this machine."""
+    from llava_cli.model.load import quantization_unavailable
+
+    reason = quantization_unavailable()
+    if reason is not None:
+        result.skipped.append(f"verify vs {bits}-bit base + adapter, as trained: skipped "
+                              f"({reason}); the merge itself is still checked")
+        log(result.skipped[-1])
+        return None
+    return _reference(run, base, run.config.torch_dtype, bits, batch)
 
 
 def _reference(run: LoraRun, base: str | None, dtype: str | None, bits: int,
@@ -169,8 +209,10 @@ def _verify(staging: Path, dtype: str, bits: int, batch: Any, reference: Any,
     import torch
     from transformers import AutoModelForImageTextToText  # LLaVA or LLaVA-NeXT
 
-    model = AutoModelForImageTextToText.from_pretrained(str(staging),
-                                                          dtype=getattr(torch, dtype))
+    from llava_cli.model.load import LLAVA_MODEL, load_pretrained
+
+    model = load_pretrained(AutoModelForImageTextToText, str(staging), LLAVA_MODEL,
+                            dtype=getattr(torch, dtype))
     logits = probe_logits(model, batch)
     del model
     gc.collect()
@@ -188,20 +230,16 @@ def _verify(staging: Path, dtype: str, bits: int, batch: Any, reference: Any,
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move the verified files into `out`: a rename when it is new, else file by file."""
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    remove_stale(out, STALE_WEIGHTS)  # old weights would shadow or mix with the new ones
-    for item in staging.iterdir():
-        target = out / item.name
-        if target.is_dir() and item.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
+    """Move the verified files into the (locked) `out` with the one publishing rule: old
+    weights that would shadow or mix with the new ones go only once the new files are in;
+    the manifest comes last."""
+    publish_staged(staging, out, STALE_WEIGHTS)
 
 
 def describe(result: MergeResult) -> str:
     """A one-line summary for the command."""
     verified = "verified" if result.checks else "not verified (--no-verify)"
+    if result.skipped:
+        verified += f"; {len(result.skipped)} check skipped (see above)"
     return f"merged model written to {result.output_dir} ({verified})"
 

@@ -11,11 +11,12 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from llava_cli.data.text.tokenizer import IMAGE_TOKEN
-from llava_cli.model.load import load_pretrained, torch_dtype
+from llava_cli.model.load import RESTORE, TWO_TOWER_EXTRAS, load_pretrained, torch_dtype
 from llava_cli.model.partitioned import copy_weights, gathered
 from llava_cli.model.parts import components
 from llava_cli.model.vision import (
     build_processor,
+    check_feature_layer,
     select_strategy,
     tower_positions,
     vision_config_of,
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from llava_cli.config.run_config import RunConfig
 
 _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
+PARTS_REMEDY = (f"{RESTORE}, or set random_init: true to train from random weights (for "
+                "tests only)")
 
 
 def _check_projector(projector_type: str) -> None:
@@ -62,6 +65,7 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
     remote = config.trust_remote_code
     text_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=remote)
     vision_config = vision_config_of(config.vision_tower, remote)
+    check_feature_layer(config.vision_select_layer, vision_config)
     positions = tower_positions(vision_config)  # patches (+ CLS): measured once
     has_cls = positions > (vision_config.image_size // vision_config.patch_size) ** 2
     strategy = select_strategy(config.vision_select_feature, has_cls)
@@ -89,10 +93,10 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
         warnings.warn("random_init: the LLM and the vision tower have RANDOM weights (nothing "
                       "was loaded); only for tests and smoke runs", UserWarning, stacklevel=2)
     else:
-        kwargs = {"dtype": dtype, "trust_remote_code": remote}
+        kwargs = {"dtype": dtype, "trust_remote_code": remote, "remedy": PARTS_REMEDY}
         llm = load_pretrained(AutoModelForCausalLM, config.model_name_or_path, "LLM", **kwargs)
         vision = load_pretrained(vision_model_class(vision_config), config.vision_tower,
-                                  "vision tower", **kwargs)
+                                 "vision tower", allowed_unexpected=TWO_TOWER_EXTRAS, **kwargs)
         parts = components(model)
         copy_weights(parts.llm, llm.get_decoder(), "LLM")
         copy_weights(parts.lm_head, llm.get_output_embeddings(), "LLM lm_head")

@@ -24,8 +24,12 @@ def _copy_into(projector: Any, state: dict[str, Any], file: str | Path) -> None:
 
     target = projector.state_dict()
     if set(state) != set(target):
-        raise ValueError(f"{file}: projector keys {sorted(state)} do not match this model's "
-                         f"{sorted(target)} (projector type differs?)")
+        # A whole checkpoint given as the file would list thousands of keys: name a few.
+        missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+        raise ValueError(f"{file}: projector keys do not match this model's (missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}"
+                         f"{' …' if len(unexpected) > 4 else ''}); pass a projector file of "
+                         "this projector type (mlp2x_gelu: linear_1/linear_2 weight and bias)")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(target[key].shape):
             raise ValueError(

@@ -2,12 +2,14 @@
 
 Starting points (`model_name_or_path`) are told apart by their contents, never by their names:
 a `pretrain` output (manifest kind `projector`), any HF-layout LLaVA checkpoint (ours or
-llava-hf), or a plain causal LM (a new model, with `vision_tower`).
+llava-hf), or a plain causal LM (a new model, with `vision_tower`). Whichever it is, the base
+recorded for the manifest carries a fingerprint of the weight files it was loaded from.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from llava_cli.artifacts.manifest import (
     CheckpointBase,
     OutputKind,
     PartsBase,
+    base_fingerprint,
     read_manifest,
 )
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE
@@ -56,6 +59,7 @@ def load_starting_model(config: RunConfig) -> Loaded:
         loaded = Loaded(load_llava(str(path), config), _load_processor(path, config),
                         CheckpointBase(path=_resolved(str(path))))
     else:
+        _refuse_plain_folder(path)
         loaded = _new_model(config)
     _refuse_other_image_policy(config, loaded.model.config)
     _refuse_other_features(config, loaded.model.config)
@@ -66,7 +70,24 @@ def load_starting_model(config: RunConfig) -> Loaded:
         load_projector_weights(loaded.model, config.pretrained_projector)
         loaded.base = loaded.base.model_copy(update={
             "pretrained_projector": str(Path(config.pretrained_projector).resolve())})
+    if _writes_the_manifest():  # a merge refuses a base whose files have changed since
+        loaded.base = loaded.base.model_copy(update={"fingerprint": base_fingerprint(
+            loaded.base)})
     return loaded
+
+
+def _writes_the_manifest() -> bool:
+    """Rank 0 (or no launcher) writes the run manifest: only it reads the base's files again
+    for their fingerprint (every rank doing so would multiply the reads by the world size)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _refuse_plain_folder(path: Path) -> None:
+    """A local folder that is no model at all (no config.json, no run manifest)."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"model {str(path)!r} is a folder without config.json: neither an "
+                         "LLM, a LLaVA checkpoint nor a pretrain output; point "
+                         "--model-name-or-path at one")
 
 
 def _refuse_new_model_settings(config: RunConfig, source: str) -> None:

@@ -21,7 +21,22 @@ def vision_config_of(path: str, trust_remote_code: bool = False) -> PretrainedCo
     from transformers import AutoConfig
 
     loaded = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return getattr(loaded, "vision_config", None) or loaded
+    vision = getattr(loaded, "vision_config", None) or loaded
+    if not all(hasattr(vision, name) for name in ("image_size", "patch_size",
+                                                  "num_hidden_layers")):
+        raise ValueError(f"vision_tower {path!r} is a {loaded.model_type!r} model, not a vision "
+                         "tower (CLIP, SigLIP or another image encoder with image_size and "
+                         "patch_size); point --vision-tower at one")
+    return vision
+
+
+def check_feature_layer(layer: int, vision_config: PretrainedConfig) -> None:
+    """The tower has `num_hidden_layers` layers and so that many + 1 hidden states (the
+    embeddings first): a layer outside them would fail at the first forward."""
+    depth = vision_config.num_hidden_layers
+    if not -(depth + 1) <= layer <= depth:
+        raise ValueError(f"vision_select_layer {layer}: the vision tower has {depth} layers; "
+                         f"choose one from -{depth + 1} to {depth} (LLaVA-1.5: -2)")
 
 
 def vision_model_class(vision_config: PretrainedConfig) -> Any:

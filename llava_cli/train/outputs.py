@@ -1,51 +1,101 @@
-"""A run's output directory: made ready before training (never into a non-empty one unless
-asked), and written when training ends (weights by output kind, metrics, the run manifest)."""
+"""A run's output directory: checked before anything heavy loads (never into a non-empty one
+unless asked, never overlapping an input), and written when training ends — into a hidden
+staging folder first, published only once complete (weights by output kind, metrics, the
+resolved config, the run manifest last)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+from llava_cli.artifacts.files import full_disk_named, write_text_atomically
 from llava_cli.artifacts.manifest import MANIFEST_NAME, CheckpointBase, OutputKind, RunManifest
 from llava_cli.artifacts.output_dir import (
     BASE_DIR,
-    CHECKPOINT_PREFIX,
+    STAGING_NAME,
     STALE_RUN_OUTPUTS,
+    publish_staged,
+    refuse_overlap,
     refuse_unsafe_output_dir,
-    remove_stale,
 )
-from llava_cli.config.run_config import CONFIG_FILENAME, RunConfig
+from llava_cli.config.run_config import RunConfig, save_resolved, with_absolute_paths
+from llava_cli.train.checkpoints import (
+    TRAINER_STATE,
+    checkpoints_by_step,
+    discard_staging,
+    is_complete,
+    newest_complete_checkpoint,
+)
+
+# A previous run's outputs that would shadow or mix with this run's (an old adapter next to
+# a new full model, an old random-init base).
+STALE_TRAINING_OUTPUTS = (*STALE_RUN_OUTPUTS, BASE_DIR)
 
 
-def prepare_output_dir(config: RunConfig) -> Path:
-    """The output directory; refuses to write into a non-empty one without --overwrite/--resume."""
+def output_dir_of(config: RunConfig) -> Path:
+    """The configured output directory (required)."""
     if not config.output_dir:
         raise ValueError("output_dir is required (--output-dir DIR)")
-    out = Path(config.output_dir)
+    return Path(config.output_dir)
+
+
+def training_inputs(config: RunConfig) -> dict[str, str | None]:
+    """What a run reads, by the name the user knows it by (for the overlap rule)."""
+    return {"model (--model-name-or-path)": config.model_name_or_path,
+            "vision tower": config.vision_tower, "tokenizer": config.tokenizer,
+            "pretrained projector": config.pretrained_projector,
+            "data (--data-path)": config.data_path, "held-out data": config.eval_data_path,
+            "DeepSpeed config": _deepspeed_file(config)}
+
+
+def image_folders(config: RunConfig) -> dict[str, str | None]:
+    """The image folders a run reads (an output may lie inside one)."""
+    return {"image folder": config.image_folder,
+            "held-out image folder": config.eval_image_folder}
+
+
+def _deepspeed_file(config: RunConfig) -> str | None:
+    given = config.training_args.get("deepspeed")
+    return given if isinstance(given, str) else None
+
+
+def prepare_output_dir(config: RunConfig, main: bool = True) -> Path:
+    """Check the output directory; deletes nothing of value (a previous run's outputs stay
+    until this run's replace them, its checkpoints until this run is known to start). The
+    `main` process clears what a killed run left unpublished."""
+    out = output_dir_of(config)
     refuse_unsafe_output_dir(out, bool(config.overwrite or config.resume),
                              "pass --overwrite to write into it or --resume to continue its run")
-    if config.overwrite and not config.resume:
-        # A previous run's weights would shadow or mix with this run's (e.g. an old adapter
-        # next to a new full model); other files are left alone.
-        remove_stale(out, STALE_RUN_OUTPUTS)
+    refuse_overlap(out, training_inputs(config), image_folders(config))
+    if main:
+        shutil.rmtree(out / STAGING_NAME, ignore_errors=True)  # a killed run's outputs
+        discard_staging(out)  # and its half-written checkpoints
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def resume_checkpoint(config: RunConfig, output_dir: Path) -> str | None:
-    """`resume: latest` → the newest checkpoint-N in the output directory; a path as given."""
+    """`resume: latest` → the newest complete checkpoint-N in the output directory; a path
+    as given (it must be complete)."""
     if not config.resume:
         return None
     if config.resume != "latest":
-        if not Path(config.resume).is_dir():
+        given = Path(config.resume)
+        if not given.is_dir():
             raise ValueError(f"resume checkpoint {config.resume!r} not found")
+        if not is_complete(given):
+            raise ValueError(f"resume checkpoint {config.resume!r} is incomplete (no "
+                             f"{TRAINER_STATE}); resume from a complete one")
         return config.resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(output_dir))
+    found = newest_complete_checkpoint(output_dir)
     if found is None:
-        raise ValueError(f"--resume latest: no {CHECKPOINT_PREFIX}N folder in {output_dir}")
-    return found
+        partial = [path.name for _, path in checkpoints_by_step(output_dir)]
+        detail = f" (incomplete: {', '.join(partial)})" if partial else ""
+        raise ValueError(f"--resume latest: no complete checkpoint-N folder in "
+                         f"{output_dir}{detail}")
+    return str(found)
 
 
 def write_outputs(trainer: Any, loaded: Any, config: RunConfig, output_dir: Path,
@@ -55,26 +105,45 @@ def write_outputs(trainer: Any, loaded: Any, config: RunConfig, output_dir: Path
     projector: `projector.safetensors` + processor (no copy of the frozen LLM — unless the LLM
     and vision tower were random-initialised, whose weights exist nowhere else: then `base/`);
     full: a complete HF checkpoint; lora: a PEFT adapter that includes the projector.
-    Call on every rank; only rank 0 writes the manifest (returned there, None elsewhere).
+    Everything is written into a staging folder and moved in when complete. Call on every
+    rank; only rank 0 publishes (the manifest is returned there, None elsewhere).
     """
-    kind, base = config.output_kind, loaded.base
+    staging = output_dir / STAGING_NAME
+    try:
+        with full_disk_named(output_dir):
+            return _save_and_publish(trainer, loaded.base, config, output_dir, staging, metrics)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk: free what it took
+        raise
+
+
+def _save_and_publish(trainer: Any, base: Any, config: RunConfig, output_dir: Path,
+                      staging: Path, metrics: dict[str, Any]) -> RunManifest | None:
+    kind = config.output_kind
     # Every rank: under ZeRO-3 the gathers behind these saves are collective.
-    trainer.save_model(str(output_dir))  # by kind: projector file, full model, or adapter
+    trainer.save_model(str(staging))  # by kind: projector file, full model, or adapter
     if kind == OutputKind.PROJECTOR and base.random_init:
-        trainer.save_full_copy(str(output_dir / BASE_DIR))
+        trainer.save_full_copy(str(staging / BASE_DIR))
         base = CheckpointBase(path=BASE_DIR, random_init=True)
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)  # train_results.json + all_results.json (rank 0)
-    trainer.save_state()
     if not trainer.is_world_process_zero():
         return None
+    _write_run_records(trainer, config, staging, metrics)
     manifest = RunManifest(
         kind=kind, base=base, template=config.template, tokenization=config.tokenization,
         image_aspect_ratio=config.image_aspect_ratio, projector_type=config.projector_type,
-        files=sorted({*_listing(output_dir), MANIFEST_NAME, CONFIG_FILENAME}))
-    manifest.write(output_dir)
+        files=sorted({*(p.name for p in staging.iterdir()), MANIFEST_NAME}))
+    manifest.write(staging)
+    publish_staged(staging, output_dir, STALE_TRAINING_OUTPUTS)
     return manifest
 
 
-def _listing(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if not p.name.startswith(CHECKPOINT_PREFIX)]
+def _write_run_records(trainer: Any, config: RunConfig, staging: Path,
+                       metrics: dict[str, Any]) -> None:
+    """What the Trainer's save_metrics/save_state would write into the output directory
+    (train_results.json, all_results.json, trainer_state.json) plus the resolved config."""
+    results = json.dumps(metrics, indent=4, sort_keys=True)
+    write_text_atomically(staging / "train_results.json", results)
+    write_text_atomically(staging / "all_results.json", results)
+    trainer.state.save_to_json(str(staging / TRAINER_STATE))
+    save_resolved(with_absolute_paths(config), staging)

@@ -14,7 +14,8 @@ from types import ModuleType
 from typing import Any
 
 from llava_cli.artifacts.manifest import OutputKind
-from llava_cli.config.run_config import RunConfig, save_resolved, with_absolute_paths
+from llava_cli.config.run_config import RunConfig
+from llava_cli.train.checkpoints import clear_previous_checkpoints
 from llava_cli.train.stages import supervised
 
 
@@ -55,8 +56,19 @@ def run_training(config: RunConfig, reporter: Any = None,
                  stage: ModuleType = supervised) -> RunResult:
     """Train as configured and write the output directory; returns where and what.
 
-    `stage` supplies the data side (`datasets`, `collator`): today's supervised stage.
+    `stage` supplies the data side (`datasets`, `collator`): today's supervised stage. The
+    output directory is locked for the whole run (by the launching process: rank 0).
     """
+    from llava_cli.artifacts.output_dir import output_lock
+    from llava_cli.train.outputs import output_dir_of, prepare_output_dir
+    from llava_cli.train.process import is_launching_process
+
+    output_dir, main = output_dir_of(config), is_launching_process()
+    with output_lock(output_dir, held=main):
+        return _train(config, reporter, stage, prepare_output_dir(config, main))
+
+
+def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path) -> RunResult:
     from transformers import set_seed
 
     from llava_cli.data.text.chat_template import attach_chat_template
@@ -64,13 +76,13 @@ def run_training(config: RunConfig, reporter: Any = None,
     from llava_cli.model.start import load_starting_model
     from llava_cli.model.vision import match_image_policy
     from llava_cli.train.arguments import to_training_arguments
-    from llava_cli.train.outputs import prepare_output_dir, resume_checkpoint, write_outputs
+    from llava_cli.train.outputs import resume_checkpoint, write_outputs
     from llava_cli.train.process import prepare_environment, start_deepspeed_comm
     from llava_cli.train.reporting import report_dropped
     from llava_cli.train.trainer import LlavaTrainer
 
-    output_dir = prepare_output_dir(config)
     resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
+    # Before torch.distributed starts: the scan forks worker processes.
     stage.check_data(config)  # bad records are an error now, not at their first batch
     prepare_environment(config.training_args.get("deepspeed"))
     args = to_training_arguments(config, str(output_dir))
@@ -87,6 +99,10 @@ def run_training(config: RunConfig, reporter: Any = None,
         model=model, args=args, train_dataset=dataset, eval_dataset=held_out,
         data_collator=stage.collator(config, loaded.processor),
         processing_class=loaded.processor, callbacks=_callbacks(config, reporter))
+    if config.overwrite and not resume_from and trainer.is_world_process_zero():
+        # Known good now (config, data, model): the previous run's checkpoints go, so that
+        # `--resume latest` can never continue it.
+        clear_previous_checkpoints(output_dir)
     if reporter:
         from transformers import PrinterCallback
 
@@ -96,13 +112,11 @@ def run_training(config: RunConfig, reporter: Any = None,
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, output_dir, metrics)
-    if trainer.is_world_process_zero():
-        save_resolved(with_absolute_paths(config), output_dir)
     return RunResult(output_dir, config.output_kind, metrics, trainer)
 
 
 def _callbacks(config: RunConfig, reporter: Any) -> list[Any]:
-    from llava_cli.train.trainer import FrozenPartsNoBackward
+    from llava_cli.train.callbacks import FrozenPartsNoBackward
 
     callbacks = [reporter.callback()] if reporter else []
     if config.skip_frozen_backward:

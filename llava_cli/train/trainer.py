@@ -4,7 +4,7 @@
   (logged as `learning_rate_<component>` beside the LLM's `learning_rate`);
 - `group_by_modality_length` sampling, and `group_by_length` by the index's lengths;
 - the loss at supervised positions only (`train.loss`), switchable;
-- a frozen vision tower that costs no backward (`FrozenPartsNoBackward`), switchable;
+- checkpoints that are complete or absent (`train.checkpoints`);
 - projector-only runs checkpoint only the projector (not a copy of the frozen LLM);
 - resume that really restores the weights: transformers 5 saves LLaVA checkpoints under the
   legacy on-disk key names but its resume loads them without renaming, so every key is
@@ -21,15 +21,25 @@ from typing import Any
 
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 
+from llava_cli.artifacts.files import full_disk_named
 from llava_cli.artifacts.manifest import OutputKind
+from llava_cli.artifacts.output_dir import CHECKPOINT_PREFIX
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE, write_projector_file
 from llava_cli.data.conversation import RecordError
 from llava_cli.data.problems import Dropped, ProblemCounter
 from llava_cli.data.sampler import ModalityLengthGroupedSampler
+from llava_cli.model.load import load_pretrained
 from llava_cli.model.parts import components
 from llava_cli.model.projector import load_projector_weights, projector_state
+from llava_cli.train.checkpoints import (
+    TRAINER_STATE,
+    discard_staging,
+    publish_checkpoint,
+    staging_root,
+)
 from llava_cli.train.loss import (
     shifted_cross_entropy,
     supervised_cross_entropy,
@@ -62,6 +72,7 @@ class LlavaTrainer(Trainer):
     transformers' behaviour: one learning rate, the full-logits loss, full checkpoints)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._staging_run_dir: str | None = None  # set while a checkpoint is being written
         super().__init__(*args, **kwargs)
         # Liger's fused linear cross-entropy needs the labels in the model call; with it on,
         # the plain path is the fast one.
@@ -210,6 +221,47 @@ class LlavaTrainer(Trainer):
             else None
         Trainer._save(self, output_dir, state_dict=state)
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers takes a step before it checks the step budget, so resuming a finished
+        # run (its last checkpoint at max_steps) would train one step past it.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is being saved, the Trainer writes under its staging folder.
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, written under a hidden name and renamed into place once
+        every rank has finished it (`train.checkpoints`): complete or absent, never half."""
+        run_dir, step = super()._get_output_dir(trial), self.state.global_step
+        self._staging_run_dir = str(staging_root(run_dir, step))
+        try:
+            with full_disk_named(run_dir):
+                super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's shards are written
+        except BaseException:
+            if self.args.should_save:  # a full disk: free what the partial one took
+                discard_staging(run_dir, step)
+            raise
+        finally:
+            self._staging_run_dir = None
+        if self.args.should_save:
+            self._publish_checkpoint(run_dir, step)
+        self.accelerator.wait_for_everyone()  # no rank goes on before it is in place
+
+    def _publish_checkpoint(self, run_dir: str, step: int) -> None:
+        published = publish_checkpoint(run_dir, step)
+        best = self.state.best_global_step
+        if best:  # the Trainer looked for the best checkpoint in the staging folder
+            found = os.path.join(run_dir, f"{CHECKPOINT_PREFIX}{best}")
+            self.state.best_model_checkpoint = found if os.path.isdir(found) else None
+            self.state.save_to_json(str(published / TRAINER_STATE))
+        rotate_checkpoints(run_dir, self.args.save_total_limit,
+                           self.state.best_model_checkpoint, use_mtime=False)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = self.model if model is None else model
         if self.output_kind == OutputKind.PROJECTOR:
@@ -235,30 +287,11 @@ class LlavaTrainer(Trainer):
 
     @staticmethod
     def _load_full_checkpoint(checkpoint: str, model: Any) -> None:
-        reloaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        # Strict: a damaged checkpoint is an error naming it, never random weights resumed.
+        reloaded = load_pretrained(type(model), checkpoint, "checkpoint",
+                                   "resume from an earlier complete checkpoint",
+                                   dtype=model.dtype)
         state = reloaded.state_dict()
         with torch.no_grad():
             model.load_state_dict(state, strict=True)
         del reloaded, state
-
-
-class FrozenPartsNoBackward(TrainerCallback):
-    """A frozen vision tower gets no backward pass and no checkpoint recompute.
-
-    With gradient checkpointing on, transformers hooks the input embeddings of every
-    sub-model to require grad (needed by reentrant checkpointing only) — the vision tower's
-    patch embedding included, so a frozen tower builds a full backward graph and, when
-    checkpointed, runs its forward twice, all for gradients nobody reads. Our checkpointing is
-    non-reentrant (`train.arguments`), which needs no such hook: trainable weights inside a
-    checkpointed block get their gradients anyway. So the hooks are removed once the Trainer
-    has set checkpointing up; a frozen tower then runs like under `no_grad`.
-    """
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                       **kwargs: Any) -> None:
-        kwargs_given = args.activation_checkpointing_kwargs  # none: transformers' non-reentrant
-        reentrant = kwargs_given.get("use_reentrant", True) if kwargs_given else False
-        if model is None or not args.activation_checkpointing or reentrant:
-            return
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.disable_input_require_grads()

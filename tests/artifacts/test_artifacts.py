@@ -17,7 +17,9 @@ from llava_cli.artifacts.manifest import (
     OutputKind,
     PartsBase,
     RunManifest,
+    base_fingerprint,
     read_manifest,
+    weights_fingerprint,
 )
 from llava_cli.artifacts.projector_file import (
     FROM_LLAVA,
@@ -120,3 +122,73 @@ def test_projector_key_maps_are_inverse_and_both_formats_read_back(tmp_path):
         back = read_projector_file(tmp_path / name)
         assert set(back) == set(state)
         assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def _model_folder(folder: Path, weights: bytes = b"weights") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_fingerprint_is_the_content_of_every_weight_file(tmp_path):
+    folder = _model_folder(tmp_path / "m")
+    first = weights_fingerprint([str(folder)])
+    assert first.startswith("sha256:") and len(first) == len("sha256:") + 64
+    # Not its weights: configs, the Trainer's pickled arguments, checkpoint folders.
+    (folder / "training_args.bin").write_bytes(b"args")
+    (folder / "config.json").write_text('{"changed": 1}')
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "model.safetensors").write_bytes(b"old")
+    assert weights_fingerprint([str(folder)]) == first
+    # A copy elsewhere has the same fingerprint: content, not paths.
+    assert weights_fingerprint([str(_model_folder(tmp_path / "copy"))]) == first
+    (folder / "model.safetensors").write_bytes(b"weightz")  # same size, one byte differs
+    assert weights_fingerprint([str(folder)]) != first
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "pytorch_model.bin").write_bytes(b"more")
+    assert weights_fingerprint([str(folder)]) != first
+
+
+def test_fingerprint_reads_a_file_past_any_sample(tmp_path):
+    big = bytearray(3 * 2**20)
+    folder = _model_folder(tmp_path / "big", bytes(big))
+    before = weights_fingerprint([str(folder)])
+    big[2 * 2**20 + 12345] = 1  # deep inside: a sampled hash would miss it
+    (folder / "model.safetensors").write_bytes(bytes(big))
+    assert weights_fingerprint([str(folder)]) != before
+
+
+def test_fingerprint_of_nothing_local_is_none(tmp_path):
+    folder = _model_folder(tmp_path / "m")
+    (tmp_path / "config-only").mkdir()
+    assert weights_fingerprint([]) is None
+    assert weights_fingerprint(["org/hub-model"]) is None
+    assert weights_fingerprint([str(tmp_path / "config-only")]) is None
+    assert weights_fingerprint([str(folder), str(tmp_path / "gone")]) is None
+
+
+def test_base_fingerprint_covers_what_the_base_is_built_from(tmp_path):
+    llm, vit = _model_folder(tmp_path / "llm", b"l"), _model_folder(tmp_path / "vit", b"v")
+    projector = tmp_path / "projector.safetensors"
+    projector.write_bytes(b"p")
+    parts = PartsBase(llm=str(llm), vision_tower=str(vit))
+    with_projector = parts.model_copy(update={"pretrained_projector": str(projector)})
+    assert base_fingerprint(parts) == weights_fingerprint([str(llm), str(vit)])
+    assert base_fingerprint(with_projector) == weights_fingerprint(
+        [str(llm), str(vit), str(projector)])
+    swapped = PartsBase(llm=str(vit), vision_tower=str(llm))  # order is part of it
+    assert base_fingerprint(swapped) != base_fingerprint(parts)
+    assert base_fingerprint(parts.model_copy(update={"random_init": True})) is None
+    assert base_fingerprint(CheckpointBase(path=str(llm))) == weights_fingerprint([str(llm)])
+    assert base_fingerprint(CheckpointBase(path="base")) is None  # relative to another run
+    assert base_fingerprint(MergedBase(adapter="/a", base=parts)) is None
+
+
+def test_a_fingerprint_is_written_and_read_back(tmp_path):
+    base = CheckpointBase(path="/m/llava", fingerprint="sha256:" + "0" * 64)
+    RunManifest(kind=OutputKind.LORA, base=base, template="v1", tokenization="hf",
+                image_aspect_ratio="pad").write(tmp_path)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["base"]["fingerprint"] == (
+        base.fingerprint)
+    assert read_manifest(tmp_path).base == base

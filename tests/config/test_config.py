@@ -200,3 +200,33 @@ def test_a_saved_configuration_naming_a_reporter_reads_back_without_it():
     assert saved.training_args["report_to"] == "wandb"  # merge-lora on another machine
     with pytest.raises(ConfigError, match="pip install wandb"):
         resolve_config("finetune", sets=["report_to=wandb"])
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1", "0.0"])
+def test_zero_epochs_without_max_steps_is_refused(epochs):
+    result = runner.invoke(app, ["finetune", "--epochs", epochs, "--print-config"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.stderr.strip() == (
+        f"llava finetune: invalid configuration:\n  num_train_epochs (--epochs) is "
+        f"{float(epochs):g}: nothing would be trained; give a positive number of epochs (0.5 "
+        "is half of one), or max_steps")
+    with pytest.raises(ConfigError, match=r"num_train_epochs \(--epochs\) is 0"):
+        resolve_config("pretrain", sets=["num_train_epochs=0"])
+    # max_steps decides the length then (transformers lets it override the epochs).
+    assert resolve_config("finetune", flags={"num_train_epochs": 0, "max_steps": 5}
+                          ).training_args["max_steps"] == 5
+    assert resolve_config("finetune", flags={"num_train_epochs": 0.5}
+                          ).training_args["num_train_epochs"] == 0.5
+
+
+def test_the_image_check_keys_reach_the_data_options():
+    config = resolve_config("finetune", sets=["image_check=full",
+                                              "allow_images_outside_folder=true",
+                                              "image_folder=imgs", "eval_image_folder=held"])
+    for options in (config.data_options(), config.data_options(held_out=True)):
+        assert (options.image_check, options.allow_images_outside_folder) == ("full", True)
+    default = resolve_config("finetune").data_options()
+    assert (default.image_check, default.allow_images_outside_folder) == ("fast", False)
+    with pytest.raises(ConfigError, match="image_check"):
+        resolve_config("finetune", sets=["image_check=header"])

@@ -71,8 +71,9 @@ def data_file(tmp_path: Path) -> Path:
 
 
 def make_dataset(path: Path, tokenizer, processor, max_length: int | None = 2048,
-                 skip_bad_records: bool = False, aspect: str = "pad") -> LazySupervisedDataset:
-    options = DataOptions(template="v1", image_folder=str(path.parent),
+                 skip_bad_records: bool = False, aspect: str = "pad",
+                 image_folder: Path | None = None) -> LazySupervisedDataset:
+    options = DataOptions(template="v1", image_folder=str(image_folder or path.parent),
                           model_max_length=max_length, image_aspect_ratio=aspect)
     mean = tuple(processor.image_mean) if processor is not None else (0.5, 0.5, 0.5)
     builder = SampleBuilder(options, InputSpec(tokenizer, IMG, lambda size: N_IMAGE_TOKENS, mean))
@@ -129,11 +130,11 @@ def test_truncation_keeps_only_images_whose_tokens_remain(data_file, tokenizer, 
 
 def test_real_odd_images(tmp_path, tokenizer, processor):
     odd = ["camera_grayscale.png", "alpaca_rgba.png", "palette_animated.gif", "tiny_1x1.png"]
-    records = [{"id": name, "image": str(SHARED_ASSETS / "images" / name),
+    records = [{"id": name, "image": name,
                 "conversations": _turns("<image>\nWhat?", "A picture")} for name in odd]
     path = tmp_path / "odd.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    ds = make_dataset(path, tokenizer, processor)
+    ds = make_dataset(path, tokenizer, processor, image_folder=SHARED_ASSETS / "images")
     for n in range(len(ds)):
         pixels = ds[n]["pixel_values"]
         assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all(), odd[n]
@@ -306,3 +307,27 @@ def test_batch_runs_through_a_tiny_llava(data_file, tokenizer, processor):
     batch = DataCollator(pad_token_id=PAD)([ds[0], ds[by_id("text-only")], ds[by_id("two-images")]])
     loss = Llava(config).eval()(**batch).loss
     assert torch.isfinite(loss)
+
+
+def test_image_paths_that_leave_the_folder_are_refused_by_name(tmp_path, tokenizer):
+    def builder(folder, allow=False) -> SampleBuilder:
+        options = DataOptions(image_folder=folder, allow_images_outside_folder=allow)
+        return SampleBuilder(options, InputSpec(tokenizer, IMG, lambda size: 4, (0.5,) * 3))
+
+    inside = builder(str(tmp_path / "img"))
+    for relative in ("a.jpg", "sub/../b.jpg", "./c.jpg", str(tmp_path / "img" / "d.jpg")):
+        assert inside.confined_image_path("r", relative).startswith(str(tmp_path / "img") + "/")
+    # A sibling folder whose name starts the same is outside too.
+    for relative in ("../x.jpg", "sub/../../x.jpg", "/etc/passwd", "../img2/x.jpg"):
+        with pytest.raises(RecordError) as info:
+            inside.confined_image_path("r", relative)
+        assert info.value.kind == Problem.IMAGE_OUTSIDE_FOLDER
+        assert str(info.value).startswith(f"record 'r': image {relative!r} resolves to ")
+    # A symlink inside the folder is followed (image folders are often links to a data disk).
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "linked").symlink_to(tmp_path)
+    assert inside.confined_image_path("r", "linked/x.jpg") == str(tmp_path / "img/linked/x.jpg")
+    # Allowed, or no folder given (paths resolve against the cwd): nothing is refused.
+    assert builder(str(tmp_path / "img"), allow=True).confined_image_path("r", "/x.jpg") == "/x.jpg"
+    assert builder(None).confined_image_path("r", "/x.jpg") == "/x.jpg"
+    assert builder("/").confined_image_path("r", "/etc/x.jpg") == "/etc/x.jpg"

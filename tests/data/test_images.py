@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image, ImageFile
 
 from llava_cli.data.images import (
     ImageError,
-    check_image_header,
+    check_image,
     expand_to_square,
     load_image,
     mean_color,
@@ -77,7 +78,7 @@ def test_missing_file_raises_image_error(tmp_path: Path) -> None:
     assert err.path == "coco/nope.jpg" and err.reason == "file not found"
     assert str(err) == f"image 'coco/nope.jpg' (resolved to {missing}): file not found"
     with pytest.raises(ImageError, match="file not found"):
-        check_image_header(missing)
+        check_image(missing)
 
 
 def test_image_error_pickles() -> None:
@@ -89,12 +90,12 @@ def test_image_error_pickles() -> None:
 def test_not_an_image(tmp_path: Path) -> None:
     bogus = tmp_path / "notes.jpg"
     bogus.write_text("this is not a JPEG")
-    for func in (load_image, check_image_header):
+    for func in (load_image, check_image):
         with pytest.raises(ImageError, match=r"notes\.jpg.*cannot be decoded"):
             func(bogus)
 
 
-def test_truncated_jpeg_fails_on_load_but_not_header(images: Path) -> None:
+def test_truncated_jpeg_fails_on_load_and_in_the_fast_check(images: Path) -> None:
     path = images / "extreme_ironing_truncated.jpg"
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     with pytest.raises(ImageError, match="cannot be decoded") as info:
@@ -103,8 +104,11 @@ def test_truncated_jpeg_fails_on_load_but_not_header(images: Path) -> None:
     assert "truncated" in info.value.reason
     # We must not flip Pillow's process-wide switch to get there.
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    # The header is intact: the cheap scan does not (and is documented not to) catch this.
-    assert check_image_header(path) == (570, 380)
+    # The header is intact, but the file does not end with FFD9: the fast check decodes it.
+    with pytest.raises(ImageError) as fast:
+        check_image(path)
+    assert re.fullmatch(r"cannot be decoded: image file is truncated \(\d+ bytes not processed\)",
+                        fast.value.reason)
 
 
 def test_truncation_allowed_elsewhere_warns(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,13 +120,22 @@ def test_truncation_allowed_elsewhere_warns(images: Path, monkeypatch: pytest.Mo
 # --- header check -----------------------------------------------------------------------------
 
 
-def test_check_image_header_does_not_decode(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_fast_check_decodes_no_whole_file(images: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
     def no_decode(self):
-        raise AssertionError("check_image_header must not decode pixel data")
+        raise AssertionError("the fast check must not decode pixel data of a whole file")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
-    assert check_image_header(images / "extreme_ironing.jpg") == (570, 380)
-    assert check_image_header(images / "cat_tall_500x666.webp") == (500, 666)
+    # Every good shared image ends as its format says (JPEG, PNG, GIF, WebP).
+    sizes = {"extreme_ironing.jpg": (570, 380), "cat_tall_500x666.webp": (500, 666),
+             "chelsea_cat.png": (451, 300), "camera_grayscale.png": (512, 512),
+             "alpaca_rgba.png": (254, 253), "palette_animated.gif": (14, 25),
+             "fridge_square.jpg": (900, 900), "ocr_crop_104x27.jpg": (104, 27),
+             "tiny_1x1.png": (1, 1)}
+    for name, size in sizes.items():
+        assert check_image(images / name) == size, name
+    monkeypatch.undo()
+    assert check_image(images / "extreme_ironing.jpg", full=True) == (570, 380)
 
 
 # --- modes ------------------------------------------------------------------------------------
@@ -302,9 +315,91 @@ def test_select_best_resolution_tie_breaks_on_waste() -> None:
 
 
 def test_header_check_falls_back_to_pillow(tmp_path: Path) -> None:
-    # imagesize reads JPEG/PNG/WebP/GIF/TIFF headers; for a TGA it cannot tell, Pillow does.
+    # imagesize reads JPEG/PNG/WebP/GIF/TIFF headers; a TGA it cannot read is decoded.
     path = tmp_path / "odd.tga"
     Image.new("RGB", (37, 21)).save(path, "TGA")
-    assert check_image_header(path) == (37, 21)
+    assert check_image(path) == (37, 21)
     with pytest.raises(ImageError, match="is a directory"):
-        check_image_header(tmp_path)
+        check_image(tmp_path)
+
+
+# --- the fast check: a file's end ----------------------------------------------------------
+
+
+def _cut(images: Path, tmp_path: Path, name: str, keep: int | None = None,
+         extra: bytes = b"") -> Path:
+    """A copy of a shared image, its first `keep` bytes only (None: all), then `extra`."""
+    data = (images / name).read_bytes()
+    path = tmp_path / f"{keep}-{name}"
+    path.write_bytes(data[:keep] + extra)
+    return path
+
+
+TRUNCATED = r"cannot be decoded: image file is truncated \(\d+ bytes not processed\)"
+
+
+@pytest.mark.parametrize(("keep", "reason"), [
+    (2, "cannot be decoded: not a recognised image format"),  # the SOI marker only
+    (200, "cannot be decoded: Truncated File Read"),  # inside the header segments
+    (700, TRUNCATED), (10000, TRUNCATED), (31293, TRUNCATED),  # the shared truncated file's cut
+    (62000, TRUNCATED), (-2, TRUNCATED), (-1, TRUNCATED),  # all but the end marker, or half of it
+])
+def test_a_jpeg_cut_anywhere_fails_the_fast_check(images, tmp_path, keep, reason):
+    path = _cut(images, tmp_path, "extreme_ironing.jpg", keep)
+    with pytest.raises(ImageError) as info:
+        check_image(path, label="cut.jpg")
+    assert re.fullmatch(reason, info.value.reason), info.value.reason
+    assert str(info.value).startswith(f"image 'cut.jpg' (resolved to {path}): cannot be decoded")
+
+
+def test_zero_padding_passes_without_a_decode(images, tmp_path, monkeypatch):
+    padded = [_cut(images, tmp_path, name, extra=b"\0" * 300)
+              for name in ("extreme_ironing.jpg", "chelsea_cat.png", "palette_animated.gif")]
+
+    def no_decode(self):
+        raise AssertionError("a file padded with zeros after its end marker is whole")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    assert [check_image(p) for p in padded] == [(570, 380), (451, 300), (14, 25)]
+
+
+def test_data_past_the_end_is_decoded_to_decide(images, tmp_path):
+    # A phone's motion photo: a whole JPEG, then a video. It decodes, so it passes.
+    motion = _cut(images, tmp_path, "extreme_ironing.jpg",
+                  extra=b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 20)
+    assert check_image(motion) == (570, 380)
+    assert check_image(_cut(images, tmp_path, "cat_tall_500x666.webp", extra=b"xx")) == (500, 666)
+
+
+def test_truncated_png_gif_and_webp(images, tmp_path):
+    half_png = _cut(images, tmp_path, "chelsea_cat.png", 240512 // 2)
+    with pytest.raises(ImageError, match="cannot be decoded: image file is truncated"):
+        check_image(half_png)
+    # A WebP shorter than its RIFF header says: libwebp refuses it.
+    with pytest.raises(ImageError, match="cannot be decoded: could not create decoder object"):
+        check_image(_cut(images, tmp_path, "cat_tall_500x666.webp", -1))
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        check_image(_cut(images, tmp_path, "palette_animated.gif", 30))
+    # What Pillow decodes in full is what training reads, so it passes: a PNG without its
+    # IEND chunk, and half an animated GIF (its first frame is whole).
+    assert check_image(_cut(images, tmp_path, "chelsea_cat.png", -12)) == (451, 300)
+    assert check_image(_cut(images, tmp_path, "palette_animated.gif", 4438 // 2)) == (14, 25)
+
+
+def test_full_decode_finds_corrupt_data_inside_a_file_that_ends_well(images, tmp_path):
+    import struct
+    import zlib
+
+    data = (images / "chelsea_cat.png").read_bytes()
+    at = data.index(b"IDAT")
+    size = int.from_bytes(data[at - 4:at], "big")
+    body = bytearray(data[at + 4:at + 4 + size])
+    body[size // 2:size // 2 + 64] = b"\x55" * 64  # garbage in the zlib stream, CRC made good
+    chunk = struct.pack(">I", size) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body))
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(data[:at - 4] + chunk + data[at + 8 + size:])
+    assert check_image(path) == (451, 300)  # header and IEND are intact
+    with pytest.raises(ImageError) as info:
+        check_image(path, full=True)
+    assert info.value.reason == ("cannot be decoded: unrecognized data stream contents when "
+                                 "reading image file")

@@ -290,3 +290,27 @@ def test_bom_and_empty_files(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
         assert len(RecordIndex.build(tmp_path / name)) == 0
     assert "found an empty file" in error(tmp_path / "e2.json", "  \n")
+
+
+def test_a_json_object_at_the_top_is_refused(tmp_path: Path) -> None:
+    recs = dataset(3)
+    top_level = (f"{tmp_path / 'o.json'}: the top level must be a list of records "
+                 "([{...}, {...}]), not a JSON object; put the records in a list, or give "
+                 "JSON Lines (one record per line, .jsonl)")
+    # One object holding the records (compact or pretty), or a single record, in a .json file.
+    for text in (json.dumps({"data": recs}), json.dumps({"data": recs}, indent=2),
+                 json.dumps(recs[0]), json.dumps(recs[0], indent=1)):
+        assert error(tmp_path / "o.json", text) == top_level
+    # A .jsonl (or any other name) whose first record spans lines is not JSON Lines either.
+    assert error(tmp_path / "o.jsonl", json.dumps(recs[0], indent=2)) == (
+        f"{tmp_path / 'o.jsonl'}: line 1: record #0 spans several lines; JSON Lines holds one "
+        "record per line")
+    assert error(tmp_path / "o.txt", "\n" + json.dumps({"data": recs}, indent=2)).startswith(
+        f"{tmp_path / 'o.txt'}: the top level must be a list of records")
+    # JSON Lines stays JSON Lines: one record in a .jsonl, several lines in a .json.
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(recs[0]) + "\n")
+    check(RecordIndex.build(one), recs[:1])
+    lines = tmp_path / "l.json"
+    lines.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    check(RecordIndex.build(lines), recs)

@@ -285,3 +285,74 @@ def test_export_never_replaces_a_file_without_overwrite(runs, tmp_path):
     assert again.exit_code == 2
     assert runner.invoke(app, ["export-projector", str(run), "-o", str(target),
                                "--overwrite"]).exit_code == 0
+
+
+def test_a_base_changed_since_training_is_refused_and_a_copy_of_it_is_not(runs, tmp_path):
+    """The run's manifest holds a fingerprint of its base's weight files. Once the base is
+    overwritten (here by the merge itself, `-o BASE --overwrite`, which is allowed), merging
+    the run again would apply its delta twice: refused, with or without --base, and nothing
+    is written. A byte-identical copy of the original base elsewhere is the same base."""
+    from llava_cli.artifacts.manifest import base_fingerprint, read_manifest
+
+    base = Path(shutil.copytree(runs["full"], tmp_path / "base"))
+    original = Path(shutil.copytree(base, tmp_path / "original"))
+    lora = tmp_path / "lora"
+    run_training(_config("lora", lora, model_name_or_path=str(base), max_steps=1, lora_r=4,
+                         lora_alpha=8))
+    recorded = read_manifest(lora).base
+    assert recorded.fingerprint == base_fingerprint(recorded) is not None
+    merge_lora(lora, base, overwrite=True, verify=False)  # the base is now the merged model
+    for given, message in ((None, "has changed since the run was trained"),
+                           (str(base), "is not the base the run was trained on")):
+        with pytest.raises(ValueError, match=rf"{base}.* {message}: .*pass the original base "
+                                             "with --base, or re-train"):
+            merge_lora(lora, tmp_path / "again", base=given)
+        assert not (tmp_path / "again").exists()
+    result = merge_lora(lora, tmp_path / "from-copy", base=str(original))
+    assert result.checks and all(check.ok for check in result.checks)
+    merged = read_manifest(tmp_path / "from-copy").base.base
+    assert merged.path == str(original.resolve()) and merged.fingerprint == recorded.fingerprint
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_an_explicit_base_cannot_stand_in_for_a_composed_one(runs, tmp_path):
+    """A base composed at training time (LLM + vision tower, or a checkpoint + a projector
+    file) has no single folder to check --base against: refused, naming what it was."""
+    from llava_cli.artifacts.manifest import CheckpointBase, PartsBase, RunManifest
+    from llava_cli.merge.lora_run import find_lora_run, fingerprinted
+
+    run = find_lora_run(runs["lora"])
+    composed = [PartsBase(llm="/m/llm", vision_tower="/m/clip", fingerprint="sha256:1"),
+                CheckpointBase(path=str(runs["full"]), pretrained_projector="/p/projector.bin",
+                               fingerprint="sha256:1")]
+    for recorded in composed:
+        run.manifest = RunManifest(kind="lora", base=recorded, template="v1",
+                                   tokenization="hf", image_aspect_ratio="pad")
+        with pytest.raises(ValueError, match=r"composed at training time \((LLM /m/llm|.*"
+                                             r"projector /p/projector.bin).*drop --base"):
+            fingerprinted(run, CheckpointBase(path=str(runs["full"])), explicit=True)
+
+
+def test_merge_output_never_overlaps_the_run_or_its_base(runs, tmp_path):
+    for out, relation in ((runs["lora"], "is the LoRA run"),
+                          (runs["lora"] / "merged", "lies inside the LoRA run"),
+                          (runs["lora"].parent, "contains the LoRA run"),
+                          (runs["full"] / "merged", "lies inside the base checkpoint")):
+        before = sorted(p.name for p in out.parent.iterdir())
+        result = runner.invoke(app, ["merge-lora", str(runs["lora"]), "-o", str(out),
+                                     "--overwrite", "--no-verify"])
+        assert result.exit_code == 2 and relation in result.output, result.output
+        assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing made
+
+
+def test_the_quantized_check_is_skipped_with_a_reason_where_bitsandbytes_cannot_run(
+        runs, tmp_path, monkeypatch):
+    from llava_cli.model import load
+
+    monkeypatch.setattr(load, "quantization_unavailable", lambda: "no backend here (test)")
+    result = runner.invoke(app, ["merge-lora", str(runs["qlora"]), "-o", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert ("verify vs 4-bit base + adapter, as trained: skipped (no backend here (test)); the "
+            "merge itself is still checked") in result.output
+    assert "verify vs base + adapter (unmerged)" in result.output
+    assert "looser tolerance" not in result.output and "1 check skipped" in result.output

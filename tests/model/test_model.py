@@ -127,7 +127,7 @@ def test_save_reload_identical(built, saved):
 
 
 def test_missing_weights_is_an_error(parts, tokenizer):
-    with pytest.raises(FileNotFoundError, match="random_init"):
+    with pytest.raises(ValueError, match="random_init"):
         build_new_model(_config(parts, random=True).model_copy(update={"random_init": False}),
                         tokenizer)
 

@@ -1,6 +1,6 @@
 """Bad training data is caught before the model loads, with one short message naming the
-records, and a bad record met later (a truncated image passes the header check) gives the same
-message with dataloader workers as without."""
+records, and a bad record met later (an image whose pixels are garbage behind an intact header
+and end passes the fast check) gives the same message with dataloader workers as without."""
 
 from __future__ import annotations
 
@@ -62,13 +62,32 @@ def test_skip_bad_records_warns_and_trains(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
+def _garbled_png(target: Path) -> None:
+    """A PNG whose compressed pixels are garbage, its CRCs and IEND chunk intact."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 10, 10)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    at = data.index(b"IDAT")
+    size = int.from_bytes(data[at - 4:at], "big")
+    body = b"\x55" * size
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + body))
+    target.write_bytes(data[:at + 4] + body + crc + data[at + 8 + size:])
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
 def test_a_record_that_fails_to_decode_gives_one_message_with_or_without_workers(
-        tmp_path, assets, workers):
-    shutil.copy(assets / "images" / "extreme_ironing_truncated.jpg", tmp_path / "cut.jpg")
-    data = _data(tmp_path, [_record("cut", "cut.jpg")] * 4)  # the header check passes
+        tmp_path, workers):
+    _garbled_png(tmp_path / "cut.png")
+    data = _data(tmp_path, [_record("cut", "cut.png")] * 4)  # the fast check passes
     result = _finetune(tmp_path, data, "--dataloader-num-workers", workers)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "DataLoader worker" not in result.output
     (line,) = result.stderr.strip().splitlines()[-1:]
-    assert line.startswith("llava finetune: record 'cut': image 'cut.jpg'")
+    assert line.startswith("llava finetune: record 'cut': image 'cut.png'")
     assert "cannot be decoded" in line

@@ -36,4 +36,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
 
         return build_demo_tokenizer()
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # transformers' ways of "no tokenizer"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"tokenizer {path!r} could not be loaded ({first}); point --tokenizer "
+                         "(or --model-name-or-path) at a folder with tokenizer files, or a "
+                         "model that has them") from err
