@@ -131,6 +131,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     if report["ok"]:
         warned = " (see the warnings above)" if report["warnings"] else ""
         console.print(f"[green]OK[/]: every record can be trained on{warned}")
+    elif report["records"] == 0:
+        console.print("[red]FAILED[/]: the file holds no records")
     else:
         console.print("[red]FAILED[/]: fix the records above, or pass --skip-bad-records to "
                       "training to skip them (fully masked records are always dropped)")

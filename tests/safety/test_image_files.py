@@ -259,6 +259,21 @@ def test_an_empty_list_is_no_records(folder):
     assert report["records"] == 0 and report["problems"] == {"no-records": 1}
     assert report["first_messages"] == {
         "no-records": f"{data} holds no records: there is nothing to train on"}
+    shown = _inspect(data, folder, "--check")
+    assert shown.exit_code == 1 and "FAILED: the file holds no records" in shown.output
+    assert "--skip-bad-records" not in shown.output
+
+
+def test_an_empty_data_file_stops_training_with_one_line(folder, tmp_path):
+    data = _data(folder, "empty.json", [])
+    result = runner.invoke(app, [
+        "finetune", "--model-name-or-path", str(TINY_LLM), "--vision-tower", str(TINY_VISION),
+        "--tokenizer", "demo", "--random-init", "--data-path", str(data), "--image-folder",
+        str(folder), "--max-steps", "1", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and TRACEBACK not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"llava finetune: training data {data} holds no records; give a file with at least "
+        "one LLaVA record")
 
 
 # --- training: its data checks and its dataloader workers ----------------------------------

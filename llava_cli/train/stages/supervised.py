@@ -89,6 +89,10 @@ def check_held_out(dataset: LazySupervisedDataset, config: RunConfig) -> None:
 def _judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool,
            errors_only: bool = False) -> None:
     """Raise for records that cannot be used (unless `skip_bad`: then warn on rank 0)."""
+    what = "held-out" if use == "evaluated" else "training"
+    if not total:
+        raise ValueError(f"{what} data {path} holds no records; give a file with at least one "
+                         "LLaVA record")
     counts = report.problems.counts
     errors = {kind for kind in counts if kind in Problem.ERRORS}
     bad = sum(counts[kind] for kind in errors) if errors_only else report.problems.total
@@ -98,9 +102,9 @@ def _judge(report: Report, total: int, path: str | None, use: str, skip_bad: boo
     advice = f"`llava inspect-data {path} --check` lists them all"
     if bad >= total or (errors and not skip_bad):
         more = "" if skip_bad else "; fix them or pass --skip-bad-records"
-        raise ValueError(f"{'held-out' if use == 'evaluated' else 'training'} data {path}: "
+        raise ValueError(f"{what} data {path}: "
                          f"{bad} of {total} record(s) cannot be {use} ({found}){more}. {advice}")
     if is_main_process():
         logging.getLogger("llava_cli").warning(
             "%s data %s: %d record(s) cannot be %s and are replaced by the next one (%s). %s.",
-            "held-out" if use == "evaluated" else "training", path, bad, use, found, advice)
+            what, path, bad, use, found, advice)
