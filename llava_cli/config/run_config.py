@@ -107,6 +107,8 @@ class RunConfig(BaseModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_bias: Literal["none", "all", "lora_only"] = "none"
+    # Which linear layers of the LLM get adapters: all (as the original LLaVA), or these kinds
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bits: Literal[4, 8, 16] = 16
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True

@@ -42,6 +42,13 @@ def prepare_model(config: RunConfig, model: Any, args: Any = None) -> tuple[Any,
                                      config.train_llm)
 
 
+def _lora_layers(model: Any) -> list[str]:
+    """What LoRA wrapped (none for a run without LoRA), for the summary."""
+    from llava_cli.model.lora import lora_layers
+
+    return lora_layers(model)
+
+
 def _deepspeed_dtype(args: Any) -> Any:
     """The dtype DeepSpeed trains in, for bf16/fp16 DeepSpeed runs (None otherwise: the
     Trainer's own mixed precision keeps float32 weights)."""
@@ -108,7 +115,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
 
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
         weights = str(next(model.parameters()).dtype).removeprefix("torch.")
-        reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights)
+        reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights,
+                         _lora_layers(model))
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, output_dir, metrics)
