@@ -98,7 +98,8 @@ def apply_lora(model: Any, config: RunConfig, dtype: Any = None) -> Any:
                          f"{len(targets)} chosen; report this with the model's config")
     if dtype is not None:
         _cast_unpartitioned(peft_model, dtype)
-    apply_trainability(peft_model, config.train_vision_tower, config.train_projector, "lora")
+    apply_trainability(peft_model, config.train_vision_tower, config.train_projector, "lora",
+                       config.train_lm_head)
     return peft_model
 
 
@@ -111,10 +112,12 @@ def _cast_unpartitioned(model: Any, dtype: Any) -> None:
 
 
 def _fully_trained_modules(config: RunConfig) -> list[str]:
-    """Components trained in full next to LoRA: PEFT must save them with the adapter."""
+    """Components trained (in full or in part) next to LoRA: PEFT must save them with the
+    adapter — a partly trained tower whole, as PEFT saves modules."""
     return [module for module, mode in (("multi_modal_projector", config.train_projector),
-                                        ("vision_tower", config.train_vision_tower))
-            if mode == "full"]
+                                        ("vision_tower", config.train_vision_tower),
+                                        ("lm_head", config.train_lm_head or "frozen"))
+            if mode != "frozen"]
 
 
 def is_quantized(model: Any) -> bool:

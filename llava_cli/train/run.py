@@ -39,7 +39,7 @@ def prepare_model(config: RunConfig, model: Any, args: Any = None) -> tuple[Any,
         model = apply_lora(model, config, _deepspeed_dtype(args))
         return model, trainable_counts(model)
     return model, apply_trainability(model, config.train_vision_tower, config.train_projector,
-                                     config.train_llm)
+                                     config.train_llm, config.train_lm_head)
 
 
 def _lora_layers(model: Any) -> list[str]:
