@@ -36,11 +36,45 @@ _MODEL_PREFIXES = (PROJECTOR_PREFIX, "model.multi_modal_projector.")  # legacy, 
 
 def read_projector_file(file: str | Path) -> dict[str, Any]:
     """Projector tensors from our safetensors or LLaVA's `mm_projector.bin`, keyed
-    `linear_1.weight`, … . Pickles load with `weights_only=True`: no code ever runs."""
+    `linear_1.weight`, … . A file that also holds a vision tower's position embedding is
+    refused here (nothing would carry it on): `read_projector_parts` reads both."""
+    state, position = read_projector_parts(file)
+    if position is not None:
+        raise ValueError(f"{file}: holds the vision tower's position embedding beside the "
+                         "projector (a tune_vit_pos_embedding run); load it into a model with "
+                         "--pretrained-projector, which sets both")
+    return state
+
+
+def read_projector_parts(file: str | Path) -> tuple[dict[str, Any], Any]:
+    """(projector tensors keyed `linear_1.weight`, …, the vision tower's position embedding
+    or None). Forks with InternVL's `tune_vit_pos_embedding` save that embedding into
+    `mm_projector.bin` under its full parameter name (`…vision_tower…embeddings.
+    position_embedding[.weight]`). Pickles load with `weights_only=True`: no code ever runs."""
+    out, positions = {}, []
+    for key, tensor in _read_tensors(Path(file)).items():
+        if _is_position_embedding(key):
+            positions.append(tensor)
+            continue
+        short = _strip(key, _FILE_PREFIXES) or key
+        out[FROM_LLAVA.get(short, short)] = tensor
+    if len(positions) > 1:
+        raise ValueError(f"{file}: holds {len(positions)} position embeddings; a projector "
+                         "file carries at most one (its vision tower's)")
+    if not out:
+        raise ValueError(f"{file}: no projector tensors found")
+    return out, positions[0] if positions else None
+
+
+def _is_position_embedding(key: str) -> bool:
+    return ("vision_tower" in key or "vision_model" in key) and key.endswith(
+        ("embeddings.position_embedding.weight", "embeddings.position_embedding"))
+
+
+def _read_tensors(file: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    file = Path(file)
     if not file.is_file():
         raise ValueError(f"projector file {str(file)!r} not found")
     if file.suffix == ".safetensors":
@@ -57,13 +91,7 @@ def read_projector_file(file: str | Path) -> dict[str, Any]:
         raise ValueError(f"projector file {str(file)!r} holds a {type(state).__name__}, not a "
                          "mapping of tensor names to tensors (LLaVA's mm_projector.bin or our "
                          "projector.safetensors)")
-    out = {}
-    for key, tensor in state.items():
-        short = _strip(key, _FILE_PREFIXES) or key
-        out[FROM_LLAVA.get(short, short)] = tensor
-    if not out:
-        raise ValueError(f"{file}: no projector tensors found")
-    return out
+    return state
 
 
 def write_projector_file(state: dict[str, Any], file: str | Path) -> Path:

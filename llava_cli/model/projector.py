@@ -6,17 +6,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_file
+from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_parts
 from llava_cli.model.partitioned import gathered
 from llava_cli.model.parts import components
 
 
 def load_projector_weights(model: Any, file: str | Path) -> None:
-    """Load a projector file into `model`, with a clear error when shapes differ."""
-    projector = components(model).projector
-    state = read_projector_file(file)
-    with gathered(projector, modify=True):
-        _copy_into(projector, state, file)
+    """Load a projector file into `model`, with a clear error when shapes differ; a vision
+    tower position embedding saved beside it (`tune_vit_pos_embedding`) goes into the
+    tower's position embedding."""
+    parts = components(model)
+    state, position = read_projector_parts(file)
+    with gathered(parts.projector, modify=True):
+        _copy_into(parts.projector, state, file)
+    if position is not None:
+        _copy_position_embedding(parts.vision_tower, position, file)
+
+
+def _copy_position_embedding(tower: Any, tensor: Any, file: str | Path) -> None:
+    import torch
+
+    embeddings = getattr(tower, "embeddings", None)
+    target = getattr(embeddings, "position_embedding", None)
+    weight = getattr(target, "weight", target)  # nn.Embedding (CLIP, SigLIP) or a Parameter
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{file}: holds a position embedding but this vision tower has no "
+                         "embeddings.position_embedding; use a CLIP or SigLIP tower")
+    with gathered(embeddings, modify=True):
+        if tensor.numel() != weight.numel() or tensor.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"{file}: the position embedding has shape {tuple(tensor.shape)} "
+                             f"but this vision tower's is {tuple(weight.shape)}; the file was "
+                             "trained with another vision tower")
+        with torch.no_grad():  # InternViT keeps a leading batch axis of 1: same numbers
+            weight.copy_(tensor.reshape(weight.shape).to(weight.dtype))
 
 
 def _copy_into(projector: Any, state: dict[str, Any], file: str | Path) -> None:
