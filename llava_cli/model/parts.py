@@ -62,11 +62,21 @@ def apply_trainability(model: Any, vision: str, projector: str, llm: str,
     for module, mode in plan.values():
         for name, param in module.named_parameters():
             param.requires_grad_(_wants_grad(name, mode, param, bias))
+    if is_single_linear(model):  # its second layer is the fixed identity: never trained
+        for param in _trained_copy(parts.projector).linear_2.parameters():
+            param.requires_grad_(False)
     newline = _image_newline(model)
     if newline is not None and projector == "full":
         # LLaVA-NeXT's learned row separator belongs to the projector side.
         newline.requires_grad_(True)
     return trainable_counts(model)
+
+
+def is_single_linear(model: Any) -> bool:
+    """Whether the projector is LLaVA's `linear` in the stock layout: linear_1, the identity
+    activation, and linear_2 the identity matrix (`model.build` makes it so)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "projector_hidden_act", None) == "linear"
 
 
 def tower_parameters(model: Any, spec: str) -> list[Any]:

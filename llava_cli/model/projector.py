@@ -8,7 +8,7 @@ from typing import Any
 
 from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_parts
 from llava_cli.model.partitioned import gathered
-from llava_cli.model.parts import components
+from llava_cli.model.parts import components, is_single_linear
 
 
 def load_projector_weights(model: Any, file: str | Path) -> None:
@@ -18,9 +18,23 @@ def load_projector_weights(model: Any, file: str | Path) -> None:
     parts = components(model)
     state, position = read_projector_parts(file)
     with gathered(parts.projector, modify=True):
-        _copy_into(parts.projector, state, file)
+        _copy_into(parts.projector, _with_identity(model, state, file), file)
     if position is not None:
         _copy_position_embedding(parts.vision_tower, position, file)
+
+
+def _with_identity(model: Any, state: dict[str, Any], file: str | Path) -> dict[str, Any]:
+    """LLaVA's `linear` projector file (one weight and bias) completed with the identity
+    second layer of the stock layout (`model.build`); refused for a two-layer projector."""
+    import torch
+
+    if set(state) != {"linear_1.weight", "linear_1.bias"}:
+        return state
+    if not is_single_linear(model):
+        raise ValueError(f"{file}: a `linear` projector (one layer) but this model's projector "
+                         "is mlp2x_gelu; build the model with projector_type linear")
+    size = state["linear_1.weight"].shape[0]
+    return {**state, "linear_2.weight": torch.eye(size), "linear_2.bias": torch.zeros(size)}
 
 
 def _copy_position_embedding(tower: Any, tensor: Any, file: str | Path) -> None:

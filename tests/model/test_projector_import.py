@@ -65,3 +65,28 @@ def test_reading_only_the_projector_of_such_a_file_says_where_it_loads(with_posi
         export_projector(file, tmp_path / "out.safetensors")
     assert set(read_projector_file(ORIGINAL / "projector" / "mm_projector.bin")) == {
         "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+
+
+def test_the_original_linear_projector_imports_exactly_and_exports_back(tmp_path):
+    """The original's `linear` mm_projector.bin (keys `model.mm_projector.weight/bias`) in a
+    single-linear model: identical outputs; export-projector writes the same two keys back."""
+    generator = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(128, 64, generator=generator), torch.randn(128, generator=generator)
+    file = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.weight": weight, "model.mm_projector.bias": bias}, file)
+    model = _model()
+    model.config.projector_hidden_act = "linear"
+    model = transformers.LlavaForConditionalGeneration(model.config)
+    load_projector_weights(model, file)
+    features = torch.randn(5, 64, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(components(model).projector(features),
+                           torch.nn.functional.linear(features, weight, bias))
+    model.save_pretrained(tmp_path / "model")
+    export_projector(tmp_path / "model", tmp_path / "back.bin")
+    back = torch.load(tmp_path / "back.bin", weights_only=True)
+    assert set(back) == {"model.mm_projector.weight", "model.mm_projector.bias"}
+    assert torch.equal(back["model.mm_projector.weight"], weight)
+    with pytest.raises(ValueError, match="a `linear` projector .* build the model with "
+                                         "projector_type linear"):
+        load_projector_weights(_model(), file)
