@@ -22,6 +22,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # and its configuration
 FROM_LLAVA = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias",
               "2.weight": "linear_2.weight", "2.bias": "linear_2.bias"}
 TO_LLAVA = {ours: theirs for theirs, ours in FROM_LLAVA.items()}
+# Its `linear` is one nn.Linear: in the stock layout linear_1, with linear_2 the identity.
+FROM_LLAVA_LINEAR = {"weight": "linear_1.weight", "bias": "linear_1.bias"}
 # Prefixes a projector file may carry (stripped on reading).
 _FILE_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
                   PROJECTOR_PREFIX)
@@ -36,11 +38,45 @@ _MODEL_PREFIXES = (PROJECTOR_PREFIX, "model.multi_modal_projector.")  # legacy, 
 
 def read_projector_file(file: str | Path) -> dict[str, Any]:
     """Projector tensors from our safetensors or LLaVA's `mm_projector.bin`, keyed
-    `linear_1.weight`, … . Pickles load with `weights_only=True`: no code ever runs."""
+    `linear_1.weight`, … . A file that also holds a vision tower's position embedding is
+    refused here (nothing would carry it on): `read_projector_parts` reads both."""
+    state, position = read_projector_parts(file)
+    if position is not None:
+        raise ValueError(f"{file}: holds the vision tower's position embedding beside the "
+                         "projector (a tune_vit_pos_embedding run); load it into a model with "
+                         "--pretrained-projector, which sets both")
+    return state
+
+
+def read_projector_parts(file: str | Path) -> tuple[dict[str, Any], Any]:
+    """(projector tensors keyed `linear_1.weight`, …, the vision tower's position embedding
+    or None). Forks with InternVL's `tune_vit_pos_embedding` save that embedding into
+    `mm_projector.bin` under its full parameter name (`…vision_tower…embeddings.
+    position_embedding[.weight]`). Pickles load with `weights_only=True`: no code ever runs."""
+    out, positions = {}, []
+    for key, tensor in _read_tensors(Path(file)).items():
+        if _is_position_embedding(key):
+            positions.append(tensor)
+            continue
+        short = _strip(key, _FILE_PREFIXES) or key
+        out[FROM_LLAVA.get(short, FROM_LLAVA_LINEAR.get(short, short))] = tensor
+    if len(positions) > 1:
+        raise ValueError(f"{file}: holds {len(positions)} position embeddings; a projector "
+                         "file carries at most one (its vision tower's)")
+    if not out:
+        raise ValueError(f"{file}: no projector tensors found")
+    return out, positions[0] if positions else None
+
+
+def _is_position_embedding(key: str) -> bool:
+    return ("vision_tower" in key or "vision_model" in key) and key.endswith(
+        ("embeddings.position_embedding.weight", "embeddings.position_embedding"))
+
+
+def _read_tensors(file: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    file = Path(file)
     if not file.is_file():
         raise ValueError(f"projector file {str(file)!r} not found")
     if file.suffix == ".safetensors":
@@ -57,13 +93,7 @@ def read_projector_file(file: str | Path) -> dict[str, Any]:
         raise ValueError(f"projector file {str(file)!r} holds a {type(state).__name__}, not a "
                          "mapping of tensor names to tensors (LLaVA's mm_projector.bin or our "
                          "projector.safetensors)")
-    out = {}
-    for key, tensor in state.items():
-        short = _strip(key, _FILE_PREFIXES) or key
-        out[FROM_LLAVA.get(short, short)] = tensor
-    if not out:
-        raise ValueError(f"{file}: no projector tensors found")
-    return out
+    return state
 
 
 def write_projector_file(state: dict[str, Any], file: str | Path) -> Path:
@@ -75,13 +105,31 @@ def write_projector_file(state: dict[str, Any], file: str | Path) -> Path:
 
 
 def write_llava_projector(state: dict[str, Any], file: str | Path) -> dict[str, Any]:
-    """Write `linear_1.weight`, … as the original LLaVA's `mm_projector.bin`; returns what
-    was written (under the original's key names)."""
+    """Write `linear_1.weight`, … as the original LLaVA's `mm_projector.bin` (its
+    `mlp2x_gelu` or, for a single-linear projector, its `linear` keys); returns what was
+    written (under the original's key names)."""
     import torch
 
-    written = {LLAVA_PREFIX + TO_LLAVA[k]: v for k, v in state.items()}
+    if is_single_linear_state(state):  # LLaVA's `linear`: one nn.Linear, as it names it
+        written = {LLAVA_PREFIX + "weight": state["linear_1.weight"],
+                   LLAVA_PREFIX + "bias": state["linear_1.bias"]}
+    else:
+        written = {LLAVA_PREFIX + TO_LLAVA[k]: v for k, v in state.items()}
     write_atomically(file, lambda path: torch.save(written, path))
     return written
+
+
+def is_single_linear_state(state: dict[str, Any]) -> bool:
+    """Projector tensors of LLaVA's `linear` in the stock layout: linear_2 exactly the
+    identity with a zero bias (what `model.build` makes and training never changes; a
+    trained mlp2x_gelu is never exactly that). The tensors are all an export sees."""
+    import torch
+
+    second, bias = state.get("linear_2.weight"), state.get("linear_2.bias")
+    if second is None or bias is None or second.ndim != 2 or second.shape[0] != second.shape[1]:
+        return False
+    return bool(torch.equal(second, torch.eye(second.shape[0], dtype=second.dtype))
+                and not bias.any())
 
 
 def read_adapter_projector(file: str | Path) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from llava_cli.config.values import TRUE, ValueTypeError, read_yaml_text, typed
 
 # Stage presets: what each command means before any recipe or flag.
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
+    # image_aspect_ratio square: LLaVA-1.5's stage 1 (its pretrain.sh passes none, so square)
     "pretrain": {"template": "plain", "train_vision_tower": "frozen", "train_projector": "full",
-                 "train_llm": "frozen"},
+                 "train_llm": "frozen", "image_aspect_ratio": "square"},
     "finetune": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "full"},
     "lora": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "lora",
              "lora_r": 128, "lora_alpha": 256, "projector_lr": 2e-5,
@@ -43,7 +44,12 @@ def _llava_aliases() -> dict[str, Any]:
         "pretrain_mm_mlp_adapter": lambda v: {"pretrained_projector": v},
         "tune_mm_mlp_adapter": lambda v: (
             {"train_llm": "frozen", "train_projector": "full"} if _true(v) else {}),
-        "freeze_backbone": lambda v: {"train_llm": "frozen"} if _true(v) else {},
+        # the original's model.model.requires_grad_(False): the decoder, not lm_head
+        "freeze_backbone": lambda v: (
+            {"train_llm": "frozen", "train_lm_head": "full"} if _true(v) else {}),
+        # issue 15 (trainability): InternVL's name, onto the tower-parts declaration
+        "tune_vit_pos_embedding": lambda v: (
+            {"train_vision_tower": "position_embedding"} if _true(v) else {}),
         "freeze_mm_mlp_adapter": lambda v: {"train_projector": "frozen"} if _true(v) else {},
         "unfreeze_mm_vision_tower": lambda v: {"train_vision_tower": "full"} if _true(v) else {},
         "lora_enable": lambda v: {"train_llm": "lora"} if _true(v) else {},

@@ -8,6 +8,7 @@ turns into the Trainer's arguments.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,25 @@ from llava_cli.data.samples import DataOptions, ImageCheck
 from llava_cli.data.text.templates import canonical_template_name
 
 Trainability = Literal["frozen", "full", "lora"]
+_LAST_LAYERS = re.compile(r"last_(\d+)_layers")
+TOWER_PARTS_HELP = ("frozen, full, or vision-tower parts joined by + (position_embedding, "
+                    "last_N_layers), e.g. position_embedding+last_2_layers")
+
+
+def tower_parts(spec: str) -> tuple[bool, int]:
+    """A vision-tower parts declaration → (train the position embedding, last N layers).
+    `model.parts.tower_parameters` turns it into parameters."""
+    position, last = False, 0
+    for part in spec.split("+"):
+        match = _LAST_LAYERS.fullmatch(part.strip())
+        if part.strip() == "position_embedding" and not position:
+            position = True
+        elif match and int(match.group(1)) > 0 and not last:
+            last = int(match.group(1))
+        else:
+            raise ValueError(f"train_vision_tower {spec!r}: {part.strip()!r} is not a tower "
+                             f"part; give {TOWER_PARTS_HELP}")
+    return position, last
 CONFIG_FILENAME = "llava_config.yaml"
 
 
@@ -97,9 +117,12 @@ class RunConfig(BaseModel):
     attn_implementation: str = "sdpa"
     torch_dtype: str | None = None
     # Trainability per component, applied in one place
-    train_vision_tower: Trainability = "frozen"
+    # the tower may also train parts of itself only: `tower_parts` reads the declaration
+    train_vision_tower: str = "frozen"
     train_projector: Trainability = "full"
     train_llm: Trainability = "full"
+    # None: as the LLM. LLaVA's freeze_backbone freezes the decoder, keeping lm_head trained.
+    train_lm_head: Literal["frozen", "full"] | None = None
     projector_lr: float | None = None
     vision_tower_lr: float | None = None
     # LoRA / quantization
@@ -107,6 +130,8 @@ class RunConfig(BaseModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_bias: Literal["none", "all", "lora_only"] = "none"
+    # Which linear layers of the LLM get adapters: all (as the original LLaVA), or these kinds
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bits: Literal[4, 8, 16] = 16
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
@@ -143,6 +168,13 @@ class RunConfig(BaseModel):
     @classmethod
     def _known_template(cls, value: str) -> str:
         return canonical_template_name(value)
+
+    @field_validator("train_vision_tower")
+    @classmethod
+    def _tower_declaration(cls, value: str) -> str:
+        if value not in ("frozen", "full", "lora"):
+            tower_parts(value)  # the error names what a declaration may hold
+        return value
 
     @field_validator("warmup_ratio")
     @classmethod
@@ -197,7 +229,8 @@ class RunConfig(BaseModel):
         (nothing else trains), or a full checkpoint."""
         if self.train_llm == "lora":
             return OutputKind.LORA
-        if (self.train_llm, self.train_vision_tower) == ("frozen", "frozen"):
+        if (self.train_llm, self.train_vision_tower, self.train_lm_head or "frozen") == (
+                "frozen", "frozen", "frozen"):
             return OutputKind.PROJECTOR
         return OutputKind.FULL
 

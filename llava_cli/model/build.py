@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from llava_cli.data.text.tokenizer import IMAGE_TOKEN
 from llava_cli.model.load import RESTORE, TWO_TOWER_EXTRAS, load_pretrained, torch_dtype
 from llava_cli.model.partitioned import copy_weights, gathered
-from llava_cli.model.parts import components
+from llava_cli.model.parts import components, is_single_linear
 from llava_cli.model.vision import (
     build_processor,
     check_feature_layer,
@@ -33,15 +33,24 @@ PARTS_REMEDY = (f"{RESTORE}, or set random_init: true to train from random weigh
                 "tests only)")
 
 
-def _check_projector(projector_type: str) -> None:
+def _projector_act(projector_type: str) -> str:
+    """The stock projector's activation for a LLaVA projector type.
+
+    transformers' projector is always linear_1 → activation → linear_2. `mlp2x_gelu` is that
+    with GELU. LLaVA's `linear` (one nn.Linear) is that exactly with the identity activation
+    and linear_2 the identity matrix (zero bias), which stays frozen (`model.parts`): same
+    outputs, same trained weights. Three or more linears cannot be written in it."""
     match = _MLP_RE.match(projector_type)
+    if projector_type == "linear":
+        return "linear"
     if match and int(match.group(1)) == 2:
-        return
-    if projector_type == "linear" or (match and int(match.group(1)) >= 3):
-        raise NotImplementedError(
-            f"projector_type {projector_type!r} needs a registered projector class and would "
-            "not load in stock transformers/vLLM (not built yet); use mlp2x_gelu")
-    raise ValueError(f"unknown projector_type {projector_type!r}; use mlp2x_gelu")
+        return "gelu"
+    if match and int(match.group(1)) >= 3:
+        raise ValueError(
+            f"projector_type {projector_type!r}: transformers' LLaVA projector has exactly two "
+            "linear layers around one activation, so a deeper MLP would need a custom class "
+            "that stock transformers and vLLM cannot load; use mlp2x_gelu or linear")
+    raise ValueError(f"unknown projector_type {projector_type!r}; use mlp2x_gelu or linear")
 
 
 def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
@@ -61,7 +70,7 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
 
     if not config.model_name_or_path or not config.vision_tower:
         raise ValueError("a new model needs model_name_or_path (LLM) and vision_tower")
-    _check_projector(config.projector_type)
+    projector_act = _projector_act(config.projector_type)
     remote = config.trust_remote_code
     text_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=remote)
     vision_config = vision_config_of(config.vision_tower, remote)
@@ -80,7 +89,7 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
         **extra, vision_config=vision_config, text_config=text_config,
         image_token_id=image_token_id,
         vision_feature_layer=config.vision_select_layer,
-        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy, projector_hidden_act=projector_act,
         multimodal_projector_bias=True,
         # what one image (one tile for anyres) becomes: the saved config says what the model is
         image_seq_length=positions - int(strategy == "default"),
@@ -113,7 +122,8 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
 
 def _init_new_parts(model: Any, random_tower: bool) -> None:
     """The projector starts as LLaVA's does: PyTorch's default Linear init, not transformers'
-    normal(0, 0.02), which is so small that a from-scratch tower behind it barely learns.
+    normal(0, 0.02), which is so small that a from-scratch tower behind it barely learns
+    (a `linear` projector's second layer: the identity, see `_projector_act`).
     A random-init (demo/test) CLIP tower gets position embeddings of std 1: at transformers'
     0.02 the patches are nearly indistinguishable by position and the demo's tiny tower never
     learned where a shape is (measured: left/right at chance; 0.9 with both changes)."""
@@ -124,6 +134,11 @@ def _init_new_parts(model: Any, random_tower: bool) -> None:
         for layer in parts.projector.modules():
             if isinstance(layer, torch.nn.Linear):
                 layer.reset_parameters()
+        if is_single_linear(model):
+            second = parts.projector.linear_2
+            with torch.no_grad():
+                second.weight.copy_(torch.eye(*second.weight.shape))
+                second.bias.zero_()
     embeddings = getattr(getattr(parts.vision_tower, "vision_model", parts.vision_tower),
                          "embeddings", None)
     position = getattr(embeddings, "position_embedding", None)

@@ -1,10 +1,13 @@
 """The parts of a LLaVA model and their trainability: the one place that knows the module
-layout (`components`) and the one place that sets `requires_grad` (`apply_trainability`)."""
+layout (`components`, the vision tower's parts in `tower_parameters`) and the one place that
+sets `requires_grad` (`apply_trainability`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from llava_cli.config.run_config import tower_parts
 
 
 @dataclass
@@ -25,33 +28,100 @@ def components(model: Any) -> Components:
                       base.lm_head)
 
 
-def apply_trainability(model: Any, vision: str, projector: str, llm: str) -> dict[str, int]:
+def apply_trainability(model: Any, vision: str, projector: str, llm: str,
+                       lm_head: str | None = None) -> dict[str, int]:
     """Set requires_grad for every parameter; returns trainable counts per component.
 
     'frozen' → no grads, 'full' → all grads, 'lora' (LLM only) → only the LoRA weights added
-    by `apply_lora` (the base stays frozen). lm_head and the input embeddings follow the LLM.
+    by `apply_lora` (the base stays frozen). The vision tower may also train some of its
+    parts only (`tower_parameters`: its position embedding, its last N layers). The input
+    embeddings follow the LLM; lm_head follows it too unless `lm_head` says otherwise (LLaVA's
+    `freeze_backbone` freezes the decoder and keeps lm_head trainable).
     Under PEFT's modules_to_save only the trainable copy is trained, never `original_module`.
     """
-    for name, mode in (("train_vision_tower", vision), ("train_projector", projector)):
-        if mode == "lora":
-            raise ValueError(f"{name}: 'lora' is not supported (use 'frozen' or 'full')")
-    for name, mode in (("train_llm", llm), ("train_vision_tower", vision),
-                       ("train_projector", projector)):
+    if projector == "lora" or vision == "lora":
+        name = "train_projector" if projector == "lora" else "train_vision_tower"
+        raise ValueError(f"{name}: 'lora' is not supported (use 'frozen' or 'full')")
+    for name, mode in (("train_llm", llm), ("train_projector", projector),
+                       ("train_lm_head", lm_head or "full")):
         if mode not in ("frozen", "full", "lora"):
             raise ValueError(f"{name}: {mode!r} is not one of frozen, full, lora")
     model.requires_grad_(False)  # then switch on exactly what is asked for
     parts = components(model)
     bias = _lora_bias(model)
-    plan = {"vision_tower": (parts.vision_tower, vision), "projector": (parts.projector, projector),
-            "llm": (parts.llm, llm), "lm_head": (parts.lm_head, llm)}
+    # lm_head before the LLM: a head tied to the input embeddings is the LLM's, as in the
+    # original (its freeze_backbone freezes the shared tensor, head included)
+    plan = {"projector": (parts.projector, projector),
+            "lm_head": (parts.lm_head, lm_head or llm), "llm": (parts.llm, llm)}
+    if vision in ("frozen", "full"):
+        plan["vision_tower"] = (parts.vision_tower, vision)
+    else:
+        chosen = {id(param) for param in tower_parameters(model, vision)}
+        for param in parts.vision_tower.parameters():
+            param.requires_grad_(id(param) in chosen)
     for module, mode in plan.values():
         for name, param in module.named_parameters():
             param.requires_grad_(_wants_grad(name, mode, param, bias))
+    if is_single_linear(model):  # its second layer is the fixed identity: never trained
+        for param in _trained_copy(parts.projector).linear_2.parameters():
+            param.requires_grad_(False)
     newline = _image_newline(model)
     if newline is not None and projector == "full":
         # LLaVA-NeXT's learned row separator belongs to the projector side.
         newline.requires_grad_(True)
     return trainable_counts(model)
+
+
+def is_single_linear(model: Any) -> bool:
+    """Whether the projector is LLaVA's `linear` in the stock layout: linear_1, the identity
+    activation, and linear_2 the identity matrix (`model.build` makes it so)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "projector_hidden_act", None) == "linear"
+
+
+def tower_parameters(model: Any, spec: str) -> list[Any]:
+    """The vision-tower parameters a parts declaration trains (`tower_parts` reads it):
+    `position_embedding` (InternVL's `tune_vit_pos_embedding`) and `last_N_layers` — the
+    last N of the encoder layers whose output the projector reads (with the default feature
+    layer -2 the very last layer feeds nothing, so it is not counted)."""
+    position, last = tower_parts(spec)
+    tower = _trained_copy(components(model).vision_tower)
+    chosen: list[Any] = []
+    if position:
+        embedding = getattr(getattr(tower, "embeddings", None), "position_embedding", None)
+        if embedding is None:
+            raise ValueError(f"train_vision_tower {spec!r}: this vision tower has no "
+                             "embeddings.position_embedding; train it full or frozen")
+        chosen += list(_own_parameters(embedding))
+    if last:
+        layers = tower.encoder.layers
+        feeding = _layers_feeding_features(model, len(layers))
+        if last > feeding:
+            raise ValueError(f"train_vision_tower {spec!r}: only {feeding} encoder layers "
+                             "feed the projector (vision_select_layer); ask for fewer")
+        for layer in list(layers)[feeding - last:feeding]:
+            chosen += list(layer.parameters())
+    return chosen
+
+
+def _trained_copy(module: Any) -> Any:
+    """The copy PEFT trains of a `modules_to_save` module (the module itself otherwise)."""
+    copies = getattr(module, "modules_to_save", None)
+    return copies[next(iter(copies))] if copies else module
+
+
+def _own_parameters(part: Any) -> list[Any]:
+    # CLIP and SigLIP hold an nn.Embedding; InternViT a bare nn.Parameter
+    return [part] if not hasattr(part, "parameters") else list(part.parameters())
+
+
+def _layers_feeding_features(model: Any, count: int) -> int:
+    """How many encoder layers run before the features the projector reads:
+    hidden_states[k] is the output of layer k (0 = the embeddings)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer = base.config.vision_feature_layer
+    indices = layer if isinstance(layer, list) else [layer]
+    return max(k if k >= 0 else count + 1 + k for k in indices)
 
 
 def trainable_counts(model: Any) -> dict[str, int]:

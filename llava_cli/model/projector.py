@@ -6,17 +6,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_file
+from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_parts
 from llava_cli.model.partitioned import gathered
-from llava_cli.model.parts import components
+from llava_cli.model.parts import components, is_single_linear
 
 
 def load_projector_weights(model: Any, file: str | Path) -> None:
-    """Load a projector file into `model`, with a clear error when shapes differ."""
-    projector = components(model).projector
-    state = read_projector_file(file)
-    with gathered(projector, modify=True):
-        _copy_into(projector, state, file)
+    """Load a projector file into `model`, with a clear error when shapes differ; a vision
+    tower position embedding saved beside it (`tune_vit_pos_embedding`) goes into the
+    tower's position embedding."""
+    parts = components(model)
+    state, position = read_projector_parts(file)
+    with gathered(parts.projector, modify=True):
+        _copy_into(parts.projector, _with_identity(model, state, file), file)
+    if position is not None:
+        _copy_position_embedding(parts.vision_tower, position, file)
+
+
+def _with_identity(model: Any, state: dict[str, Any], file: str | Path) -> dict[str, Any]:
+    """LLaVA's `linear` projector file (one weight and bias) completed with the identity
+    second layer of the stock layout (`model.build`); refused for a two-layer projector."""
+    import torch
+
+    if set(state) != {"linear_1.weight", "linear_1.bias"}:
+        return state
+    if not is_single_linear(model):
+        raise ValueError(f"{file}: a `linear` projector (one layer) but this model's projector "
+                         "is mlp2x_gelu; build the model with projector_type linear")
+    size = state["linear_1.weight"].shape[0]
+    return {**state, "linear_2.weight": torch.eye(size), "linear_2.bias": torch.zeros(size)}
+
+
+def _copy_position_embedding(tower: Any, tensor: Any, file: str | Path) -> None:
+    import torch
+
+    embeddings = getattr(tower, "embeddings", None)
+    target = getattr(embeddings, "position_embedding", None)
+    weight = getattr(target, "weight", target)  # nn.Embedding (CLIP, SigLIP) or a Parameter
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{file}: holds a position embedding but this vision tower has no "
+                         "embeddings.position_embedding; use a CLIP or SigLIP tower")
+    with gathered(embeddings, modify=True):
+        if tensor.numel() != weight.numel() or tensor.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"{file}: the position embedding has shape {tuple(tensor.shape)} "
+                             f"but this vision tower's is {tuple(weight.shape)}; the file was "
+                             "trained with another vision tower")
+        with torch.no_grad():  # InternViT keeps a leading batch axis of 1: same numbers
+            weight.copy_(tensor.reshape(weight.shape).to(weight.dtype))
 
 
 def _copy_into(projector: Any, state: dict[str, Any], file: str | Path) -> None:

@@ -30,14 +30,17 @@ class Reporter:
             hf_logging.set_verbosity_error()
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
-                args: Any, held_out: Any = None, weights: str | None = None) -> None:
+                args: Any, held_out: Any = None, weights: str | None = None,
+                lora_layers: list[str] | None = None) -> None:
         """Trainable parameters per component, data counts, effective batch, output kind,
-        and the dtype the weights are in (`weights`)."""
+        the dtype the weights are in (`weights`) and the layers given LoRA adapters."""
         if not self.enabled:
             return
         table = Table(title="llava training run", title_justify="left", show_header=False)
         for part, n in counts.items():
             table.add_row(f"trainable {part}", f"{n:,}")
+        if lora_layers:
+            table.add_row("LoRA on", lora_summary(lora_layers))
         if weights:
             why = (" (the bf16 training dtype; --torch-dtype float32 keeps float32)"
                    if weights == "bfloat16" and not config.torch_dtype else "")
@@ -62,6 +65,16 @@ class Reporter:
     def callback(self) -> TrainerCallback:
         """A Trainer callback that drives the progress bar and prints logged metrics."""
         return _RichCallback(self)
+
+
+def lora_summary(layers: list[str]) -> str:
+    """'14 linear layers: down_proj ×2, …' — how many layers of each kind got adapters."""
+    kinds: dict[str, int] = {}
+    for name in layers:
+        kind = name.rsplit(".", 1)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return f"{len(layers)} linear layers: " + ", ".join(
+        f"{kind} ×{count}" for kind, count in sorted(kinds.items()))
 
 
 class _RichCallback(TrainerCallback):

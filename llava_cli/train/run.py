@@ -39,7 +39,14 @@ def prepare_model(config: RunConfig, model: Any, args: Any = None) -> tuple[Any,
         model = apply_lora(model, config, _deepspeed_dtype(args))
         return model, trainable_counts(model)
     return model, apply_trainability(model, config.train_vision_tower, config.train_projector,
-                                     config.train_llm)
+                                     config.train_llm, config.train_lm_head)
+
+
+def _lora_layers(model: Any) -> list[str]:
+    """What LoRA wrapped (none for a run without LoRA), for the summary."""
+    from llava_cli.model.lora import lora_layers
+
+    return lora_layers(model)
 
 
 def _deepspeed_dtype(args: Any) -> Any:
@@ -108,7 +115,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
 
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
         weights = str(next(model.parameters()).dtype).removeprefix("torch.")
-        reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights)
+        reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights,
+                         _lora_layers(model))
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, output_dir, metrics)

@@ -133,9 +133,29 @@ def test_missing_weights_is_an_error(parts, tokenizer):
 
 
 def test_projector_types(parts, tokenizer):
-    for kind in ("linear", "mlp3x_gelu"):
-        with pytest.raises(NotImplementedError, match="stock transformers"):
-            build_new_model(_config(parts, projector_type=kind), tokenizer)
+    with pytest.raises(ValueError, match="exactly two linear layers around one activation"):
+        build_new_model(_config(parts, projector_type="mlp3x_gelu"), tokenizer)
+    with pytest.raises(ValueError, match="unknown projector_type 'identity'"):
+        build_new_model(_config(parts, projector_type="identity"), tokenizer)
+
+
+def test_a_linear_projector_is_one_linear_layer_in_the_stock_layout(parts, tokenizer, tmp_path):
+    """LLaVA's `linear`: linear_1, the identity activation, linear_2 the (frozen) identity —
+    the output is exactly one nn.Linear's, and it saves and reloads with stock transformers."""
+    model, _ = build_new_model(_config(parts, projector_type="linear"), tokenizer)
+    projector = components(model).projector
+    assert model.config.projector_hidden_act == "linear"
+    features = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(projector(features), torch.nn.functional.linear(
+            features, projector.linear_1.weight, projector.linear_1.bias))
+    apply_trainability(model, "frozen", "full", "frozen")
+    assert _trainable(model) == {"model.multi_modal_projector.linear_1.weight",
+                                 "model.multi_modal_projector.linear_1.bias"}
+    model.save_pretrained(tmp_path)
+    again = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(components(again).projector(features), projector(features))
 
 
 def _trainable(model) -> set[str]:

@@ -43,14 +43,14 @@ def test_our_fields_live_in_the_training_arguments(tmp_path):
 
 def test_lora_config_is_a_pure_mapping_of_the_run_configuration():
     pytest.importorskip("peft")
-    from llava_cli.model.lora import LORA_TARGET_REGEX, lora_config
+    from llava_cli.model.lora import lora_config
 
     config = resolve_config("lora", flags={"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
                                            "train_vision_tower": "full"})
-    mapped = lora_config(config)
+    mapped = lora_config(config, ["model.language_model.layers.0.mlp.fc1"])
     assert (mapped.r, mapped.lora_alpha, mapped.lora_dropout, mapped.bias) == (8, 16, 0.1,
                                                                                 "none")
-    assert mapped.target_modules == LORA_TARGET_REGEX
+    assert mapped.target_modules == {"model.language_model.layers.0.mlp.fc1"}
     assert mapped.modules_to_save == ["multi_modal_projector", "vision_tower"]
-    frozen = lora_config(resolve_config("lora", flags={"train_projector": "frozen"}))
+    frozen = lora_config(resolve_config("lora", flags={"train_projector": "frozen"}), [])
     assert frozen.modules_to_save is None

@@ -1,0 +1,92 @@
+"""Projector files the original code and its forks write: the original's `mm_projector.bin`,
+and the one a `tune_vit_pos_embedding` run writes with the vision tower's position embedding
+in it, which goes into the tower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from llava_cli.artifacts.export import export_projector
+from llava_cli.artifacts.projector_file import read_projector_file
+from llava_cli.model.parts import components
+from llava_cli.model.projector import load_projector_weights
+from tests.helpers import SHARED_ASSETS
+
+ORIGINAL = SHARED_ASSETS / "original-llava"
+# Where the fork's trainer finds it: `model.get_model().vision_tower.named_parameters()`
+# under LLaVA's CLIPVisionTower wrapper, saved with the projector by its full name.
+POSITION_KEY = "model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight"
+
+
+def _model() -> transformers.LlavaForConditionalGeneration:
+    config = transformers.LlavaConfig(
+        vision_config=transformers.AutoConfig.from_pretrained(ORIGINAL / "tiny-clip"),
+        text_config=transformers.AutoConfig.from_pretrained(ORIGINAL / "tiny-vicuna"),
+        image_token_id=31999)
+    return transformers.LlavaForConditionalGeneration(config)
+
+
+@pytest.fixture
+def with_position(tmp_path):
+    original = torch.load(ORIGINAL / "projector" / "mm_projector.bin", weights_only=True)
+    position = torch.randn(50, 64, generator=torch.Generator().manual_seed(3))  # 7² + CLS
+    file = tmp_path / "mm_projector.bin"
+    torch.save({**original, POSITION_KEY: position}, file)
+    return file, original, position
+
+
+def test_the_position_embedding_beside_the_projector_goes_into_the_tower(with_position):
+    file, original, position = with_position
+    model = _model()
+    load_projector_weights(model, file)
+    parts = components(model)
+    assert torch.equal(parts.vision_tower.embeddings.position_embedding.weight, position)
+    projector = parts.projector.state_dict()
+    assert torch.equal(projector["linear_1.weight"], original["model.mm_projector.0.weight"])
+    assert torch.equal(projector["linear_2.bias"], original["model.mm_projector.2.bias"])
+
+
+def test_a_position_embedding_that_does_not_fit_the_tower_is_refused(with_position, tmp_path):
+    file, original, _ = with_position
+    wrong = tmp_path / "wrong.bin"
+    torch.save({**original, POSITION_KEY: torch.zeros(577, 64)}, wrong)
+    with pytest.raises(ValueError, match=r"position embedding has shape \(577, 64\) but this "
+                                         r"vision tower's is \(50, 64\)"):
+        load_projector_weights(_model(), wrong)
+
+
+def test_reading_only_the_projector_of_such_a_file_says_where_it_loads(with_position, tmp_path):
+    file, _, _ = with_position
+    with pytest.raises(ValueError, match="position embedding beside the projector"):
+        read_projector_file(file)
+    with pytest.raises(ValueError, match="--pretrained-projector"):
+        export_projector(file, tmp_path / "out.safetensors")
+    assert set(read_projector_file(ORIGINAL / "projector" / "mm_projector.bin")) == {
+        "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+
+
+def test_the_original_linear_projector_imports_exactly_and_exports_back(tmp_path):
+    """The original's `linear` mm_projector.bin (keys `model.mm_projector.weight/bias`) in a
+    single-linear model: identical outputs; export-projector writes the same two keys back."""
+    generator = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(128, 64, generator=generator), torch.randn(128, generator=generator)
+    file = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.weight": weight, "model.mm_projector.bias": bias}, file)
+    model = _model()
+    model.config.projector_hidden_act = "linear"
+    model = transformers.LlavaForConditionalGeneration(model.config)
+    load_projector_weights(model, file)
+    features = torch.randn(5, 64, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(components(model).projector(features),
+                           torch.nn.functional.linear(features, weight, bias))
+    model.save_pretrained(tmp_path / "model")
+    export_projector(tmp_path / "model", tmp_path / "back.bin")
+    back = torch.load(tmp_path / "back.bin", weights_only=True)
+    assert set(back) == {"model.mm_projector.weight", "model.mm_projector.bias"}
+    assert torch.equal(back["model.mm_projector.weight"], weight)
+    with pytest.raises(ValueError, match="a `linear` projector .* build the model with "
+                                         "projector_type linear"):
+        load_projector_weights(_model(), file)
