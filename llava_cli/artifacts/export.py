@@ -19,6 +19,7 @@ from llava_cli.artifacts.output_dir import refuse_existing_file
 from llava_cli.artifacts.projector_file import (
     PROJECTOR_PREFIX,
     TO_LLAVA,
+    is_single_linear_state,
     projector_from_checkpoint,
     write_llava_projector,
     write_projector_file,
@@ -87,7 +88,8 @@ def _check_mlp2x(state: dict[str, Any], source: str) -> None:
 
 def _describe(state: dict[str, Any], source: str) -> dict[str, Any]:
     first, second = state["linear_1.weight"], state["linear_2.weight"]
-    return {"projector_type": "mlp2x_gelu", "in_features": int(first.shape[1]),
+    kind = "linear" if is_single_linear_state(state) else "mlp2x_gelu"
+    return {"projector_type": kind, "in_features": int(first.shape[1]),
             "hidden_features": int(first.shape[0]), "out_features": int(second.shape[0]),
             "bias": "linear_1.bias" in state, "dtype": str(first.dtype).removeprefix("torch."),
             "source": source}

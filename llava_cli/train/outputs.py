@@ -21,6 +21,7 @@ from llava_cli.artifacts.output_dir import (
     refuse_unsafe_output_dir,
 )
 from llava_cli.config.run_config import RunConfig, save_resolved, with_absolute_paths
+from llava_cli.model.parts import is_single_linear
 from llava_cli.train.checkpoints import (
     TRAINER_STATE,
     checkpoints_by_step,
@@ -131,7 +132,9 @@ def _save_and_publish(trainer: Any, base: Any, config: RunConfig, output_dir: Pa
     _write_run_records(trainer, config, staging, metrics)
     manifest = RunManifest(
         kind=kind, base=base, template=config.template, tokenization=config.tokenization,
-        image_aspect_ratio=config.image_aspect_ratio, projector_type=config.projector_type,
+        image_aspect_ratio=config.image_aspect_ratio,
+        # From the model: a finetune from a `linear` pretrain output keeps its linear projector.
+        projector_type="linear" if is_single_linear(trainer.model) else config.projector_type,
         files=sorted({*(p.name for p in staging.iterdir()), MANIFEST_NAME}))
     manifest.write(staging)
     publish_staged(staging, output_dir, STALE_TRAINING_OUTPUTS)

@@ -4,6 +4,8 @@ saved full checkpoint holds exactly those changes and loads with stock transform
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -64,3 +66,9 @@ def test_a_linear_projector_pretrains_its_one_layer_and_exports_as_the_original(
     second = saved.model.multi_modal_projector.linear_2
     assert saved.config.projector_hidden_act == "linear"
     assert torch.equal(second.weight, torch.eye(64)) and not second.bias.any()
+    # The manifest says what the model is, not the run's (default) projector_type.
+    manifest = json.loads((finetune.output_dir / "llava_run.json").read_text())
+    assert manifest["projector_type"] == "linear"
+    export_projector(result.output_dir, tmp_path / "p.safetensors")
+    sidecar = json.loads((tmp_path / "p.safetensors.json").read_text())
+    assert sidecar["projector_type"] == "linear"
