@@ -32,6 +32,8 @@ def original_names() -> dict[str, Mapper]:
     """Original argument name → the configuration keys it means (a mapper may raise
     ValueError for a value we refuse)."""
     names: dict[str, Mapper] = {name: lambda v: {} for name in accepted_notes()}
+    for name in ("lazy_preprocess", "is_multimodal", "mm_use_im_patch_token"):
+        names[name] = _boolean_no_op(name)  # `--lazy_preprocess recipe.yaml` is a mistake
     names.update({
         "version": lambda v: {"template": v},
         "mm_projector_lr": lambda v: {"projector_lr": v},
@@ -76,6 +78,14 @@ def accepted_notes() -> dict[str, str]:
 
 def _when_true(keys: dict[str, Any]) -> Mapper:
     return lambda value: dict(keys) if is_true(value) else {}
+
+
+def _boolean_no_op(name: str) -> Mapper:
+    def mapper(value: Any) -> dict[str, Any]:
+        if not isinstance(value, bool) and str(value).lower() not in TRUE | FALSE:
+            raise ValueError(f"{name} {value!r}: expected True or False")
+        return {}
+    return mapper
 
 
 def _refuse_true(name: str, why: str) -> Mapper:

@@ -83,6 +83,7 @@ def test_the_original_names_resolve_where_llava_meant_them():
     ("mm_patch_merge_type=spatial_unpad", "mm_patch_merge_type 'spatial_unpad': only 'flat'"),
     ("image_grid_pinpoints=[(336,", "image_grid_pinpoints '[(336,': expected pairs like"),
     ("image_grid_pinpoints=[(1, 2, 3)]", "image_grid_pinpoints '[(1, 2, 3)]': expected pairs"),
+    ("lazy_preprocess=recipe.yaml", "lazy_preprocess 'recipe.yaml': expected True or False"),
     ("tune_vit_pos_embedding=True", "tune_vit_pos_embedding true: training the vision"),
 ])
 def test_what_would_change_training_silently_is_refused(item, message):
