@@ -10,7 +10,15 @@ import sys
 import typer
 
 from llava_cli import __version__
-from llava_cli.commands import demo, export_projector, generate, inspect_data, merge_lora, train
+from llava_cli.commands import (
+    demo,
+    export_projector,
+    generate,
+    inspect_data,
+    merge_lora,
+    recipe_from_script,
+    train,
+)
 from llava_cli.commands.boundary import guarded
 
 app = typer.Typer(
@@ -47,7 +55,10 @@ COMMANDS = {
     "export-projector": (export_projector.export_projector, None),
     "generate": (generate.generate, None),
     "demo": (demo.demo, None),
+    "recipe-from-script": (recipe_from_script.recipe_from_script, None),
 }
+# The commands that accept the original train.py's arguments as its scripts write them.
+TRAINING_COMMANDS = ("pretrain", "finetune", "lora")
 
 
 def _register_commands() -> None:
@@ -74,7 +85,22 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
-    """Console-script entry point."""
-    sys.argv = _strip_launcher_args(sys.argv)
-    app()
+def _original_args_normalised(argv: list[str]) -> list[str]:
+    """For a training command, the original LLaVA/InternVL spellings (`--snake_case True`)
+    turned into ours (`config.original_args`); any other command line is unchanged."""
+    from llava_cli.config.original_args import OptionSpec, normalise_argv
+
+    at = next((i for i, arg in enumerate(argv) if i and not arg.startswith("-")), None)
+    if at is None or argv[at] not in TRAINING_COMMANDS:
+        return argv
+    command = typer.main.get_command(app).commands[argv[at]]  # type: ignore[attr-defined]
+    return argv[: at + 1] + normalise_argv(argv[at + 1:], OptionSpec.of(command))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (`argv`: the whole command line, program name first; by
+    default `sys.argv`)."""
+    words = _original_args_normalised(_strip_launcher_args(sys.argv if argv is None else argv))
+    if argv is None:
+        sys.argv = words  # as before: what later readers of sys.argv see
+    app(args=words[1:], prog_name="llava")

@@ -113,13 +113,28 @@ def _make_command(stage: str) -> Any:
         config = config_or_exit(stage, recipe, set_, flags)
         if print_config:
             show_config(config, stage, trainer=True)
+            _notes(set_, comment=True)
             return
+        _notes(set_, comment=False)
         if stage == "pretrain" and config.train_llm == "lora":
             raise typer.BadParameter("pretrain trains the projector; use finetune --lora")
         run_or_exit(stage, config)
 
     command.__name__ = stage
     return command
+
+
+def _notes(sets: list[str] | None, comment: bool) -> None:
+    """Once per run (on the first rank): the original arguments accepted with no effect, and
+    why — as YAML comments after `--print-config`'s output, else on stderr."""
+    import os
+
+    from llava_cli.config.original_args import notes_for
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for note in notes_for(item.partition("=")[0].strip() for item in sets or []):
+        typer.echo(f"# note: {note}" if comment else f"note: {note}", err=not comment)
 
 
 def _trainability_flags(flags: dict[str, Any]) -> dict[str, Any]:

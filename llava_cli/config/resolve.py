@@ -1,5 +1,6 @@
 """From what the user typed to one validated `RunConfig`: stage preset < recipe YAML <
-`--set key=value` < named flags, with LLaVA's own argument names and any
+`--set key=value` (and the original scripts' arguments, which `cli.main` turns into `--set`) <
+named flags, with LLaVA's and InternVL's argument names (`config.original_args`) and any
 `transformers.TrainingArguments` field accepted (the latter kept in `training_args`)."""
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from llava_cli.config.original_args import original_names
 from llava_cli.config.run_config import ConfigError, RunConfig, refuse_missing_reporters
-from llava_cli.config.values import TRUE, ValueTypeError, read_yaml_text, typed
+from llava_cli.config.values import read_yaml_text, typed
 
 # Stage presets: what each command means before any recipe or flag.
 STAGE_PRESETS: dict[str, dict[str, Any]] = {
@@ -25,47 +27,6 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
              "training_args": {"learning_rate": 2e-4}},
     "inspect-data": {},
 }
-
-
-def _true(value: Any) -> bool:
-    return value is True or value == 1 or (isinstance(value, str) and value.lower() in TRUE)
-
-
-# LLaVA's own argument names, so LLaVA users can bring their scripts' settings.
-def _llava_aliases() -> dict[str, Any]:
-    return {
-        "version": lambda v: {"template": v},
-        "mm_projector_lr": lambda v: {"projector_lr": v},
-        "mm_vision_tower_lr": lambda v: {"vision_tower_lr": v},
-        "mm_vision_select_layer": lambda v: {"vision_select_layer": v},
-        "mm_vision_select_feature": lambda v: {"vision_select_feature": v},
-        "mm_projector_type": lambda v: {"projector_type": v},
-        "mm_vision_tower": lambda v: {"vision_tower": v},
-        "pretrain_mm_mlp_adapter": lambda v: {"pretrained_projector": v},
-        "tune_mm_mlp_adapter": lambda v: (
-            {"train_llm": "frozen", "train_projector": "full"} if _true(v) else {}),
-        # the original's model.model.requires_grad_(False): the decoder, not lm_head
-        "freeze_backbone": lambda v: (
-            {"train_llm": "frozen", "train_lm_head": "full"} if _true(v) else {}),
-        # issue 15 (trainability): InternVL's name, onto the tower-parts declaration
-        "tune_vit_pos_embedding": lambda v: (
-            {"train_vision_tower": "position_embedding"} if _true(v) else {}),
-        "freeze_mm_mlp_adapter": lambda v: {"train_projector": "frozen"} if _true(v) else {},
-        "unfreeze_mm_vision_tower": lambda v: {"train_vision_tower": "full"} if _true(v) else {},
-        "lora_enable": lambda v: {"train_llm": "lora"} if _true(v) else {},
-        "lora_weight_path": lambda v: {},  # never used by LLaVA's train.py
-        "lazy_preprocess": lambda v: {},  # always lazy here
-        "is_multimodal": lambda v: {},
-        "mm_use_im_patch_token": lambda v: _refuse_true("mm_use_im_patch_token", v),
-        "mm_use_im_start_end": lambda v: _refuse_true("mm_use_im_start_end", v),
-    }
-
-
-def _refuse_true(name: str, value: Any) -> dict[str, Any]:
-    if _true(value):
-        raise ConfigError(f"{name}: true is not supported (LLaVA-1.5 and the llava-hf format use "
-                          "no image start/end or patch tokens); remove it or set it to false")
-    return {}
 
 
 def training_argument_types() -> dict[str, Any]:
@@ -111,32 +72,54 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def _place(key: str, value: Any, out: dict[str, Any], source: str,
-           train_types: dict[str, Any]) -> None:
-    """Put one user key where it belongs, read by its field's type: our field, a LLaVA alias,
-    or a TrainingArguments field."""
-    aliases = _llava_aliases()
+           train_types: dict[str, Any], unknown: list[str], aliased: bool = False) -> None:
+    """Put one user key where it belongs, read by its field's type: an original LLaVA/InternVL
+    name (first: `image_grid_pinpoints` is ours too, but LLaVA writes it as a Python text),
+    our field, or a TrainingArguments field; a key nothing knows goes to `unknown`."""
+    aliases = original_names()
     try:
-        if key in RunConfig.model_fields and key != "training_args":
-            out[key] = typed(value, RunConfig.model_fields[key].annotation, key)
-        elif key in aliases:
+        if key in aliases and not aliased:
             for k, v in aliases[key](value).items():
-                _place(k, v, out, source, train_types)
+                _place(k, v, out, source, train_types, unknown, aliased=True)
+        elif key in RunConfig.model_fields and key != "training_args":
+            out[key] = typed(value, RunConfig.model_fields[key].annotation, key)
         elif key in train_types:
             out.setdefault("training_args", {})[key] = typed(value, train_types[key], key)
         elif key == "training_args" and isinstance(value, dict):
             for k, v in value.items():
-                _place(k, v, out, source, train_types)
+                _place(k, v, out, source, train_types, unknown)
         else:
-            _unknown(key, source, [*aliases, *train_types])
-    except ValueTypeError as err:
+            unknown.append(key)
+    except ConfigError:
+        raise  # from a nested key: already says where
+    except ValueError as err:  # ValueTypeError, or a value an original name refuses
         raise ConfigError(f"{err} (from {source})") from None
 
 
-def _unknown(key: str, source: str, names: list[str]) -> None:
-    """The error for a key nothing knows, with the closest valid name."""
-    close = difflib.get_close_matches(key, [*RunConfig.model_fields, *names], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown configuration key {key!r} (from {source}){hint}")
+def _refuse_unknown(keys: list[str], source: str, names: list[str]) -> None:
+    """One error naming every key nothing knows, each with its closest valid name."""
+    if not keys:
+        return
+    described = []
+    for key in keys:
+        close = difflib.get_close_matches(key, [*RunConfig.model_fields, *names], n=1)
+        described.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    plural = "s" if len(keys) > 1 else ""
+    raise ConfigError(f"unknown configuration key{plural} {', '.join(described)} (from "
+                      f"{source}); see `--help`, or any transformers.TrainingArguments field")
+
+
+def place_keys(layer: dict[str, Any], source: str,
+               train_types: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One layer's keys as our configuration keys (TrainingArguments fields under
+    `training_args`), each read by its field's type; every unknown key in one error."""
+    train_types = training_argument_types() if train_types is None else train_types
+    placed: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in layer.items():
+        _place(key, value, placed, source, train_types, unknown)
+    _refuse_unknown(unknown, source, [*original_names(), *train_types])
+    return placed
 
 
 def resolve_config(command: str, recipe: str | Path | None = None,
@@ -151,12 +134,10 @@ def resolve_config(command: str, recipe: str | Path | None = None,
     layers = [(STAGE_PRESETS.get(command, {}), f"the {command} preset")]
     if recipe is not None:
         layers.append((load_recipe(recipe), f"recipe {str(recipe)!r}"))
-    layers.append((parse_set(sets), "--set"))
+    layers.append((parse_set(sets), "--set or the command line"))
     layers.append(({k: v for k, v in (flags or {}).items() if v is not None}, "a flag"))
     for layer, source in layers:
-        placed: dict[str, Any] = {}
-        for key, value in layer.items():
-            _place(key, value, placed, source, train_types)
+        placed = place_keys(layer, source, train_types)
         args = {**merged.get("training_args", {}), **placed.pop("training_args", {})}
         merged.update(placed)
         merged["training_args"] = args

@@ -58,9 +58,15 @@ def test_any_training_argument_is_accepted():
 
 
 def test_unknown_key_names_the_closest():
-    with pytest.raises(ConfigError, match=r"unknown configuration key 'learning_rat' \(from "
-                       r"--set\); did you mean 'learning_rate'\?"):
+    with pytest.raises(ConfigError, match=r"unknown configuration key 'learning_rat' \(did you "
+                       r"mean 'learning_rate'\?\) \(from --set or the command line\)"):
         resolve_config("finetune", sets=["learning_rat=1"])
+
+
+def test_every_unknown_key_is_named_in_one_error():
+    with pytest.raises(ConfigError, match=r"unknown configuration keys 'learning_rat' \(did you "
+                       r"mean 'learning_rate'\?\), 'zzz_qqq' \(from"):
+        resolve_config("finetune", sets=["learning_rat=1", "seed=3", "zzz_qqq=2"])
 
 
 def test_bad_values_and_files(tmp_path):
@@ -72,7 +78,8 @@ def test_bad_values_and_files(tmp_path):
         parse_set(["learning_rate"])
     with pytest.raises(ConfigError, match="not found"):
         resolve_config("finetune", tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="mm_use_im_start_end: true is not supported"):
+    with pytest.raises(ConfigError, match="mm_use_im_start_end true: image start/end tokens "
+                       "are not supported yet; remove it or set it to False"):
         resolve_config("finetune", sets=["mm_use_im_start_end=true"])
 
 
@@ -146,7 +153,8 @@ def test_deepspeed_conflicts_are_refused_before_anything_is_built(tmp_path):
     ("model_max_length=lots", "model_max_length: expected a whole number"),
 ])
 def test_a_value_its_field_cannot_take_is_an_error_up_front(item, message):
-    with pytest.raises(ConfigError, match=re.escape(message) + r".*\(from --set\)"):
+    with pytest.raises(ConfigError, match=re.escape(message) + r".*\(from --set or the command "
+                       r"line\)"):
         resolve_config("finetune", sets=[item])
 
 

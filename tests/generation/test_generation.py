@@ -87,9 +87,9 @@ def test_stop_strings(generator):
     eos = processor.tokenizer.eos_token_id
     single = generation_kwargs(processor, "v1", 5)  # "</s>" is the EOS token itself
     assert single["eos_token_id"] == [eos, eos] and single["stopping_criteria"] is None
-    several = generation_kwargs(processor, "v0", 5)  # "###": a stop-string criterion
+    several = generation_kwargs(processor, "vicuna_v0", 5)  # "###": a stop-string criterion
     assert several["stopping_criteria"] is not None and several["do_sample"] is False
-    assert clean_answer(" red###Human: hi", "v0") == "red"
+    assert clean_answer(" red###Human: hi", "vicuna_v0") == "red"
     assert clean_answer(" red</s>", "v1") == "red"
 
 

@@ -71,7 +71,7 @@ def test_stock_generate_stops_at_the_end_of_the_turn(outputs, template):
 def test_our_generator_answers_with_a_stop_string_config(outputs):
     from llava_cli.generation.load import load_for_generation
 
-    generator = load_for_generation(outputs["v0"])  # "###": saved as stop_strings
+    generator = load_for_generation(outputs["vicuna_v0"])  # "###": saved as stop_strings
     assert isinstance(generator.answer(None, "Hello!", max_new_tokens=3), str)
 
 

@@ -79,6 +79,17 @@ _LLAMA2_COMMON: dict[str, Any] = {
     "stop": "</s>",
 }
 
+_VICUNA_V1_COMMON: dict[str, Any] = {
+    "system_format": "{system} ", "user_format": "USER: {content} ",
+    "assistant_header": "ASSISTANT:", "assistant_format": " {content}</s>", "stop": "</s>",
+}
+_MPT_COMMON: dict[str, Any] = {
+    "system_format": "<|im_start|>system\n{system}<|im_end|>",
+    "user_format": "<|im_start|>user\n{content}<|im_end|>",
+    "assistant_header": "<|im_start|>assistant\n", "assistant_format": "{content}<|im_end|>",
+    "stop": "<|im_end|>",
+}
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
@@ -93,40 +104,30 @@ TEMPLATES: dict[str, Template] = {
             description="stage 1 (pretrain): the image, then the caption; caption supervised",
         ),
         Template(
-            name="v0",
+            name="vicuna_v0",
             system=_VICUNA_SYSTEM.replace("user", "human"),
             system_format="{system}###",
             user_format="Human: {content}###",
             assistant_header="Assistant:",
             assistant_format=" {content}###",
             stop="###",
-            description="LLaVA v0 (Vicuna v0 separators)",
+            description="LLaVA's conv_vicuna_v0 as its get_prompt writes it (serving v0 models)",
         ),
-        Template(
-            name="v1",
-            system=_VICUNA_SYSTEM,
-            system_format="{system} ",
-            user_format="USER: {content} ",
-            assistant_header="ASSISTANT:",
-            assistant_format=" {content}</s>",
-            stop="</s>",
-            description="vicuna_v1, the LLaVA-1.5 default",
-        ),
+        Template(name="v1", system=_VICUNA_SYSTEM, **_VICUNA_V1_COMMON,
+                 description="vicuna_v1, the LLaVA-1.5 default"),
+        Template(name="llava_v1", system=_VICUNA_SYSTEM.replace("user", "human"),
+                 **_VICUNA_V1_COMMON, description="LLaVA's conv_llava_v1 (v1, 'human' system)"),
         Template(name="llama_2", system=_LLAMA2_SYSTEM, description="Llama-2 chat",
                  **_LLAMA2_COMMON),
         Template(name="llava_llama_2", system=_LLAVA_LLAMA2_SYSTEM,
                  description="LLaVA's Llama-2 variant (its own system prompt)", **_LLAMA2_COMMON),
-        Template(
-            name="mpt",
-            system="A conversation between a user and an LLM-based AI assistant. "
-            "The assistant gives helpful and honest answers.",
-            system_format="<|im_start|>system\n{system}<|im_end|>",
-            user_format="<|im_start|>user\n{content}<|im_end|>",
-            assistant_header="<|im_start|>assistant\n",
-            assistant_format="{content}<|im_end|>",
-            stop="<|im_end|>",
-            description="MPT (ChatML markers without newlines between turns)",
-        ),
+        Template(name="mistral_instruct", **{**_LLAMA2_COMMON, "round_separator": ""},
+                 description="LLaVA's mistral_instruct: Llama-2 markers, no system, no <s>"),
+        Template(name="mpt", system="A conversation between a user and an LLM-based AI "
+                 "assistant. The assistant gives helpful and honest answers.", **_MPT_COMMON,
+                 description="MPT (ChatML markers without newlines between turns)"),
+        Template(name="chatml_direct", system="Answer the questions.", **_MPT_COMMON,
+                 description="LLaVA's chatml_direct: the mpt markers, a short system prompt"),
         Template(
             name="chatml",
             system="You are a helpful assistant.",
@@ -150,13 +151,25 @@ TEMPLATES: dict[str, Template] = {
         ),
     )
 }
-ALIASES = {"vicuna_v1": "v1", "llava_v1": "v1", "conv_vicuna_v1": "v1", "qwen": "chatml",
+# LLaVA's `--version` names (llava/conversation.py conv_templates) and others' → ours. `v0`:
+# LLaVA's train.py (c121f04) sets no conversation for `--version v0` (only a [PAD] pad token,
+# which never reaches the labels), so it trains the default, vicuna_v1.
+ALIASES = {"vicuna_v1": "v1", "conv_vicuna_v1": "v1", "v0": "v1", "v0.5": "v1",
+           "v0_plain": "plain", "mistral_direct": "chatml_direct", "qwen": "chatml",
            "qwen_2": "chatml", "llava_llama_3": "llama3", "chat_template": CHAT_TEMPLATE}
+# Names the original trains through paths we do not reproduce: refused, never approximated.
+_LEGACY = ("LLaVA trains it through its legacy '### Human:' path (_add_speaker_and_signal, "
+           "whose masks drift one token per turn)")
+_MMTAG = "it wraps each image in '<Image>…</Image>' text, which is not supported yet"
+REFUSED = {"default": _LEGACY, "llava_v0": _LEGACY, "v0_mmtag": _MMTAG, "v1_mmtag": _MMTAG}
 TEMPLATE_NAMES = (*TEMPLATES, CHAT_TEMPLATE)
 
 
 def canonical_template_name(name: str) -> str:
     """Map LLaVA's conversation names (`vicuna_v1`, `qwen_2`, …) to ours; error on unknown ones."""
+    if name in REFUSED:
+        raise ValueError(f"template {name!r}: {REFUSED[name]}; use v1 (what LLaVA trains for "
+                         "--version v0) or vicuna_v0 (the v0 prompt as LLaVA serves it)")
     name = ALIASES.get(name, name)
     if name not in TEMPLATE_NAMES:
         raise ValueError(f"unknown template {name!r}; choose one of: {', '.join(TEMPLATE_NAMES)}")

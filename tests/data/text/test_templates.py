@@ -26,6 +26,14 @@ EXPECTED = {
     "chatml": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                "<image>\nQ1?<|im_end|>\n<|im_start|>assistant\nA1.<|im_end|>\n<|im_start|>user\n"
                "Q2?<|im_end|>\n<|im_start|>assistant\nA2.<|im_end|>\n"),
+    # LLaVA's conversation.py: no system block and no <s> between rounds.
+    "mistral_instruct": "[INST] <image>\nQ1? [/INST] A1. </s>[INST] Q2? [/INST] A2. </s>",
+    "chatml_direct": ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
+                      "<image>\nQ1?<|im_end|><|im_start|>assistant\nA1.<|im_end|><|im_start|>"
+                      "user\nQ2?<|im_end|><|im_start|>assistant\nA2.<|im_end|>"),
+    "llava_v1": ("A chat between a curious human and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the human's questions."
+                 " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"),
     "mpt": (f"<|im_start|>system\n{TEMPLATES['mpt'].system}<|im_end|><|im_start|>user\n<image>\n"
             "Q1?<|im_end|><|im_start|>assistant\nA1.<|im_end|><|im_start|>user\nQ2?<|im_end|>"
             "<|im_start|>assistant\nA2.<|im_end|>"),
@@ -36,6 +44,9 @@ SUPERVISED = {
     "llava_llama_2": [" A1. </s>", " A2. </s>"],
     "chatml": ["A1.<|im_end|>", "A2.<|im_end|>"],
     "mpt": ["A1.<|im_end|>", "A2.<|im_end|>"],
+    "mistral_instruct": [" A1. </s>", " A2. </s>"],
+    "chatml_direct": ["A1.<|im_end|>", "A2.<|im_end|>"],
+    "llava_v1": [" A1.</s>", " A2.</s>"],
 }
 
 
@@ -47,8 +58,8 @@ def test_rendered_text_and_spans(name):
     assert [rendered.text[a:b] for a, b in rendered.spans] == SUPERVISED[name]
 
 
-def test_llama3_and_v0_supervise_only_replies():
-    for name, stop in (("llama3", "<|eot_id|>"), ("v0", "###")):
+def test_llama3_and_vicuna_v0_supervise_only_replies():
+    for name, stop in (("llama3", "<|eot_id|>"), ("vicuna_v0", "###")):
         rendered = render(TEMPLATES[name], CONV)
         pieces = [rendered.text[a:b] for a, b in rendered.spans]
         assert [p.strip() for p in pieces] == [f"A1.{stop}", f"A2.{stop}"]
@@ -72,6 +83,19 @@ def test_empty_reply_supervises_only_end_of_turn():
 def test_aliases_and_unknown_template():
     assert canonical_template_name("vicuna_v1") == "v1"
     assert canonical_template_name("qwen_2") == "chatml"
+    # LLaVA's conv_templates names: each trains what LLaVA's train.py trains for it
+    for name, ours in (("v0", "v1"), ("v0.5", "v1"), ("v0_plain", "plain"),
+                       ("mistral_direct", "chatml_direct"), ("chatml_direct", "chatml_direct"),
+                       ("mistral_instruct", "mistral_instruct"), ("llava_v1", "llava_v1"),
+                       ("llama_2", "llama_2"), ("mpt", "mpt")):
+        assert canonical_template_name(name) == ours, name
+    for name in ("default", "llava_v0"):
+        with pytest.raises(ValueError, match=f"template '{name}': LLaVA trains it through its "
+                           "legacy '### Human:' path"):
+            canonical_template_name(name)
+    for name in ("v0_mmtag", "v1_mmtag"):
+        with pytest.raises(ValueError, match="<Image>…</Image>' text, which is not supported"):
+            canonical_template_name(name)
     with pytest.raises(ValueError, match="unknown template 'vicuna9'; choose one of: plain"):
         canonical_template_name("vicuna9")
 
