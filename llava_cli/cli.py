@@ -10,7 +10,15 @@ import sys
 import typer
 
 from llava_cli import __version__
-from llava_cli.commands import demo, export_projector, generate, inspect_data, merge_lora, train
+from llava_cli.commands import (
+    convert,
+    demo,
+    export_projector,
+    generate,
+    inspect_data,
+    merge_lora,
+    train,
+)
 from llava_cli.commands.boundary import guarded
 
 app = typer.Typer(
@@ -45,6 +53,7 @@ COMMANDS = {
     "merge-lora": (merge_lora.merge_lora, None),
     "inspect-data": (inspect_data.inspect_data, None),
     "export-projector": (export_projector.export_projector, None),
+    "convert": (convert.convert, None),
     "generate": (generate.generate, None),
     "demo": (demo.demo, None),
 }

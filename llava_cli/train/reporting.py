@@ -30,12 +30,16 @@ class Reporter:
             hf_logging.set_verbosity_error()
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
-                args: Any, held_out: Any = None, weights: str | None = None) -> None:
+                args: Any, held_out: Any = None, weights: str | None = None,
+                started: str | None = None) -> None:
         """Trainable parameters per component, data counts, effective batch, output kind,
-        and the dtype the weights are in (`weights`)."""
+        the dtype the weights are in (`weights`) and, when it needs saying, what the starting
+        model was converted from (`started`)."""
         if not self.enabled:
             return
         table = Table(title="llava training run", title_justify="left", show_header=False)
+        if started:
+            table.add_row("starting model", started)
         for part, n in counts.items():
             table.add_row(f"trainable {part}", f"{n:,}")
         if weights:
