@@ -162,7 +162,8 @@ def _manifest(original: OriginalCheckpoint, base: Any, kind: OutputKind, templat
     if isinstance(base, OriginalBase):
         base = base.model_copy(update={"fingerprint": base_fingerprint(base)})
     files = sorted({p.name for p in staging.iterdir()} | {MANIFEST_NAME})
-    RunManifest(kind=kind, base=base, template=template, tokenization="hf",
+    # "llava": the original tokenizes each side of <image> apart (tokenizer_image_token).
+    RunManifest(kind=kind, base=base, template=template, tokenization="llava",
                 image_aspect_ratio=aspect, files=files,
                 extra={"converted_from": {"path": str(original.folder.resolve()),
                                           "layout": "original LLaVA", "kind": original.kind}}

@@ -20,6 +20,14 @@ SLOW_TOKENIZER = ("tokenizer.model", "tokenizer_config.json", "special_tokens_ma
 _NOISE = ("output_hidden_states", "return_dict", "dtype", "chunk_size_feed_forward",
           "is_encoder_decoder", "id2label", "label2id", "problem_type", "output_attentions",
           "_name_or_path", "transformers_version", "rope_parameters")
+# An original LoRA run's adapter_config.json (PEFT 0.6-0.10): its keys, with their defaults.
+ADAPTER_DEFAULTS: dict[str, Any] = {
+    "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
+    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+    "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8,
+    "lora_dropout": 0.0, "megatron_config": None, "megatron_core": "megatron.core",
+    "modules_to_save": None, "peft_type": "LORA", "r": 8, "rank_pattern": {},
+    "revision": None, "target_modules": None, "task_type": "CAUSAL_LM", "use_rslora": False}
 _STRATEGIES = {"default": "patch", "full": "cls_patch"}
 _IMAGE_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
                "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")

@@ -44,6 +44,7 @@ from llava_cli.artifacts.output_dir import (
 )
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
 from llava_cli.convert.original_files import (
+    ADAPTER_DEFAULTS,
     TOWER_FOLDER,
     config_for_original,
     kept_rows,
@@ -154,12 +155,21 @@ def _lora(source: Path, staging: Path, tower: str, out: Path, verify: bool,
     adapter = load_file(str(run.adapter / ADAPTER_FILE))
     lora = {adapter_key_to_original(k): v.contiguous() for k, v in adapter.items()
             if ".lora_A." in k or ".lora_B." in k}
+    others = [k for k in adapter if ".lora_" not in k and "multi_modal_projector" not in k]
+    if others:  # e.g. a trained lm_head: non_lora_trainables here holds the projector only
+        raise ValueError(f"{run.adapter / ADAPTER_FILE}: trained tensors besides LoRA and the "
+                         f"projector ({others[:3]}) cannot be written in the original layout")
     _save_tensors(lora, staging / ADAPTER_FILE)
     projector = read_adapter_projector(run.adapter / ADAPTER_FILE)  # refuses a frozen one
     non_lora = {k: v.contiguous() for k, v in non_lora_of(projector).items()}
     write_atomically(staging / NON_LORA_FILE, lambda p: _torch_save(non_lora, p))
-    settings = json.loads((run.adapter / ADAPTER_CONFIG).read_text())
+    ours = json.loads((run.adapter / ADAPTER_CONFIG).read_text())
+    if ours.get("use_dora") or ours.get("lora_bias"):
+        raise ValueError(f"{run.adapter / ADAPTER_CONFIG}: DoRA / LoRA bias adapters are not "
+                         "plain LoRA; the original's PEFT cannot read them")
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[1] for k in lora})
+    # Only the keys the original's PEFT wrote: an older PEFT refuses keys it does not know.
+    settings = {k: ours.get(k, v) for k, v in ADAPTER_DEFAULTS.items()}
     settings.update(base_model_name_or_path=llm, target_modules=targets, modules_to_save=None,
                     task_type="CAUSAL_LM", inference_mode=True)
     write_text_atomically(staging / ADAPTER_CONFIG, json.dumps(settings, indent=2) + "\n")

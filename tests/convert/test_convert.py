@@ -103,6 +103,17 @@ def test_converted_model_reproduces_the_originals_logits(converted, original, na
     assert (logits.argmax(-1).numpy() == npz["argmax"]).all()
 
 
+def test_a_full_checkpoints_frozen_tower_comes_from_the_checkpoint(converted, original):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(converted["full"]))
+    ours = model.model.vision_tower.embeddings.patch_embedding.weight
+    saved = load_file(str(original / "full" / "model.safetensors"))
+    theirs = saved["model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding."
+                   "weight"]
+    assert theirs.dtype == torch.float16 and torch.equal(ours, theirs.float())
+
+
 def test_our_processor_serves_the_originals_pixels_and_prompt(converted, original, assets):
     from PIL import Image
     from transformers import AutoProcessor
@@ -116,6 +127,15 @@ def test_our_processor_serves_the_originals_pixels_and_prompt(converted, origina
                                              {"type": "text", "text": str(npz["question"])}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == str(npz["prompt"])  # the v1 template the original prompted with
+    served = processor(text=prompt, images=image, return_tensors="pt")
+    assert torch.equal(served["pixel_values"][0], pixels)
+    ids = npz["input_ids"].tolist()
+    at = ids.index(-200)
+    # The stock processor tokenizes the prompt whole: the original's tokenizer_image_token
+    # (each side of <image> apart) has one more "▁" (29871) after the image; nothing else.
+    assert ids[at + 1] == 29871
+    expected = ids[:at] + [processor.image_token_id] * 49 + ids[at + 2:]
+    assert served["input_ids"][0].tolist() == expected
 
 
 def test_projector_run_becomes_a_pretrain_output_that_finetune_starts_from(
@@ -170,6 +190,12 @@ def test_full_round_trip_through_the_original_layout(converted, original, tmp_pa
     assert all(torch.equal(written[k], source[k].to(written[k].dtype)) for k in source)
     config = json.loads((back / "config.json").read_text())
     assert config["model_type"] == "llava_llama" and config["vocab_size"] == 32000
+    shared = json.loads((original / "full" / "config.json").read_text())
+    assert {k for k in config if k.startswith("mm_")} == {k for k in shared
+                                                          if k.startswith("mm_")}
+    assert {k: config[k] for k in shared if k.startswith("mm_") and k != "mm_vision_tower"
+            } == {k: v for k, v in shared.items() if k.startswith("mm_")
+                  and k != "mm_vision_tower"}
     assert config["mm_vision_tower"] == str((back / "vision_tower").resolve())
     again = tmp_path / "again"
     _cli("convert", back, "-o", again)  # the tower: mm_vision_tower, as written
@@ -193,6 +219,7 @@ def test_lora_run_goes_to_the_originals_layout_and_back(converted, original, tmp
     assert set(non_lora) == set(torch.load(shared / "non_lora_trainables.bin",
                                            weights_only=True))
     adapter = json.loads((back / "adapter_config.json").read_text())
+    assert set(adapter) == set(json.loads((shared / "adapter_config.json").read_text()))
     assert adapter["base_model_name_or_path"] == str((original / "tiny-vicuna").resolve())
     merged, again = tmp_path / "merged", tmp_path / "again"
     _cli("merge-lora", run, "-o", merged)
