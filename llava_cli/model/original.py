@@ -116,7 +116,10 @@ def build_from_original(original: OriginalCheckpoint, vision_tower: str | None =
         tie_word_embeddings=bool(text.get("tie_word_embeddings", False)))
     config.text_config.vocab_size = len(tokenizer)
     config.pad_token_id = config.text_config.pad_token_id = tokenizer.pad_token_id
-    model = LlavaForConditionalGeneration(config).to(torch_dtype(dtype))
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is replaced below (strictly): no random init
+        model = LlavaForConditionalGeneration(config).to(torch_dtype(dtype))
     parts = _parts(original, tower, llm_folder, vision_config)
     _add_rows(parts, len(tokenizer))
     _place(model, to_ours(parts), original.folder)

@@ -162,6 +162,16 @@ def test_finetune_takes_an_original_folder_directly(original, tmp_path):
     assert manifest["base"]["path"] == str((original / "full").resolve())
 
 
+def test_a_lora_run_on_an_original_folder_merges_onto_it(original, tmp_path):
+    run = tmp_path / "run"
+    _train("lora", "--model-name-or-path", original / "full", "-o", run, "--lora-r", "8",
+           "--lora-alpha", "16", *TRAIN)
+    said = _cli("merge-lora", run, "-o", tmp_path / "merged")  # the base: converted again
+    assert "verify vs base + adapter (unmerged)" in said and "FAILED" not in said
+    manifest = json.loads((tmp_path / "merged" / "llava_run.json").read_text())
+    assert manifest["base"]["base"]["type"] == "original"
+
+
 def test_merge_lora_takes_an_original_lora_run_with_base(converted, original, tmp_path):
     _cli("merge-lora", original / "lora", "--base", original / "tiny-vicuna",
          "-o", tmp_path / "merged")
