@@ -11,6 +11,7 @@ import typer
 
 from llava_cli import __version__
 from llava_cli.commands import (
+    convert,
     demo,
     export_projector,
     generate,
@@ -53,6 +54,7 @@ COMMANDS = {
     "merge-lora": (merge_lora.merge_lora, None),
     "inspect-data": (inspect_data.inspect_data, None),
     "export-projector": (export_projector.export_projector, None),
+    "convert": (convert.convert, None),
     "generate": (generate.generate, None),
     "demo": (demo.demo, None),
     "recipe-from-script": (recipe_from_script.recipe_from_script, None),

@@ -18,6 +18,7 @@ LAYERS = [
     ("config",),
     ("model",),
     ("train", "inspect", "merge", "generation"),  # siblings: none imports another
+    ("convert",),  # builds on merge's checks (an original LoRA run is merged on the way in)
     ("demo",),
     ("commands",),
     ("",),  # the package face: cli.py, __main__.py, __init__.py

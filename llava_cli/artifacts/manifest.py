@@ -62,6 +62,20 @@ class CheckpointBase(_Base):
     fingerprint: str | None = None  # of its weight files and projector file (`base_fingerprint`)
 
 
+class OriginalBase(_Base):
+    """A checkpoint in the original LLaVA's layout (`llava convert`, or converted on the fly
+    by a training run): the folder, its kind, and the vision tower / base LLM it was read
+    with (absolute paths)."""
+
+    type: Literal["original"] = "original"
+    path: str
+    kind: str  # full | projector | lora (`artifacts.original_layout.KINDS`)
+    vision_tower: str
+    llm: str | None = None  # the base LLM a projector or LoRA run was trained on
+    pretrained_projector: str | None = None
+    fingerprint: str | None = None  # of all three (`base_fingerprint`)
+
+
 class MergedBase(_Base):
     """A LoRA adapter merged into its base (what `merge-lora` writes)."""
 
@@ -70,7 +84,8 @@ class MergedBase(_Base):
     base: Base
 
 
-Base = Annotated[PartsBase | CheckpointBase | MergedBase, Field(discriminator="type")]
+Base = Annotated[PartsBase | CheckpointBase | OriginalBase | MergedBase,
+                 Field(discriminator="type")]
 MergedBase.model_rebuild()
 
 
@@ -111,6 +126,8 @@ def base_fingerprint(base: Base) -> str | None:
         return None
     if isinstance(base, PartsBase):
         sources = [] if base.random_init else [base.llm, base.vision_tower]
+    elif isinstance(base, OriginalBase):
+        sources = [base.path, base.vision_tower] + ([base.llm] if base.llm else [])
     else:
         sources = [base.path] if Path(base.path).is_absolute() else []
     if sources and base.pretrained_projector:

@@ -33,6 +33,9 @@ def merge_lora(
 ) -> None:
     """Merge a LoRA/QLoRA run into its full-precision base and save a standalone checkpoint.
 
+    An original LLaVA LoRA run (adapter + non_lora_trainables.bin) is converted and merged
+    into --base (the LLM it was trained on), verified against the original's own layout.
+
     The result loads with stock transformers (LlavaForConditionalGeneration, pipeline) and vLLM.
     Verified: logits vs the unmerged base + adapter (QLoRA: also vs the quantized base,
     where bitsandbytes runs). A failed check exits 1 and writes nothing. A base whose weight
@@ -43,6 +46,14 @@ def merge_lora(
     from llava_cli.merge.merge import merge_lora as run
 
     quiet_libraries()
+    if _original_lora(run_dir):  # the original LLaVA's layout: converted, merged, verified
+        from llava_cli.convert.convert import convert_original
+        from llava_cli.convert.convert import describe as converted
+
+        typer.echo(converted(convert_original(run_dir, output_dir, base=base,
+                                              overwrite=overwrite, verify=verify,
+                                              log=typer.echo)))
+        return
     try:
         result = run(run_dir, output_dir, base=base, dtype=dtype, overwrite=overwrite,
                      verify=verify, max_shard_size=max_shard_size, log=typer.echo,
@@ -57,3 +68,11 @@ def merge_lora(
         typer.echo(f"QLoRA: merged into the unquantized base; the {result.bits}-bit check has a "
                    "looser tolerance (it measures quantization error, not the merge)")
     typer.echo(describe(result))
+
+
+def _original_lora(run_dir: Path) -> bool:
+    """A LoRA run written by the original LLaVA (adapter + non_lora_trainables.bin)."""
+    from llava_cli.artifacts.original_layout import find_original
+
+    found = find_original(run_dir)
+    return found is not None and found.kind == "lora"

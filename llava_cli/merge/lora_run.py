@@ -16,6 +16,7 @@ from llava_cli.artifacts.manifest import (
     base_fingerprint,
     read_manifest,
 )
+from llava_cli.artifacts.original_layout import find_original
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
 from llava_cli.config.run_config import CONFIG_FILENAME, RunConfig
 
@@ -42,6 +43,10 @@ def find_lora_run(run_dir: str | Path, trust_remote_code: bool = False) -> LoraR
         raise ValueError(f"run directory {str(path)!r} not found")
     root = path if (path / MANIFEST_NAME).is_file() else path.parent
     manifest = read_manifest(root)
+    original = find_original(path) if manifest is None else None
+    if original is not None and original.kind == "lora":
+        raise ValueError(f"{path} is a LoRA run of the original LLaVA; convert and merge it "
+                         "with `llava merge-lora RUN --base LLM -o OUT` (or `llava convert`)")
     if manifest is None:
         raise ValueError(f"{path}: no {MANIFEST_NAME} here or in its parent; merge-lora needs "
                          "a run directory written by `llava lora` / `llava finetune --lora`")

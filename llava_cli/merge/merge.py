@@ -23,6 +23,7 @@ from llava_cli.artifacts.manifest import (
     Base,
     CheckpointBase,
     MergedBase,
+    OriginalBase,
     OutputKind,
     PartsBase,
     RunManifest,
@@ -119,6 +120,9 @@ def _check_output(out: Path, run: LoraRun, base: Base, overwrite: bool) -> None:
         inputs["base checkpoint"] = None if same else base.path
     elif isinstance(base, PartsBase):
         inputs.update({"base LLM": base.llm, "base vision tower": base.vision_tower})
+    elif isinstance(base, OriginalBase):  # converted from the original layout on the fly
+        inputs.update({"base original checkpoint": base.path, "base LLM": base.llm,
+                       "base vision tower": base.vision_tower})
     inputs["base's projector file"] = getattr(base, "pretrained_projector", None)
     refuse_overlap(out, inputs)
     refuse_unsafe_output_dir(out, overwrite)

@@ -23,6 +23,7 @@ from llava_cli.artifacts.manifest import (
     base_fingerprint,
     read_manifest,
 )
+from llava_cli.artifacts.original_layout import OriginalCheckpoint, find_original
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE
 from llava_cli.config.run_config import RunConfig
 from llava_cli.model.inputs import image_tokens_per_image
@@ -51,9 +52,12 @@ def load_starting_model(config: RunConfig) -> Loaded:
     if manifest is not None and manifest.kind == OutputKind.LORA:
         raise ValueError(f"{path} is a LoRA run (manifest kind 'lora'); merge it first with "
                          "`llava merge-lora`, or start from its base")
+    original = find_original(path) if manifest is None else None
     if manifest is not None and manifest.kind == OutputKind.PROJECTOR:
         _refuse_new_model_settings(config, f"{path} (a pretrain output)")
         loaded = _from_pretrain_output(path, manifest.base, config)
+    elif original is not None:  # the original LLaVA's layout: converted in memory
+        loaded = _from_original(original, config)
     elif _is_llava_checkpoint(path, config):
         _refuse_new_model_settings(config, f"{path} (a LLaVA checkpoint)")
         loaded = Loaded(load_llava(str(path), config), _load_processor(path, config),
@@ -73,6 +77,29 @@ def load_starting_model(config: RunConfig) -> Loaded:
     if _writes_the_manifest():  # a merge refuses a base whose files have changed since
         loaded.base = loaded.base.model_copy(update={"fingerprint": base_fingerprint(
             loaded.base)})
+    return loaded
+
+
+def _from_original(original: OriginalCheckpoint, config: RunConfig) -> Loaded:
+    """An original-layout full checkpoint, converted on the fly (`model.original`); its
+    tower is `--vision-tower` when given, else the one `mm_vision_tower` names."""
+    from llava_cli.model.original import build_from_original
+
+    where = original.folder
+    if original.kind != "full":
+        how = ("merge it with `llava merge-lora RUN --base LLM -o OUT`" if original.kind ==
+               "lora" else f"pass --model-name-or-path LLM --vision-tower TOWER "
+               f"--pretrained-projector {where}/mm_projector.bin")
+        raise ValueError(f"{where} is an original LLaVA {original.kind} run, not a model to "
+                         f"train on; {how}, or convert it with `llava convert {where} --base "
+                         "LLM -o OUT`")
+    _refuse_new_model_settings(config.model_copy(update={"vision_tower": None}),
+                               f"{where} (an original LLaVA checkpoint)")
+    converted = build_from_original(original, config.vision_tower, None, config.template,
+                                    config.load_dtype)
+    loaded = Loaded(converted.model, converted.processor, converted.base)
+    if config.bits != 16:  # bitsandbytes quantizes at load time: go through a saved copy
+        loaded.model = _requantize(loaded.model, loaded.processor, config)
     return loaded
 
 

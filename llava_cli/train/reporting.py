@@ -31,12 +31,15 @@ class Reporter:
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
                 args: Any, held_out: Any = None, weights: str | None = None,
-                lora_layers: list[str] | None = None) -> None:
+                lora_layers: list[str] | None = None, started: str | None = None) -> None:
         """Trainable parameters per component, data counts, effective batch, output kind,
-        the dtype the weights are in (`weights`) and the layers given LoRA adapters."""
+        the dtype the weights are in (`weights`), the layers given LoRA adapters and, when it
+        needs saying, what the starting model was converted from (`started`)."""
         if not self.enabled:
             return
         table = Table(title="llava training run", title_justify="left", show_header=False)
+        if started:
+            table.add_row("starting model", started)
         for part, n in counts.items():
             table.add_row(f"trainable {part}", f"{n:,}")
         if lora_layers:

@@ -116,11 +116,19 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
         weights = str(next(model.parameters()).dtype).removeprefix("torch.")
         reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights,
-                         _lora_layers(model))
+                         _lora_layers(model), started=_converted_note(loaded.base))
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
     write_outputs(trainer, loaded, config, output_dir, metrics)
     return RunResult(output_dir, config.output_kind, metrics, trainer)
+
+
+def _converted_note(base: Any) -> str | None:
+    """Said in the summary when the starting model was converted from the original layout."""
+    if getattr(base, "type", None) != "original":
+        return None
+    return (f"{base.path}: original LLaVA layout, converted on the fly (vision tower "
+            f"{base.vision_tower})")
 
 
 def _callbacks(config: RunConfig, reporter: Any) -> list[Any]:

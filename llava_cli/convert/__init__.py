@@ -1,0 +1,1 @@
+"""convert: the original LLaVA layout to ours and back."""
