@@ -137,10 +137,14 @@ def base_fingerprint(base: Base) -> str | None:
 
 def weights_fingerprint(sources: list[str]) -> str | None:
     """`sha256:…` over the whole content of every weight file of `sources` (folders, or
-    single weight files), in order, each folder's files sorted by name; None when `sources`
-    is empty or one of them is not a local file or a folder with weight files."""
+    single weight files), in order, each folder's files sorted by name. A source that is not
+    on this machine (a hub id) counts by its name, so a local LLM beside a hub tower is still
+    fingerprinted; None when nothing is local, or a local folder holds no weight files."""
     lines = []
     for index, source in enumerate(sources):
+        if not Path(source).exists():
+            lines.append(f"{index} not local: {source}")
+            continue
         files = _weight_files(Path(source))
         if not files:
             return None
@@ -148,7 +152,9 @@ def weights_fingerprint(sources: list[str]) -> str | None:
             with file.open("rb") as handle:  # streamed: never the whole file in memory
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
             lines.append(f"{index} {file.name} {digest}")
-    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
+    if all(line.split(" ", 1)[1].startswith("not local: ") for line in lines):
+        return None
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _weight_files(path: Path) -> list[Path]:

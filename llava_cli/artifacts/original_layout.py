@@ -112,8 +112,9 @@ def check_representable(config: dict[str, Any], where: Path) -> None:
     problems = []
     projector = config.get("mm_projector_type", "linear")  # the original's default
     if projector != "mlp2x_gelu":
-        problems.append(f"mm_projector_type {projector!r} (transformers' LLaVA projector is "
-                        "Linear-GELU-Linear, i.e. mlp2x_gelu only)")
+        problems.append(f"mm_projector_type {projector!r} (only mlp2x_gelu checkpoints convert "
+                        "today; a linear one's mm_projector.bin still imports with "
+                        "--projector-type linear --pretrained-projector)")
     if config.get("mm_patch_merge_type", "flat") != "flat":
         problems.append(f"mm_patch_merge_type {config['mm_patch_merge_type']!r} (LLaVA-NeXT's "
                         "anyres tiling; only flat LLaVA-1.5 checkpoints convert)")

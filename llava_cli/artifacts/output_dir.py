@@ -81,27 +81,53 @@ def output_lock(out: Path, held: bool = True) -> Iterator[None]:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with open(out / LOCK_NAME, "a+", encoding="utf-8") as handle:
-            _lock_or_refuse(handle, out)
+        with _locked(out) as handle:
             try:
                 yield
             finally:
+                # Unlinked while held: a run that opened the old file meanwhile finds it gone
+                # from the directory once it holds it, and tries again (`_locked`).
                 (out / LOCK_NAME).unlink(missing_ok=True)
+                handle.close()
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
 
 
-def _lock_or_refuse(handle: IO[str], out: Path) -> None:
+@contextmanager
+def _locked(out: Path) -> Iterator[IO[str]]:
+    """The open, locked lock file of `out`: locked AND still the file the directory names."""
     import fcntl
 
+    for _ in range(100):  # each retry means another run released it just now
+        handle = open(out / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held past here
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ValueError(f"output directory {str(out)!r} is in use by another run "
+                             f"({holder}); wait for it to end or choose another "
+                             "--output-dir") from None
+        if _names_this_file(handle, out / LOCK_NAME):
+            break
+        handle.close()
+    else:
+        raise ValueError(f"output directory {str(out)!r}: its lock keeps changing hands; "
+                         "wait for the other runs to end")
+    _write_holder(handle)
+    yield handle
+
+
+def _names_this_file(handle: IO[str], path: Path) -> bool:
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise ValueError(f"output directory {str(out)!r} is in use by another run ({holder}); "
-                         "wait for it to end or choose another --output-dir") from None
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _write_holder(handle: IO[str]) -> None:
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
@@ -115,12 +141,15 @@ def publish_staged(staging: Path, out: Path, stale: tuple[str, ...]) -> None:
     manifest is always a complete output."""
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     new = {item.name for item in staging.iterdir()}
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
-        _move_into(item, out / item.name)
-    for pattern in stale:
+    for item in staging.iterdir():
+        if item.name != MANIFEST_NAME:
+            _move_into(item, out / item.name)
+    for pattern in stale:  # before the manifest: it marks a folder as complete AND clean
         for old in out.glob(pattern):
             if old.name not in new:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if (staging / MANIFEST_NAME).exists():
+        os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)
     staging.rmdir()
 
 

@@ -46,8 +46,10 @@ def guarded(command: str, function: Callable[..., Any]) -> Callable[..., Any]:
                 _say(command, known)
                 raise typer.Exit(BAD_INPUT) from None
             where = write_traceback(command, err)
+            saved = (f"the full traceback is in {where} (please attach it to a report)"
+                     if where else "its traceback could not be saved (is the disk full?)")
             _say(command, f"unexpected error {type(err).__name__}: {_first_line(err)} — a defect "
-                 f"of llava; the full traceback is in {where} (please attach it to a report)")
+                 f"of llava; {saved}")
             raise typer.Exit(DEFECT) from None
 
     return run
@@ -87,13 +89,18 @@ def _is_disk_full(err: BaseException) -> bool:
     return writer_error and ("No space left on device" in text or "file write failed" in text)
 
 
-def write_traceback(command: str, err: BaseException) -> Path:
-    """Write `err`'s full traceback to a file of its own; returns where."""
+def write_traceback(command: str, err: BaseException) -> Path | None:
+    """Write `err`'s full traceback to a file of its own; returns where (None when even that
+    cannot be written: the boundary must not fail itself)."""
+    from llava_cli.artifacts.files import write_text_atomically
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(tempfile.gettempdir()) / f"llava-{command}-{stamp}-{os.getpid()}.traceback.txt"
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    path.write_text(f"llava {command} {' '.join(sys.argv[1:])}\n\n{text}", encoding="utf-8")
-    return path
+    try:
+        return write_text_atomically(path, f"llava {command} {' '.join(sys.argv[1:])}\n\n{text}")
+    except OSError:
+        return None
 
 
 def _first_line(err: BaseException) -> str:

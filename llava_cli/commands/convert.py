@@ -45,8 +45,20 @@ def convert(
     "lora" for a LoRA run given with --model-base). Verified by logits both ways.
     """
     from llava_cli.commands.common import quiet_libraries
+    from llava_cli.convert.convert import ConversionError
 
     quiet_libraries()
+    try:
+        _convert(source, output_dir, to, vision_tower, base, template, tower_name, overwrite,
+                 verify)
+    except ConversionError as err:  # a check that failed: nothing was written
+        typer.echo(f"llava convert: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _convert(source: Path, output_dir: Path, to: str, vision_tower: str | None,
+             base: str | None, template: str, tower_name: str | None, overwrite: bool,
+             verify: bool) -> None:
     if to == "ours":
         from llava_cli.convert.convert import convert_original, describe
 

@@ -50,6 +50,13 @@ def merge_lora(
         from llava_cli.convert.convert import convert_original
         from llava_cli.convert.convert import describe as converted
 
+        ignored = [name for name, given in (("--dtype", dtype != "float32"),
+                                            ("--max-shard-size", max_shard_size != "5GB"),
+                                            ("--trust-remote-code", trust_remote_code)) if given]
+        if ignored:  # convert writes float32 in one shard and never runs remote code
+            raise ValueError(f"{', '.join(ignored)}: not available for an original LLaVA LoRA "
+                             "run (converted and merged in float32); drop them")
+
         typer.echo(converted(convert_original(run_dir, output_dir, base=base,
                                               overwrite=overwrite, verify=verify,
                                               log=typer.echo)))

@@ -44,13 +44,16 @@ def original_names() -> dict[str, Mapper]:
         "mm_vision_tower": lambda v: {"vision_tower": v},
         "pretrain_mm_mlp_adapter": lambda v: {"pretrained_projector": v},
         # LLaVA: everything frozen but the projector; InternVL's freeze_llm does the same.
-        "tune_mm_mlp_adapter": _when_true({"train_llm": "frozen", "train_projector": "full"}),
+        "tune_mm_mlp_adapter": _when_true({"train_llm": "frozen", "train_projector": "full",
+                                           "train_lm_head": "frozen",
+                                           "train_vision_tower": "frozen"}),
         "freeze_llm": _when_true({"train_llm": "frozen"}),
         # the original's model.model.requires_grad_(False): the decoder, not lm_head
         "freeze_backbone": _when_true({"train_llm": "frozen", "train_lm_head": "full"}),
         "freeze_mm_mlp_adapter": _when_true({"train_projector": "frozen"}),
         "unfreeze_mm_vision_tower": _when_true({"train_vision_tower": "full"}),
-        "lora_enable": _when_true({"train_llm": "lora"}),
+        # get_peft_model freezes all but the adapters (lm_head too, after freeze_backbone)
+        "lora_enable": _when_true({"train_llm": "lora", "train_lm_head": "frozen"}),
         "evaluation_strategy": lambda v: {"eval_strategy": v},  # transformers 5's name
         "image_grid_pinpoints": lambda v: {"image_grid_pinpoints": _pinpoints(v)},
         "mm_use_im_start_end": _refuse_true(
@@ -60,6 +63,23 @@ def original_names() -> dict[str, Mapper]:
         "mm_patch_merge_type": _only("mm_patch_merge_type", "flat"),
     })
     return names
+
+
+# The original's trainability switches act in its train.py's code order, each overriding what
+# came before (freeze_backbone, then LoRA, then tune_mm_mlp_adapter's requires_grad_(False) of
+# everything but the projector, then the projector and tower switches); so, within one source,
+# they are applied in this order whatever order a script writes them in.
+TRAINABILITY_ORDER = ("freeze_backbone", "freeze_llm", "lora_enable", "tune_mm_mlp_adapter",
+                      "freeze_mm_mlp_adapter", "tune_vit_pos_embedding",
+                      "unfreeze_mm_vision_tower")
+
+
+def in_original_order(items: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """`items` with the trainability switches last, in `TRAINABILITY_ORDER` (stable)."""
+    def rank(item: tuple[str, Any]) -> int:
+        key = item[0]
+        return TRAINABILITY_ORDER.index(key) + 1 if key in TRAINABILITY_ORDER else 0
+    return sorted(items, key=rank)
 
 
 def accepted_notes() -> dict[str, str]:

@@ -17,7 +17,12 @@ from typing import Any
 
 import yaml
 
-from llava_cli.config.original_args import accepted_notes, is_true, split_original_pairs
+from llava_cli.config.original_args import (
+    accepted_notes,
+    is_true,
+    original_names,
+    split_original_pairs,
+)
 from llava_cli.config.run_config import ConfigError
 
 # Shell words that end the training command's arguments (a pipe into tee, a redirect, …).
@@ -84,6 +89,7 @@ def recipe_from_arguments(script: ScriptArguments, stage: str | None = None,
     stage = stage or stage_of(pairs)
     notes = accepted_notes()
     literal = {k: v for k, v in pairs if "$" in v}  # shell variables: kept as written
+    _refuse_note_values([(k, v) for k, v in pairs if k in notes and k not in literal], source)
     placed = place_keys({k: v for k, v in pairs if k not in literal and k not in notes},
                         f"{source}'s arguments")
     keys: dict[str, Any] = {k: v for k, v in placed.items() if k != "training_args"}
@@ -95,6 +101,17 @@ def recipe_from_arguments(script: ScriptArguments, stage: str | None = None,
     lines += [f"# --{k} {v}: accepted, no effect: {notes[k]}" for k, v in pairs if k in notes]
     body = yaml.safe_dump(_plain(keys), sort_keys=False, allow_unicode=True, width=100)
     return stage, "\n".join(lines) + "\n" + body
+
+
+def _refuse_note_values(pairs: list[tuple[str, str]], source: str) -> None:
+    """A no-op name still checks its value (`mm_patch_merge_type spatial_unpad` is refused on
+    the command line, so it must not become a harmless comment in the recipe)."""
+    names = original_names()
+    for key, value in pairs:
+        try:
+            names[key](value)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
 
 def _plain(keys: dict[str, Any]) -> dict[str, Any]:

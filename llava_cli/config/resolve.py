@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from llava_cli.config.original_args import original_names
+from llava_cli.config.original_args import in_original_order, original_names
 from llava_cli.config.run_config import ConfigError, RunConfig, refuse_missing_reporters
 from llava_cli.config.values import read_yaml_text, typed
 
@@ -116,7 +116,7 @@ def place_keys(layer: dict[str, Any], source: str,
     train_types = training_argument_types() if train_types is None else train_types
     placed: dict[str, Any] = {}
     unknown: list[str] = []
-    for key, value in layer.items():
+    for key, value in in_original_order(layer.items()):
         _place(key, value, placed, source, train_types, unknown)
     _refuse_unknown(unknown, source, [*original_names(), *train_types])
     return placed

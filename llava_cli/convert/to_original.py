@@ -43,6 +43,7 @@ from llava_cli.artifacts.output_dir import (
     refuse_unsafe_output_dir,
 )
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
+from llava_cli.convert.convert import ConversionError
 from llava_cli.convert.original_files import (
     ADAPTER_DEFAULTS,
     TOWER_FOLDER,
@@ -210,14 +211,14 @@ def _check(staging: Path, out: Path, llm: str | None, ids: list[int], pixels: An
     """The written files, read back under the original's names, must compute our logits."""
     written = find_original(staging)
     if written is None:
-        raise RuntimeError(f"{staging}: the files just written are not in the original layout")
+        raise ConversionError(f"{staging}: the files just written are not in the original layout")
     tower = str(staging / TOWER_FOLDER)  # where mm_vision_tower points once published
     reference = original_logits(written, tower, llm, ids, pixels)
     check = compare("our model, read back in the original layout", reference,
                     ours[:, :reference.shape[1]], tolerance("float32", 16))
     log(check.describe())
     if not check.ok:
-        raise RuntimeError(f"the original-layout files do not compute our logits; nothing was "
+        raise ConversionError(f"the original-layout files do not compute our logits; nothing was "
                            f"written to {out}: {check.describe()}")
     return [check]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from llava_cli.data.images import ImageLoader
 from llava_cli.data.text.stops import template_stop
-from llava_cli.data.text.templates import TEMPLATES
+from llava_cli.data.text.templates import template_named
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -60,7 +60,8 @@ def generation_kwargs(processor: Any, template: str | None, max_new_tokens: int,
 
 def clean_answer(text: str, template: str | None) -> str:
     """Cut the generated text at the template's stop string and trim whitespace."""
-    stop = TEMPLATES[template].stop if template in TEMPLATES else ""
+    named = template_named(template)  # aliases too (a saved `vicuna_v1`)
+    stop = named.stop if named else ""
     if stop and stop in text:
         text = text[: text.index(stop)]
     return text.strip()

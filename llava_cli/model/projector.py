@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llava_cli.artifacts.projector_file import PROJECTOR_PREFIX, read_projector_parts
+from llava_cli.artifacts.projector_file import (
+    PROJECTOR_PREFIX,
+    is_single_linear_state,
+    read_projector_parts,
+)
 from llava_cli.model.partitioned import gathered
 from llava_cli.model.parts import components, is_single_linear
 
@@ -29,6 +33,12 @@ def _with_identity(model: Any, state: dict[str, Any], file: str | Path) -> dict[
     import torch
 
     if set(state) != {"linear_1.weight", "linear_1.bias"}:
+        if is_single_linear(model) and not is_single_linear_state(state):
+            # Shapes may fit (linear_2 is square), but this model has no activation between
+            # the two layers and never trains linear_2: the file's MLP would be computed wrong.
+            raise ValueError(f"{file}: a two-layer (mlp2x_gelu) projector but this model's "
+                             "projector is `linear`; build the model with projector_type "
+                             "mlp2x_gelu, or give a linear projector file")
         return state
     if not is_single_linear(model):
         raise ValueError(f"{file}: a `linear` projector (one layer) but this model's projector "

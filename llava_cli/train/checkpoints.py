@@ -50,7 +50,11 @@ def discard_staging(run_dir: str | os.PathLike[str], step: int | None = None) ->
     for stale in Path(run_dir).glob(pattern):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in Path(run_dir).glob(f"{REPLACED_PREFIX}{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        original = stale.with_name(stale.name.removeprefix(REPLACED_PREFIX))
+        if original.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:  # killed between `publish_checkpoint`'s two renames: the old one is complete
+            os.rename(stale, original)
 
 
 def is_complete(checkpoint: Path) -> bool:

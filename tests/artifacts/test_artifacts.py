@@ -159,13 +159,17 @@ def test_fingerprint_reads_a_file_past_any_sample(tmp_path):
     assert weights_fingerprint([str(folder)]) != before
 
 
-def test_fingerprint_of_nothing_local_is_none(tmp_path):
+def test_fingerprint_of_nothing_local_is_none_and_hub_ids_count_by_name(tmp_path):
     folder = _model_folder(tmp_path / "m")
     (tmp_path / "config-only").mkdir()
     assert weights_fingerprint([]) is None
     assert weights_fingerprint(["org/hub-model"]) is None
     assert weights_fingerprint([str(tmp_path / "config-only")]) is None
-    assert weights_fingerprint([str(folder), str(tmp_path / "gone")]) is None
+    # A local LLM beside a hub tower: fingerprinted by the local files and the hub's name.
+    mixed = weights_fingerprint([str(folder), "org/hub-tower"])
+    assert mixed is not None and mixed != weights_fingerprint([str(folder)])
+    (folder / "model.safetensors").write_bytes(b"retrained")
+    assert weights_fingerprint([str(folder), "org/hub-tower"]) != mixed
 
 
 def test_base_fingerprint_covers_what_the_base_is_built_from(tmp_path):

@@ -87,3 +87,12 @@ def test_recipe_from_script_errors(tmp_path):
     result = runner.invoke(app, ["recipe-from-script", str(script)])
     assert result.exit_code == 2
     assert "unknown configuration keys 'bogus_arg', 'other_bogus'" in result.stderr
+
+
+def test_recipe_from_script_refuses_what_the_command_line_refuses(tmp_path):
+    script = tmp_path / "x.sh"
+    script.write_text("deepspeed llava/train/train_mem.py --version v1 \\\n"
+                      "  --mm_patch_merge_type spatial_unpad --lazy_preprocess True\n")
+    result = runner.invoke(app, ["recipe-from-script", str(script)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "mm_patch_merge_type 'spatial_unpad': only 'flat'" in result.stderr

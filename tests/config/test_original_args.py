@@ -95,3 +95,29 @@ def test_internvl_and_llava_trainability_names_map_onto_ours():
     assert tuned.train_vision_tower == "position_embedding"
     frozen = resolve_config("finetune", sets=["freeze_backbone=True"])
     assert (frozen.train_llm, frozen.train_lm_head) == ("frozen", "full")
+
+
+@pytest.mark.parametrize("sets", [
+    ["tune_mm_mlp_adapter=True", "freeze_backbone=True"],
+    ["freeze_backbone=True", "tune_mm_mlp_adapter=True"],
+])
+def test_the_originals_switches_act_in_its_code_order_whatever_the_script_order(sets):
+    # train.py: freeze_backbone, then tune_mm_mlp_adapter's requires_grad_(False) of all but
+    # the projector: lm_head frozen too, and the output is a projector.
+    config = resolve_config("finetune", sets=sets)
+    assert (config.train_llm, config.train_lm_head, config.output_kind) == (
+        "frozen", "frozen", "projector")
+
+
+@pytest.mark.parametrize("sets", [
+    ["unfreeze_mm_vision_tower=True", "tune_vit_pos_embedding=True"],
+    ["tune_vit_pos_embedding=True", "unfreeze_mm_vision_tower=True"],
+])
+def test_a_whole_tower_wins_over_its_position_embedding_in_either_order(sets):
+    assert resolve_config("finetune", sets=sets).train_vision_tower == "full"
+
+
+def test_lora_after_freeze_backbone_keeps_lm_head_frozen_as_peft_does():
+    config = resolve_config("finetune", sets=["lora_enable=True", "freeze_backbone=True"])
+    assert (config.train_llm, config.train_lm_head, config.output_kind) == (
+        "lora", "frozen", "lora")

@@ -285,3 +285,10 @@ def test_help_lists_convert_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert "NO-TORCH" in out and "--to" in out and "--tower-name" in out
+
+
+def test_merge_lora_of_an_original_run_refuses_options_it_cannot_honour(original, tmp_path):
+    message = _cli("merge-lora", original / "lora", "--base", original / "tiny-vicuna",
+                   "-o", tmp_path / "merged", "--dtype", "bfloat16", code=2)
+    assert "--dtype: not available for an original LLaVA LoRA run" in message
+    assert not (tmp_path / "merged").exists()

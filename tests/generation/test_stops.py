@@ -86,3 +86,14 @@ def test_an_earlier_stages_stop_does_not_end_this_ones_turns():
     assert config.eos_token_id == [tokenizer.eos_token_id, *newline]
     set_generation_stops(config, tokenizer, "v1")  # finetune from it: "</s>" only
     assert config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_a_template_alias_stops_where_its_template_does():
+    from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
+    from llava_cli.data.text.stops import template_stop
+    from llava_cli.generation.generator import clean_answer
+
+    tokenizer = build_demo_tokenizer()
+    assert template_stop(tokenizer, "vicuna_v1") == template_stop(tokenizer, "v1")
+    assert template_stop(tokenizer, "vicuna_v1")[0]  # v1 has a stop (</s>)
+    assert clean_answer(" red</s>more", "vicuna_v1") == "red"

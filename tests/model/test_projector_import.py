@@ -90,3 +90,20 @@ def test_the_original_linear_projector_imports_exactly_and_exports_back(tmp_path
     with pytest.raises(ValueError, match="a `linear` projector .* build the model with "
                                          "projector_type linear"):
         load_projector_weights(_model(), file)
+
+
+def test_a_two_layer_projector_file_is_refused_by_a_linear_model(tmp_path):
+    """Its shapes fit (linear_2 is square) but the linear model has no activation between the
+    layers and never trains linear_2: loading it would compute the file's MLP wrongly."""
+    generator = torch.Generator().manual_seed(5)
+    file = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.0.weight": torch.randn(128, 64, generator=generator),
+                "model.mm_projector.0.bias": torch.randn(128, generator=generator),
+                "model.mm_projector.2.weight": torch.randn(128, 128, generator=generator),
+                "model.mm_projector.2.bias": torch.randn(128, generator=generator)}, file)
+    model = _model()
+    model.config.projector_hidden_act = "linear"
+    model = transformers.LlavaForConditionalGeneration(model.config)
+    with pytest.raises(ValueError, match=r"a two-layer \(mlp2x_gelu\) projector but this "
+                                         "model's projector is `linear`"):
+        load_projector_weights(model, file)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from llava_cli.data.text.templates import TEMPLATES
+from llava_cli.data.text.templates import TEMPLATES, template_named
 
 
 def template_stop(tokenizer: Any, template: str | None) -> tuple[str, list[int]]:
     """The template's stop string and, when it is a single token, that token's id
     (`[]` when it takes several tokens, or for a template with no stop of its own)."""
-    stop = TEMPLATES[template].stop if template in TEMPLATES else ""
+    named = template_named(template)  # aliases too (a saved `vicuna_v1`)
+    stop = named.stop if named else ""
     ids = tokenizer.encode(stop, add_special_tokens=False) if stop else []
     return stop, ids if len(ids) == 1 else []
 
