@@ -134,6 +134,15 @@ def _write_holder(handle: IO[str]) -> None:
     handle.flush()
 
 
+def fresh_staging(out: Path) -> Path:
+    """The one staging folder of the (locked) `out`, emptied of what a killed command left:
+    new outputs are complete there before `publish_staged` moves them in."""
+    staging = out / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
 def publish_staged(staging: Path, out: Path, stale: tuple[str, ...]) -> None:
     """Move a command's complete new outputs from `staging` into `out`, then delete what a
     previous output left there matching `stale` (so nothing is deleted before the new work

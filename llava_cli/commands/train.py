@@ -127,11 +127,10 @@ def _make_command(stage: str) -> Any:
 def _notes(sets: list[str] | None, comment: bool) -> None:
     """Once per run (on the first rank): the original arguments accepted with no effect, and
     why — as YAML comments after `--print-config`'s output, else on stderr."""
-    import os
-
+    from llava_cli.artifacts.ranks import is_main_process
     from llava_cli.config.original_args import notes_for
 
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         return
     for note in notes_for(item.partition("=")[0].strip() for item in sets or []):
         typer.echo(f"# note: {note}" if comment else f"note: {note}", err=not comment)

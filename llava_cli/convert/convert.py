@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from llava_cli.artifacts.manifest import (
 from llava_cli.artifacts.original_layout import OriginalCheckpoint, require_original
 from llava_cli.artifacts.output_dir import (
     STALE_RUN_OUTPUTS,
+    fresh_staging,
     output_lock,
     publish_staged,
     refuse_overlap,
@@ -74,7 +74,7 @@ def convert_original(source: str | Path, output_dir: str | Path,
     kind = OutputKind.PROJECTOR if original.kind == "projector" else OutputKind.FULL
     result = ConvertResult(out, original, kind)
     with output_lock(out):
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        staging = fresh_staging(out)
         try:
             if kind == OutputKind.PROJECTOR:
                 _write_projector_run(original, tower, llm, template, staging)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from llava_cli.artifacts.original_layout import (
 )
 from llava_cli.artifacts.output_dir import (
     STALE_RUN_OUTPUTS,
+    fresh_staging,
     output_lock,
     publish_staged,
     refuse_overlap,
@@ -89,7 +89,7 @@ def convert_to_original(run: str | Path, output_dir: str | Path, tower_name: str
     tower = tower_name or str((out / TOWER_FOLDER).resolve())
     result = ToOriginalResult(out, kind, tower)
     with output_lock(out):
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        staging = fresh_staging(out)
         try:
             if kind == "full":
                 result.checks = _full(source, manifest, staging, tower, out, verify, log)

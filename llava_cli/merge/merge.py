@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from llava_cli.artifacts.manifest import (
 )
 from llava_cli.artifacts.output_dir import (
     STALE_WEIGHTS,
+    fresh_staging,
     output_lock,
     publish_staged,
     refuse_overlap,
@@ -93,7 +93,7 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = N
 def _merge_and_publish(run: LoraRun, out: Path, base: str | None, base_info: Base, dtype: str,
                        verify: bool, max_shard_size: str, bits: int, result: MergeResult,
                        log: Callable[[str], None]) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = fresh_staging(out)
     try:
         processor = load_processor(run)
         batch = probe_batch(processor) if verify else None

@@ -9,7 +9,6 @@ recorded for the manifest carries a fingerprint of the weight files it was loade
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from llava_cli.artifacts.manifest import (
 )
 from llava_cli.artifacts.original_layout import OriginalCheckpoint, find_original
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE
+from llava_cli.artifacts.ranks import is_main_process
 from llava_cli.config.run_config import RunConfig
 from llava_cli.model.inputs import image_tokens_per_image
 from llava_cli.model.load import load_llava
@@ -74,7 +74,7 @@ def load_starting_model(config: RunConfig) -> Loaded:
         load_projector_weights(loaded.model, config.pretrained_projector)
         loaded.base = loaded.base.model_copy(update={
             "pretrained_projector": str(Path(config.pretrained_projector).resolve())})
-    if _writes_the_manifest():  # a merge refuses a base whose files have changed since
+    if is_main_process():  # it writes the manifest; a merge refuses a changed base
         loaded.base = loaded.base.model_copy(update={"fingerprint": base_fingerprint(
             loaded.base)})
     return loaded
@@ -101,12 +101,6 @@ def _from_original(original: OriginalCheckpoint, config: RunConfig) -> Loaded:
     if config.bits != 16:  # bitsandbytes quantizes at load time: go through a saved copy
         loaded.model = _requantize(loaded.model, loaded.processor, config)
     return loaded
-
-
-def _writes_the_manifest() -> bool:
-    """Rank 0 (or no launcher) writes the run manifest: only it reads the base's files again
-    for their fingerprint (every rank doing so would multiply the reads by the world size)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _refuse_plain_folder(path: Path) -> None:

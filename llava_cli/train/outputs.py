@@ -71,7 +71,7 @@ def prepare_output_dir(config: RunConfig, main: bool = True) -> Path:
                              "pass --overwrite to write into it or --resume to continue its run")
     refuse_overlap(out, training_inputs(config), image_folders(config))
     if main:
-        shutil.rmtree(out / STAGING_NAME, ignore_errors=True)  # a killed run's outputs
+        shutil.rmtree(out / STAGING_NAME, ignore_errors=True)  # a killed command's outputs
         discard_staging(out)  # and its half-written checkpoints
     out.mkdir(parents=True, exist_ok=True)
     return out

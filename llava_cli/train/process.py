@@ -9,11 +9,6 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def is_launching_process() -> bool:
-    """Rank 0 of a launched run, or a run without a launcher."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def prepare_environment(deepspeed: Any) -> None:
     """Before the Trainer's arguments are built. DeepSpeed without a launcher looks for MPI;
     give it a one-process world instead (a free local port, rank 0 of 1)."""

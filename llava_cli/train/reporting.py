@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from rich.console import Console
@@ -11,10 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from transformers import TrainerCallback
 
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed launch (or a plain process)."""
-    return int(os.environ.get("RANK", "0")) == 0
+from llava_cli.artifacts.ranks import is_main_process
 
 
 class Reporter:

@@ -67,10 +67,10 @@ def run_training(config: RunConfig, reporter: Any = None,
     output directory is locked for the whole run (by the launching process: rank 0).
     """
     from llava_cli.artifacts.output_dir import output_lock
+    from llava_cli.artifacts.ranks import is_main_process
     from llava_cli.train.outputs import output_dir_of, prepare_output_dir
-    from llava_cli.train.process import is_launching_process
 
-    output_dir, main = output_dir_of(config), is_launching_process()
+    output_dir, main = output_dir_of(config), is_main_process()
     with output_lock(output_dir, held=main):
         return _train(config, reporter, stage, prepare_output_dir(config, main))
 

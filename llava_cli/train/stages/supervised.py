@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from llava_cli.artifacts.ranks import is_main_process
 from llava_cli.config.run_config import RunConfig
 from llava_cli.data.collator import DataCollator
 from llava_cli.data.dataset import LazySupervisedDataset
@@ -22,7 +23,6 @@ from llava_cli.model.inputs import (
     input_spec_of,
     sample_builder,
 )
-from llava_cli.train.reporting import is_main_process
 
 
 def build_dataset(config: RunConfig, model: Any, processor: Any,
