@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from llava_cli.artifacts.files import write_atomically
 
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_PREFIX = "multi_modal_projector."  # the stock llava-hf key prefix on disk
 LLAVA_PREFIX = "model.mm_projector."  # the original LLaVA's, inside its LLM state dict
+# The input embeddings beside the projector (`mm_use_im_start_end` in stage 1), under the
+# original's name in its mm_projector.bin: the whole matrix.
+EMBEDDINGS_KEY = "model.embed_tokens.weight"
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's weights of a LoRA run
 ADAPTER_CONFIG = "adapter_config.json"  # and its configuration
 # The original LLaVA's mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2.
@@ -36,25 +39,42 @@ _ADAPTER_PREFIXES = ("base_model.model.model.multi_modal_projector.modules_to_sa
 _MODEL_PREFIXES = (PROJECTOR_PREFIX, "model.multi_modal_projector.")  # legacy, then v5 names
 
 
+class ProjectorParts(NamedTuple):
+    """What a projector file holds: the projector, and what may sit beside it."""
+
+    state: dict[str, Any]  # keyed `linear_1.weight`, …
+    position: Any = None  # the vision tower's position embedding (tune_vit_pos_embedding)
+    embeddings: Any = None  # the LLM's input embeddings (mm_use_im_start_end, stage 1)
+
+
 def read_projector_file(file: str | Path) -> dict[str, Any]:
     """Projector tensors from our safetensors or LLaVA's `mm_projector.bin`, keyed
-    `linear_1.weight`, … . A file that also holds a vision tower's position embedding is
-    refused here (nothing would carry it on): `read_projector_parts` reads both."""
-    state, position = read_projector_parts(file)
-    if position is not None:
+    `linear_1.weight`, … . A file that also holds a vision tower's position embedding or the
+    input embeddings is refused here (nothing would carry them on): `read_projector_parts`
+    reads them all."""
+    parts = read_projector_parts(file)
+    if parts.position is not None:
         raise ValueError(f"{file}: holds the vision tower's position embedding beside the "
                          "projector (a tune_vit_pos_embedding run); load it into a model with "
                          "--pretrained-projector, which sets both")
-    return state
+    if parts.embeddings is not None:
+        raise ValueError(f"{file}: holds the input embeddings beside the projector (an "
+                         "mm_use_im_start_end run); load it into a model with "
+                         "--pretrained-projector and --set mm_use_im_start_end=true")
+    return parts.state
 
 
-def read_projector_parts(file: str | Path) -> tuple[dict[str, Any], Any]:
-    """(projector tensors keyed `linear_1.weight`, …, the vision tower's position embedding
-    or None). Forks with InternVL's `tune_vit_pos_embedding` save that embedding into
-    `mm_projector.bin` under its full parameter name (`…vision_tower…embeddings.
-    position_embedding[.weight]`). Pickles load with `weights_only=True`: no code ever runs."""
-    out, positions = {}, []
+def read_projector_parts(file: str | Path) -> ProjectorParts:
+    """The projector tensors and what sits beside them. Forks with InternVL's
+    `tune_vit_pos_embedding` save the tower's position embedding into `mm_projector.bin`
+    under its full parameter name (`…vision_tower…embeddings.position_embedding[.weight]`);
+    with `mm_use_im_start_end` the original saves `model.embed_tokens.weight` there (so do
+    we, in projector.safetensors). Pickles load with `weights_only=True`: no code ever runs."""
+    out, positions, embeddings = {}, [], None
     for key, tensor in _read_tensors(Path(file)).items():
+        if key == EMBEDDINGS_KEY:
+            embeddings = tensor
+            continue
         if _is_position_embedding(key):
             positions.append(tensor)
             continue
@@ -65,7 +85,7 @@ def read_projector_parts(file: str | Path) -> tuple[dict[str, Any], Any]:
                          "file carries at most one (its vision tower's)")
     if not out:
         raise ValueError(f"{file}: no projector tensors found")
-    return out, positions[0] if positions else None
+    return ProjectorParts(out, positions[0] if positions else None, embeddings)
 
 
 def _is_position_embedding(key: str) -> bool:

@@ -56,8 +56,7 @@ def original_names() -> dict[str, Mapper]:
         "lora_enable": _when_true({"train_llm": "lora", "train_lm_head": "frozen"}),
         "evaluation_strategy": lambda v: {"eval_strategy": v},  # transformers 5's name
         "image_grid_pinpoints": lambda v: {"image_grid_pinpoints": _pinpoints(v)},
-        "mm_use_im_start_end": _refuse_true(
-            "mm_use_im_start_end", "image start/end tokens are not supported yet"),
+        "mm_use_im_start_end": lambda v: {"mm_use_im_start_end": v},
         # InternVL's name, onto the tower-parts declaration (`model.parts`)
         "tune_vit_pos_embedding": _when_true({"train_vision_tower": "position_embedding"}),
         "mm_patch_merge_type": _only("mm_patch_merge_type", "flat"),
@@ -104,14 +103,6 @@ def _boolean_no_op(name: str) -> Mapper:
     def mapper(value: Any) -> dict[str, Any]:
         if not isinstance(value, bool) and str(value).lower() not in TRUE | FALSE:
             raise ValueError(f"{name} {value!r}: expected True or False")
-        return {}
-    return mapper
-
-
-def _refuse_true(name: str, why: str) -> Mapper:
-    def mapper(value: Any) -> dict[str, Any]:
-        if is_true(value):
-            raise ValueError(f"{name} true: {why}; remove it or set it to False")
         return {}
     return mapper
 

@@ -19,7 +19,7 @@ from llava_cli.artifacts.files import write_text_atomically
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
 from llava_cli.data.samples import DataOptions, ImageCheck
-from llava_cli.data.text.templates import canonical_template_name
+from llava_cli.data.text.templates import CHAT_TEMPLATE, canonical_template_name
 
 Trainability = Literal["frozen", "full", "lora"]
 _LAST_LAYERS = re.compile(r"last_(\d+)_layers")
@@ -141,6 +141,8 @@ class RunConfig(BaseModel):
     eval_data_path: str | None = None  # held-out records: eval_loss when checkpointing
     eval_image_folder: str | None = None  # default: image_folder
     template: str = "v1"
+    # LLaVA's: each image written <im_start><image><im_end>, the two tokens added and trained
+    mm_use_im_start_end: bool = False
     tokenization: Literal["hf", "llava"] = "hf"
     image_aspect_ratio: Literal["square", "pad", "anyres"] = "pad"
     image_grid_pinpoints: list[list[int]] | None = None
@@ -200,6 +202,10 @@ class RunConfig(BaseModel):
             raise ValueError(f"padding_free needs an attention that honours per-sample position "
                              f"ids ({', '.join(PACKING_ATTENTION)}); attn_implementation is "
                              f"{self.attn_implementation!r}")
+        if self.mm_use_im_start_end and self.template == CHAT_TEMPLATE:
+            raise ValueError("mm_use_im_start_end: template 'chat-template' is the tokenizer's "
+                             "own, which cannot write <im_start>/<im_end>; pick a named "
+                             "template (e.g. --template v1)")
         refuse_incompatible_deepspeed(
             self.training_args.get("deepspeed"), self.bits,
             {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
@@ -239,7 +245,8 @@ class RunConfig(BaseModel):
         folder = (self.eval_image_folder or self.image_folder) if held_out else self.image_folder
         return DataOptions(self.template, self.tokenization, folder, self.image_aspect_ratio,
                            self.model_max_length, image_check=self.image_check,
-                           allow_images_outside_folder=self.allow_images_outside_folder)
+                           allow_images_outside_folder=self.allow_images_outside_folder,
+                           mm_use_im_start_end=self.mm_use_im_start_end)
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""

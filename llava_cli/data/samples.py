@@ -26,6 +26,7 @@ from llava_cli.data.text.templates import (
     TEMPLATES,
     Rendered,
     canonical_template_name,
+    mark_images,
     render,
     render_with_chat_template,
 )
@@ -51,6 +52,7 @@ class DataOptions:
     image_check: ImageCheck = "fast"  # what the data checks read of each image: `check_image`
     # Paths that leave `image_folder` ('../x.jpg', '/abs/x.jpg') are refused unless allowed.
     allow_images_outside_folder: bool = False
+    mm_use_im_start_end: bool = False  # each image written as <im_start><image><im_end>
 
 
 @dataclass(frozen=True)
@@ -113,11 +115,14 @@ class SampleBuilder:
         return llava_normalize(conv) if self.options.tokenization == "llava" else conv
 
     def render(self, conv: Conversation) -> Rendered:
-        """Write the conversation out in the configured template."""
+        """Write the conversation out in the configured template (each image within its
+        start/end tokens with `mm_use_im_start_end`)."""
         if self.template_name == CHAT_TEMPLATE:
             return render_with_chat_template(self.tokenizer, conv.messages, conv.system)
         assert self.template is not None
-        return render(self.template, conv.messages, conv.system)
+        messages = mark_images(conv.messages) if self.options.mm_use_im_start_end \
+            else conv.messages
+        return render(self.template, messages, conv.system)
 
     def image_path(self, relative: str) -> str:
         """Where a record's image lives (relative paths resolve against `image_folder`)."""

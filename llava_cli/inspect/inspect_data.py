@@ -46,7 +46,8 @@ def _input_spec(config: RunConfig, image_tokens: int | None) -> InputSpec:
     if source is None:
         raise ValueError("no tokenizer: pass --tokenizer PATH or --model PATH")
     return input_spec_from_paths(source, config.model_name_or_path, image_tokens,
-                                 config.trust_remote_code)
+                                 config.trust_remote_code,
+                                 im_start_end=config.mm_use_im_start_end)
 
 
 def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBuilder:

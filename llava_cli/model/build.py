@@ -10,7 +10,7 @@ import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.data.text.tokenizer import IMAGE_TOKEN
+from llava_cli.data.text.tokenizer import IMAGE_TOKEN, marker_ids
 from llava_cli.model.load import RESTORE, TWO_TOWER_EXTRAS, load_pretrained, torch_dtype
 from llava_cli.model.partitioned import copy_weights, gathered
 from llava_cli.model.parts import components, is_single_linear
@@ -112,6 +112,8 @@ def build_new_model(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
         copy_weights(parts.vision_tower, vision, "vision tower")
         del llm, vision
     model.resize_token_embeddings(len(tokenizer))  # exact: no pad_to_multiple_of
+    if config.mm_use_im_start_end:
+        _mean_marker_rows(model, marker_ids(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -145,6 +147,17 @@ def _init_new_parts(model: Any, random_tower: bool) -> None:
     if random_tower and isinstance(position, torch.nn.Embedding):
         with gathered(position, modify=True), torch.no_grad():
             position.weight.normal_(0.0, 1.0)
+
+
+def _mean_marker_rows(model: Any, ids: list[int]) -> None:
+    """`<im_start>`/`<im_end>` start as the original's `initialize_vision_tokenizer` starts
+    them: each row the mean of the rows before them, in the input and output embeddings."""
+    import torch
+
+    for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+        with gathered(embedding, modify=True), torch.no_grad():
+            weight = embedding.weight
+            weight[ids] = weight[:min(ids)].mean(dim=0, keepdim=True)
 
 
 def _pinpoints(config: RunConfig, vision_config: PretrainedConfig) -> list[list[int]] | None:

@@ -65,15 +65,17 @@ def input_spec_of(model: Any, processor: Any) -> InputSpec:
 
 def input_spec_from_paths(tokenizer_path: str, model_path: str | None = None,
                           image_tokens: int | None = None, trust_remote_code: bool = False,
-                          anyres_estimate: int | None = None) -> InputSpec:
+                          anyres_estimate: int | None = None, im_start_end: bool = False
+                          ) -> InputSpec:
     """The inputs a model will expect, for looking at data before any model is loaded.
 
     Precedence for the count: `image_tokens` given > the model folder's config > 576
     (CLIP-L/14-336, LLaVA-1.5), the last one stated in `note`. An anyres (LLaVA-NeXT) folder
     is an error unless `anyres_estimate` says what fixed count to assume instead.
+    `im_start_end`: the tokenizer gets `<im_start>`/`<im_end>` as a new model's does.
     """
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-    add_llava_tokens(tokenizer)
+    add_llava_tokens(tokenizer, im_start_end)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     folder = Path(model_path) if model_path else None
     mean = _image_mean(folder) if folder else CLIP_MEAN

@@ -29,14 +29,17 @@ def components(model: Any) -> Components:
 
 
 def apply_trainability(model: Any, vision: str, projector: str, llm: str,
-                       lm_head: str | None = None) -> dict[str, int]:
+                       lm_head: str | None = None, im_start_end: bool = False
+                       ) -> dict[str, int]:
     """Set requires_grad for every parameter; returns trainable counts per component.
 
     'frozen' → no grads, 'full' → all grads, 'lora' (LLM only) → only the LoRA weights added
     by `apply_lora` (the base stays frozen). The vision tower may also train some of its
     parts only (`tower_parameters`: its position embedding, its last N layers). The input
     embeddings follow the LLM; lm_head follows it too unless `lm_head` says otherwise (LLaVA's
-    `freeze_backbone` freezes the decoder and keeps lm_head trainable).
+    `freeze_backbone` freezes the decoder and keeps lm_head trainable). With `im_start_end`
+    and the original's stage 1 (LLM and lm_head frozen, projector trained: its
+    `tune_mm_mlp_adapter`) the input embeddings train too (`trains_input_embeddings`).
     Under PEFT's modules_to_save only the trainable copy is trained, never `original_module`.
     """
     if projector == "lora" or vision == "lora":
@@ -65,11 +68,35 @@ def apply_trainability(model: Any, vision: str, projector: str, llm: str,
     if is_single_linear(model):  # its second layer is the fixed identity: never trained
         for param in _trained_copy(parts.projector).linear_2.parameters():
             param.requires_grad_(False)
+    if im_start_end and (llm, lm_head or llm, projector) == ("frozen", "frozen", "full"):
+        _train_input_embeddings(parts)
     newline = _image_newline(model)
     if newline is not None and projector == "full":
         # LLaVA-NeXT's learned row separator belongs to the projector side.
         newline.requires_grad_(True)
     return trainable_counts(model)
+
+
+def _train_input_embeddings(parts: Components) -> None:
+    """The original's `initialize_vision_tokenizer` under `tune_mm_mlp_adapter`: the whole
+    input-embedding matrix trains, so the new `<im_start>`/`<im_end>` rows learn (a row
+    changes only where its token is in a prompt: no other row gets a gradient); the output
+    embeddings stay frozen."""
+    weight = parts.llm.get_input_embeddings().weight
+    if any(param is weight for param in parts.lm_head.parameters()):
+        raise ValueError("mm_use_im_start_end with a frozen LLM trains the input embeddings "
+                         "but not lm_head, and this LLM ties the two (tie_word_embeddings): "
+                         "the original then trains neither; train the LLM (finetune) instead")
+    weight.requires_grad_(True)
+
+
+def trains_input_embeddings(model: Any) -> bool:
+    """Whether the input embeddings train while the LLM itself is frozen (`im_start_end` in
+    stage 1): a projector output then carries them (`model.projector.projector_state`)."""
+    parts = components(model)
+    return parts.llm.get_input_embeddings().weight.requires_grad and not any(
+        param.requires_grad for name, param in parts.llm.named_parameters()
+        if "embed_tokens" not in name)
 
 
 def is_single_linear(model: Any) -> bool:

@@ -26,6 +26,7 @@ from llava_cli.artifacts.original_layout import OriginalCheckpoint, find_origina
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE
 from llava_cli.artifacts.ranks import is_main_process
 from llava_cli.config.run_config import RunConfig
+from llava_cli.data.text.tokenizer import check_image_markers, marker_ids
 from llava_cli.model.inputs import image_tokens_per_image
 from llava_cli.model.load import load_llava
 from llava_cli.model.projector import load_projector_weights
@@ -65,19 +66,28 @@ def load_starting_model(config: RunConfig) -> Loaded:
     else:
         _refuse_plain_folder(path)
         loaded = _new_model(config)
+    check_image_markers(loaded.processor.tokenizer, config.mm_use_im_start_end,
+                        f"the starting model {str(path)!r}")
     _refuse_other_image_policy(config, loaded.model.config)
     _refuse_other_features(config, loaded.model.config)
     if not getattr(loaded.model.config, "image_grid_pinpoints", None):
         # A checkpoint may say 576 for a tower that yields 49: what we save must be true.
         loaded.model.config.image_seq_length = image_tokens_per_image(loaded.model.config)
     if config.pretrained_projector:
-        load_projector_weights(loaded.model, config.pretrained_projector)
+        load_projector_weights(loaded.model, config.pretrained_projector,
+                               _embedding_rows(loaded, config))
         loaded.base = loaded.base.model_copy(update={
             "pretrained_projector": str(Path(config.pretrained_projector).resolve())})
     if is_main_process():  # it writes the manifest; a merge refuses a changed base
         loaded.base = loaded.base.model_copy(update={"fingerprint": base_fingerprint(
             loaded.base)})
     return loaded
+
+
+def _embedding_rows(loaded: Loaded, config: RunConfig) -> list[int] | None:
+    """The input-embedding rows a stage-1 projector file gives stage 2: `<im_start>`/`<im_end>`
+    (the original loads just these), when the run writes them."""
+    return marker_ids(loaded.processor.tokenizer) if config.mm_use_im_start_end else None
 
 
 def _from_original(original: OriginalCheckpoint, config: RunConfig) -> Loaded:
@@ -181,13 +191,17 @@ def _load_processor(path: Path, config: RunConfig) -> Any:
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
 
 
-def _new_model(config: RunConfig) -> Loaded:
+def _new_model(config: RunConfig, add_markers: bool = True) -> Loaded:
+    """A new model from an LLM and a vision tower; it gets `<im_start>`/`<im_end>` when the
+    run asks for them, unless `add_markers` is off (a pretrain output's tokenizer has them
+    or not: `check_image_markers` judges)."""
     from llava_cli.data.text.tokenizer import add_llava_tokens, load_tokenizer
     from llava_cli.model.build import build_new_model
 
-    tokenizer = load_tokenizer(config.tokenizer or str(config.model_name_or_path),
-                               config.trust_remote_code)
-    add_llava_tokens(tokenizer)
+    source = config.tokenizer or str(config.model_name_or_path)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    add_llava_tokens(tokenizer, config.mm_use_im_start_end and add_markers)
+    check_image_markers(tokenizer, config.mm_use_im_start_end, f"the tokenizer {source!r}")
     model, processor = build_new_model(config, tokenizer)
     base = PartsBase(llm=_resolved(config.model_name_or_path),
                      vision_tower=_resolved(config.vision_tower),
@@ -227,11 +241,14 @@ def _from_pretrain_output(path: Path, base: Base, config: RunConfig) -> Loaded:
             "tokenizer": str(path), "vision_select_layer": base.vision_select_layer,
             "vision_select_feature": base.vision_select_feature,
             "projector_type": base.projector_type})
-        loaded = _new_model(parts)
+        loaded = _new_model(parts, add_markers=False)
     else:
         raise ValueError(f"{path}: a pretrain output cannot have a merged base ({base})")
+    check_image_markers(loaded.processor.tokenizer, config.mm_use_im_start_end,
+                        f"the pretrain output {str(path)!r}")  # before its file is read
     if not config.pretrained_projector:  # an explicit projector file wins over the run's own
-        load_projector_weights(loaded.model, str(path / PROJECTOR_FILE))
+        load_projector_weights(loaded.model, str(path / PROJECTOR_FILE),
+                               _embedding_rows(loaded, config))
         loaded.base = loaded.base.model_copy(update={
             "pretrained_projector": str((path / PROJECTOR_FILE).resolve())})
     return loaded

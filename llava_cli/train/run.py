@@ -39,7 +39,8 @@ def prepare_model(config: RunConfig, model: Any, args: Any = None) -> tuple[Any,
         model = apply_lora(model, config, _deepspeed_dtype(args))
         return model, trainable_counts(model)
     return model, apply_trainability(model, config.train_vision_tower, config.train_projector,
-                                     config.train_llm, config.train_lm_head)
+                                     config.train_llm, config.train_lm_head,
+                                     config.mm_use_im_start_end)
 
 
 def _lora_layers(model: Any) -> list[str]:
@@ -97,7 +98,7 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     set_seed(args.seed)  # before building: random-init parts and new rows are reproducible
     loaded = load_starting_model(config)
     model, counts = prepare_model(config, loaded.model, args)
-    attach_chat_template(loaded.processor, config.template)
+    attach_chat_template(loaded.processor, config.template, config.mm_use_im_start_end)
     set_generation_stops(loaded.model.generation_config, loaded.processor.tokenizer,
                          config.template)  # stock generate and vLLM stop at the turn's end
     match_image_policy(loaded.processor, config.image_aspect_ratio)  # saved: serves as trained

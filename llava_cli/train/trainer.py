@@ -32,7 +32,7 @@ from llava_cli.data.conversation import RecordError
 from llava_cli.data.problems import Dropped, ProblemCounter
 from llava_cli.data.sampler import ModalityLengthGroupedSampler
 from llava_cli.model.load import load_pretrained
-from llava_cli.model.parts import components
+from llava_cli.model.parts import components, trains_input_embeddings
 from llava_cli.model.projector import load_projector_weights, projector_state
 from llava_cli.train.checkpoints import (
     TRAINER_STATE,
@@ -205,7 +205,7 @@ class LlavaTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         # Under DeepSpeed `state_dict` arrives gathered on every rank; else gather here
         # (a collective under ZeRO-3, so before the rank check).
-        state = projector_state(self.model, state_dict)
+        state = projector_state(self.model, state_dict, trains_input_embeddings(self.model))
         if not self.args.should_save:
             return None
         output_dir = output_dir or self.args.output_dir
@@ -265,7 +265,8 @@ class LlavaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = self.model if model is None else model
         if self.output_kind == OutputKind.PROJECTOR:
-            load_projector_weights(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
+            load_projector_weights(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE),
+                                   "all")
         elif self._library_loads_checkpoints:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:

@@ -78,9 +78,10 @@ def test_bad_values_and_files(tmp_path):
         parse_set(["learning_rate"])
     with pytest.raises(ConfigError, match="not found"):
         resolve_config("finetune", tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="mm_use_im_start_end true: image start/end tokens "
-                       "are not supported yet; remove it or set it to False"):
-        resolve_config("finetune", sets=["mm_use_im_start_end=true"])
+    assert resolve_config("finetune", sets=["mm_use_im_start_end=true"]).mm_use_im_start_end
+    with pytest.raises(ConfigError, match="mm_use_im_start_end: template 'chat-template' is "
+                       "the tokenizer's own"):
+        resolve_config("finetune", sets=["mm_use_im_start_end=true", "template=chat-template"])
 
 
 def test_saved_config_loads_back_equal(tmp_path):

@@ -72,14 +72,14 @@ def test_the_original_names_resolve_where_llava_meant_them():
     assert config.training_args["tf32"] is True
     assert config.train_llm == "frozen" and config.template == "chatml_direct"
     assert config.image_grid_pinpoints == [[336, 672], [672, 336]]
+    assert not config.mm_use_im_start_end
+    assert resolve_config("finetune", sets=["mm_use_im_start_end=True"]).mm_use_im_start_end
     for yaml_form in ("[[336, 672]]", "null"):  # as our saved configs write it
         again = resolve_config("finetune", sets=[f"image_grid_pinpoints={yaml_form}"])
         assert again.image_grid_pinpoints == ([[336, 672]] if yaml_form != "null" else None)
 
 
 @pytest.mark.parametrize(("item", "message"), [
-    ("mm_use_im_start_end=True", "mm_use_im_start_end true: image start/end tokens are not "
-     "supported yet; remove it or set it to False"),
     ("mm_patch_merge_type=spatial_unpad", "mm_patch_merge_type 'spatial_unpad': only 'flat'"),
     ("image_grid_pinpoints=[(336,", "image_grid_pinpoints '[(336,': expected pairs like"),
     ("image_grid_pinpoints=[(1, 2, 3)]", "image_grid_pinpoints '[(1, 2, 3)]': expected pairs"),

@@ -107,3 +107,32 @@ def test_a_two_layer_projector_file_is_refused_by_a_linear_model(tmp_path):
     with pytest.raises(ValueError, match=r"a two-layer \(mlp2x_gelu\) projector but this "
                                          "model's projector is `linear`"):
         load_projector_weights(model, file)
+
+
+def test_the_input_embeddings_beside_the_projector_give_the_marker_rows(tmp_path):
+    """The original's stage 1 with `mm_use_im_start_end` saves `model.embed_tokens.weight`
+    (its whole matrix, the two markers last) into mm_projector.bin; stage 2 takes those rows."""
+    original = torch.load(ORIGINAL / "projector" / "mm_projector.bin", weights_only=True)
+    model = _model()
+    embedding = model.get_input_embeddings().weight
+    saved = torch.randn(embedding.shape[0] - 3, embedding.shape[1])  # its vocabulary, not ours
+    file = tmp_path / "mm_projector.bin"
+    torch.save({**original, "model.embed_tokens.weight": saved}, file)
+    before = embedding.detach().clone()
+    rows = [5, 9]
+    load_projector_weights(model, file, rows)
+    assert torch.equal(embedding[rows], saved[-2:])
+    others = [i for i in range(len(before)) if i not in rows]
+    assert torch.equal(embedding[others], before[others])
+    with pytest.raises(ValueError, match="holds the input embeddings of an mm_use_im_start_end "
+                       "run beside the projector; pass --set mm_use_im_start_end=true"):
+        load_projector_weights(model, file)
+    with pytest.raises(ValueError, match="holds the input embeddings beside the projector"):
+        read_projector_file(file)
+    with pytest.raises(ValueError, match="holds no input embeddings, so the <im_start>/<im_end>"):
+        load_projector_weights(model, ORIGINAL / "projector" / "mm_projector.bin", rows)
+    # Resuming a stage-1 checkpoint (ours: the whole matrix of this model) restores every row.
+    whole = torch.randn(embedding.shape)
+    torch.save({**original, "model.embed_tokens.weight": whole}, file)
+    load_projector_weights(model, file, "all")
+    assert torch.equal(embedding, whole)

@@ -130,3 +130,21 @@ def test_tower_parts_and_lm_head_next_to_lora_train_the_saved_copies():
                         "base_model.model.lm_head.modules_to_save.default.weight"}
     changed = _changed_by_a_step(peft_model)
     assert changed == _trainable(peft_model)  # and nothing else moved
+
+
+@pytest.mark.parametrize(("flags", "embeddings"), [
+    ({"tune_mm_mlp_adapter": True}, True),  # the original's stage 1: they train
+    ({}, True),  # a finetune trains the LLM, embeddings included, anyway
+    ({"freeze_backbone": True}, False),  # no tune_mm_mlp_adapter: the original freezes them
+    ({"freeze_mm_mlp_adapter": True, "freeze_llm": True}, False)])
+def test_im_start_end_trains_the_input_embeddings_as_the_original(flags, embeddings):
+    config = resolve_config("finetune", flags={**flags, "mm_use_im_start_end": True})
+    model = _llava()
+    apply_trainability(model, config.train_vision_tower, config.train_projector,
+                       config.train_llm, config.train_lm_head, config.mm_use_im_start_end)
+    embed = "model.language_model.embed_tokens.weight"
+    assert (embed in _trainable(model)) == embeddings
+    if flags == {"tune_mm_mlp_adapter": True}:
+        assert _trainable(model) == {embed} | {n for n, _ in model.named_parameters()
+                                               if "multi_modal_projector" in n}
+        assert config.output_kind == OutputKind.PROJECTOR

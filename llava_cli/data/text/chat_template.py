@@ -3,7 +3,8 @@
 Saved with every output's tokenizer/processor, so `processor.apply_chat_template` at inference
 builds exactly the prompt the model was trained on. Message content may be a string with
 `<image>` placeholders or the processor's list form (`{"type": "image"}` / `{"type": "text"}`);
-each image item becomes `<image>\\n`, as LLaVA's training data writes it.
+each image item becomes `<image>\\n`, as LLaVA's training data writes it (with
+`mm_use_im_start_end` every `<image>` is written `<im_start><image><im_end>`, as in training).
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llava_cli.data.text.templates import CHAT_TEMPLATE, TEMPLATES, Template
+from llava_cli.data.text.templates import (
+    CHAT_TEMPLATE,
+    TEMPLATES,
+    Template,
+    image_text,
+)
 
 _CONTENT = """\
 {%- macro content_of(message) -%}
-{%- if message['content'] is string -%}{{ message['content'] }}
+{%- if message['content'] is string -%}{{ message['content'] | replace('<image>', IMAGE) }}
 {%- else -%}{%- for item in message['content'] -%}
-{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}
+{%- if item['type'] == 'image' -%}{{ IMAGE ~ '\\n' }}
 {%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}
 {%- endfor -%}{%- endif -%}
 {%- endmacro -%}
@@ -49,8 +55,9 @@ _BODY = """\
 """
 
 
-def chat_template_for(template: Template) -> str:
-    """The Jinja chat template that renders conversations exactly as `render(template, …)`."""
+def chat_template_for(template: Template, im_start_end: bool = False) -> str:
+    """The Jinja chat template that renders conversations exactly as `render(template, …)`
+    (of `mark_images(messages)` with `im_start_end`)."""
     values = {
         "default_system": template.system,
         "system_format": template.system_format,
@@ -67,14 +74,17 @@ def chat_template_for(template: Template) -> str:
         f"{{%- set {name} = {json.dumps(value)} -%}}\n" if not isinstance(value, bool)
         else f"{{%- set {name} = {str(value).lower()} -%}}\n"
         for name, value in values.items())
-    return f"{{#- llava_cli template: {template.name} -#}}\n" + _CONTENT + settings + _BODY
+    # a literal: the macro is defined before the settings below
+    content = _CONTENT.replace("IMAGE", json.dumps(image_text(im_start_end)))
+    return f"{{#- llava_cli template: {template.name} -#}}\n" + content + settings + _BODY
 
 
-def attach_chat_template(processor: Any, template_name: str) -> None:
+def attach_chat_template(processor: Any, template_name: str, im_start_end: bool = False
+                         ) -> None:
     """Make a processor (and its tokenizer) render `template_name` when applying the chat
     template, so a saved output prompts at inference exactly as it was trained."""
     if template_name == CHAT_TEMPLATE:
         return  # the tokenizer's own template is the training template
-    template = chat_template_for(TEMPLATES[template_name])
+    template = chat_template_for(TEMPLATES[template_name], im_start_end)
     processor.chat_template = template
     processor.tokenizer.chat_template = template

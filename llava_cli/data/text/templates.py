@@ -15,6 +15,8 @@ from typing import Any, Literal, NamedTuple
 
 Role = Literal["system", "user", "assistant"]
 IMAGE_PLACEHOLDER = "<image>"
+# `mm_use_im_start_end`: the original LLaVA writes each image as <im_start><image><im_end>.
+IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
 CHAT_TEMPLATE = "chat-template"
 
 
@@ -206,6 +208,20 @@ class _Builder:
 
     def build(self) -> Rendered:
         return Rendered("".join(self.parts), tuple(self.spans))
+
+
+def image_text(im_start_end: bool) -> str:
+    """What one image placeholder is written as: `<image>`, or within its start/end tokens."""
+    return IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END if im_start_end else IMAGE_PLACEHOLDER
+
+
+def mark_images(messages: Sequence[Message]) -> list[Message]:
+    """Every `<image>` within `<im_start>`/`<im_end>`, in every turn as the original's
+    `preprocess_multimodal` does. A template that keeps only the images of a user turn
+    (`user_text=False`, `plain`) reduces them to bare `<image>` again, as its
+    `preprocess_plain` does."""
+    marked = image_text(True)
+    return [Message(m.role, m.content.replace(IMAGE_PLACEHOLDER, marked)) for m in messages]
 
 
 def _user_text(template: Template, content: str) -> str:

@@ -1,15 +1,21 @@
-"""Tokenizer set-up shared by every command: loading, and the `<image>` and pad tokens."""
+"""Tokenizer set-up shared by every command: loading, and the `<image>`, pad and image
+start/end tokens."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from llava_cli.data.text.templates import IMAGE_END, IMAGE_START
+
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
+IMAGE_MARKERS = (IMAGE_START, IMAGE_END)
 
 
-def add_llava_tokens(tokenizer: Any) -> list[str]:
-    """Add `<image>` as a special token and a pad token when missing; return what was added."""
+def add_llava_tokens(tokenizer: Any, im_start_end: bool = False) -> list[str]:
+    """Add `<image>` as a special token and a pad token when missing, and with `im_start_end`
+    `<im_start>`/`<im_end>` last (special, as the original adds them); return what was
+    added."""
     from tokenizers import AddedToken
 
     added = []
@@ -21,7 +27,31 @@ def add_llava_tokens(tokenizer: Any) -> list[str]:
         if PAD_TOKEN not in tokenizer.get_vocab():
             added.append(PAD_TOKEN)
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if im_start_end:
+        missing = [t for t in IMAGE_MARKERS if t not in tokenizer.get_vocab()]
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
+                             special_tokens=True)
+        added += missing
     return added
+
+
+def marker_ids(tokenizer: Any) -> list[int]:
+    """The ids of `<im_start>` and `<im_end>` (added by `add_llava_tokens`)."""
+    return [tokenizer.convert_tokens_to_ids(token) for token in IMAGE_MARKERS]
+
+
+def check_image_markers(tokenizer: Any, im_start_end: bool, source: str) -> None:
+    """The starting model's tokenizer has `<im_start>`/`<im_end>` exactly when the run asks
+    for them (`mm_use_im_start_end`): their embedding rows are part of the model."""
+    vocab = tokenizer.get_vocab()
+    present = [t for t in IMAGE_MARKERS if t in vocab]
+    if im_start_end and len(present) < len(IMAGE_MARKERS):
+        raise ValueError(f"mm_use_im_start_end: {source} has no {'/'.join(IMAGE_MARKERS)} "
+                         "tokens; start from an LLM (a new model gets them) or from a run "
+                         "trained with mm_use_im_start_end, or drop the setting")
+    if not im_start_end and present:
+        raise ValueError(f"{source} was trained with {'/'.join(present)} around each image "
+                         "(mm_use_im_start_end); pass --set mm_use_im_start_end=true")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

@@ -68,7 +68,8 @@ def check_data(config: RunConfig) -> None:
     # Only errors are judged here, so an anyres model's per-size count may be estimated.
     spec = input_spec_from_paths(config.tokenizer or str(config.model_name_or_path),
                                  config.model_name_or_path, None, config.trust_remote_code,
-                                 anyres_estimate=LLAVA_15_IMAGE_TOKENS)
+                                 anyres_estimate=LLAVA_15_IMAGE_TOKENS,
+                                 im_start_end=config.mm_use_im_start_end)
     try:
         index = RecordIndex.open(config.data_path)
     except RecordFormatError as err:
