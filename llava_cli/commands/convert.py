@@ -45,7 +45,7 @@ def convert(
     "lora" for a LoRA run given with --model-base). Verified by logits both ways.
     """
     from llava_cli.commands.common import quiet_libraries
-    from llava_cli.convert.convert import ConversionError
+    from llava_cli.convert.reference import ConversionError
 
     quiet_libraries()
     try:

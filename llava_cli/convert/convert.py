@@ -37,13 +37,14 @@ from llava_cli.artifacts.output_dir import (
     refuse_unsafe_output_dir,
 )
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE, PROJECTOR_PREFIX
-from llava_cli.convert.reference import expand_ids, original_logits, probe_ids
-from llava_cli.merge.verify import PROBE_QUESTION, Check, compare, probe_image, tolerance
+from llava_cli.convert.reference import (
+    checked_logits,
+    expand_ids,
+    original_logits,
+    probe_ids,
+)
+from llava_cli.merge.verify import PROBE_QUESTION, Check, probe_image
 from llava_cli.model.original import base_of, tower_of
-
-
-class ConversionError(RuntimeError):
-    """The converted model does not compute the original's logits."""
 
 
 @dataclass
@@ -107,13 +108,8 @@ def _write_full(original: OriginalCheckpoint, tower: str, llm: str | None, templ
     pixels = processor.image_processor(probe_image(), return_tensors="pt")["pixel_values"]
     reference = original_logits(original, tower, llm, ids, pixels)
     logits = reloaded_logits(staging, expand_ids(ids, image_token_id, count), pixels)
-    check = compare(f"the original {original.kind} checkpoint, read in its own layout",
-                    logits[:, :reference.shape[1]], reference, tolerance("float32", 16))
-    log(check.describe())
-    if not check.ok:
-        raise ConversionError(f"converted model failed verification; nothing was written: "
-                              f"{check.describe()}")
-    return [check]
+    return [checked_logits(f"the original {original.kind} checkpoint, read in its own layout",
+                           logits, reference, log, "converted model failed verification")]
 
 
 def reloaded_logits(folder: Path, ids: list[int], pixels: Any) -> Any:

@@ -29,6 +29,23 @@ from llava_cli.model.load import TWO_TOWER_EXTRAS, load_pretrained
 from llava_cli.model.vision import vision_config_of, vision_model_class
 
 
+class ConversionError(RuntimeError):
+    """The converted model does not compute the original's logits."""
+
+
+def checked_logits(against: str, logits: Any, reference: Any, log: Any, failure: str) -> Any:
+    """Compare `logits` with `reference` (over the reference's positions) at float32's
+    tolerance, log the check, and raise ConversionError (`failure` first) when it fails."""
+    from llava_cli.merge.verify import compare, tolerance
+
+    check = compare(against, logits[:, :reference.shape[1]], reference,
+                    tolerance("float32", 16))
+    log(check.describe())
+    if not check.ok:
+        raise ConversionError(f"{failure}; nothing was written: {check.describe()}")
+    return check
+
+
 def original_logits(original: OriginalCheckpoint, tower: str, base: str | None,
                     ids: list[int], pixel_values: Any) -> Any:
     """Float32 logits of the original model on `ids` (with one -200) and `pixel_values`

@@ -43,7 +43,6 @@ from llava_cli.artifacts.output_dir import (
     refuse_unsafe_output_dir,
 )
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
-from llava_cli.convert.convert import ConversionError
 from llava_cli.convert.original_files import (
     ADAPTER_DEFAULTS,
     TOWER_FOLDER,
@@ -52,8 +51,14 @@ from llava_cli.convert.original_files import (
     write_tokenizer_files,
     write_tower_folder,
 )
-from llava_cli.convert.reference import expand_ids, original_logits, probe_ids
-from llava_cli.merge.verify import PROBE_QUESTION, Check, compare, probe_image, tolerance
+from llava_cli.convert.reference import (
+    ConversionError,
+    checked_logits,
+    expand_ids,
+    original_logits,
+    probe_ids,
+)
+from llava_cli.merge.verify import PROBE_QUESTION, Check, probe_image
 
 
 @dataclass
@@ -214,13 +219,8 @@ def _check(staging: Path, out: Path, llm: str | None, ids: list[int], pixels: An
         raise ConversionError(f"{staging}: the files just written are not in the original layout")
     tower = str(staging / TOWER_FOLDER)  # where mm_vision_tower points once published
     reference = original_logits(written, tower, llm, ids, pixels)
-    check = compare("our model, read back in the original layout", reference,
-                    ours[:, :reference.shape[1]], tolerance("float32", 16))
-    log(check.describe())
-    if not check.ok:
-        raise ConversionError(f"the original-layout files do not compute our logits; nothing was "
-                           f"written to {out}: {check.describe()}")
-    return [check]
+    return [checked_logits("our model, read back in the original layout", ours, reference, log,
+                           f"the original-layout files do not compute our logits ({out})")]
 
 
 def _logits(model: Any, ids: list[int], pixels: Any) -> Any:
