@@ -168,12 +168,16 @@ def run_or_exit(stage: str, config: Any) -> None:
     try:
         with process_group_closed_at_end():
             result = run_training(config, reporter)
+            kind, output_dir = result.kind, result.output_dir
+            # The finished trainer holds DDP's reducer, which holds the process group: let
+            # it go first, or the group outlives its destruction below (see the helper).
+            del result
     except (ValueError, OSError, NotImplementedError):  # OSError: a path, a hub id, a disk
         if reporter.enabled:
             raise  # the command boundary prints it (once: on the rank that reports)
         raise typer.Exit(2) from None
     if reporter.enabled:
-        reporter.console.print(f"[green]done[/]: {result.kind} output in {result.output_dir}")
+        reporter.console.print(f"[green]done[/]: {kind} output in {output_dir}")
 
 
 pretrain = _make_command("pretrain")

@@ -46,7 +46,14 @@ def process_group_closed_at_end() -> Iterator[None]:
     try:
         yield
     finally:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            # Objects in reference cycles (the Trainer, its DDP model and reducer) keep the
+            # group's backend alive past destroy_process_group; collected now, its gloo
+            # threads are joined here, while the interpreter is whole.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
