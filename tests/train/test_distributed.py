@@ -358,3 +358,27 @@ def test_zero3_offload_keeps_the_trainers_lr_schedule(base, tmp_path):
         optimizer.step()
         schedule.step()
     assert logged == pytest.approx(expected, abs=1e-9)
+
+
+# --- cross-sample packing on two ranks --------------------------------------------------------
+
+PACKING = ("--packing", "on", "--packing-budget", "100")
+
+
+@pytest.fixture(scope="module")
+def ddp_packed(base, tmp_path_factory) -> Run:
+    return launch(base, tmp_path_factory.mktemp("ddp-packed") / "out", *PACKING)
+
+
+@pytest.mark.slow
+def test_packed_ranks_train_as_the_same_packs_padded(ddp_packed, base, tmp_path):
+    """Both ranks made the same packs from rank 0's lengths (else DDP would hang or the
+    padded twin would differ); packed rows give the padded rows' losses and weights, under
+    DDP and ZeRO-3 alike."""
+    padded = launch(base, tmp_path / "padded", *PACKING, "--set", "packing_layout=padded")
+    assert ddp_packed.state["global_step"] == STEPS
+    _assert_quiet_other_rank(ddp_packed)
+    _assert_same_run(ddp_packed, padded)
+    assert "packing" in ddp_packed.rank_log(0) and "samples a row" in ddp_packed.rank_log(0)
+    zero3 = launch(base, tmp_path / "zero3", *PACKING, "--deepspeed", ZERO3)
+    _assert_same_run(zero3, ddp_packed)
