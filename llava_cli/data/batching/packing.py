@@ -66,14 +66,15 @@ def pack_by_budget(lengths: np.ndarray, budget: int, seed: int,
 def _two_pointer(descending: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices into `descending` (lengths sorted longest first) in pack order, and the size of
     each pack: the longest record left, then the shortest ones while they fit."""
-    head, tail = 0, len(descending) - 1
-    order, sizes = np.empty(len(descending), np.int64), []
+    values = descending.tolist()  # Python ints: this loop runs once per record
+    head, tail = 0, len(values) - 1
+    order, sizes = np.empty(len(values), np.int64), []
     filled = 0
     while head <= tail:
-        start, total = filled, int(descending[head])
+        start, total = filled, values[head]
         order[filled], filled, head = head, filled + 1, head + 1
-        while head <= tail and total + int(descending[tail]) <= budget:
-            total += int(descending[tail])
+        while head <= tail and total + values[tail] <= budget:
+            total += values[tail]
             order[filled], filled, tail = tail, filled + 1, tail - 1
         sizes.append(filled - start)
     return order, np.asarray(sizes, np.int64)
