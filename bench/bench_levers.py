@@ -27,6 +27,7 @@ from bench_check import tree_rss_kb  # noqa: E402
 from bench_train import CHILD, GOLDEN, SHARED, make_parts  # noqa: E402
 
 OFF = {"supervised_logits_only": False, "skip_frozen_backward": False, "padding_free": False,
+       "packing": "off",
        "group_by_modality_length": False, "dataloader_num_workers": 0}
 LEVERS = {
     "supervised logits": {"supervised_logits_only": True},

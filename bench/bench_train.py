@@ -41,7 +41,9 @@ class Reporter:
 stage, flags = sys.argv[1], json.loads(sys.argv[2])
 result = run_training(resolve_config(stage, flags=flags), Reporter())
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"samples_per_second": result.metrics["train_samples_per_second"],
+# Packed runs: the Trainer's "samples" are rows; records = rows × the mean pack size.
+per_row = result.metrics.get("samples_per_row", 1.0)
+print(json.dumps({"samples_per_second": result.metrics["train_samples_per_second"] * per_row,
                   "first_step_s": FirstStep.first, "peak_rss_mb": int(hwm) / 1024,
                   "wall_s": time.time() - START}))
 """

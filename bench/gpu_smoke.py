@@ -1,20 +1,15 @@
 #!/usr/bin/env python
-"""One-GPU smoke benchmark: a 7B-shaped LLaVA-1.5 finetune step loop, full and LoRA.
+"""One-GPU smoke benchmark: a 7B-shaped LLaVA-1.5 stage-2 step, lever by lever, plus ZeRO-3.
 
 Random init from configs only (Llama-2-7B text config + CLIP ViT-L/14-336 vision config), so it
-needs no network and no weights. bf16 weights, SDPA attention, gradient checkpointing, synthetic
-batches (576 image tokens + text, labels masked on the image positions, as LLaVA trains). Prints
-per variant: step time, samples/s, tokens/s, model TFLOP/s and MFU = model FLOPs ÷ (time × peak).
-
-Needs only torch, transformers and (for the LoRA variant) peft — none of llava_cli's other
-dependencies. See bench/README-gpu.md. `--tiny` runs the same logic on a toy model on CPU (tests).
-
-Model FLOPs (not hardware FLOPs: gradient-checkpointing recompute is not counted, as usual for
-MFU), per trained token of the LLM: 6·N (full: forward + input grads + weight grads) or 4·N (LoRA:
-frozen weights get no weight grads; the adapters' own FLOPs are negligible), N = non-embedding
-LLM parameters, plus attention 12·layers·hidden·seq (full-matrix convention, as in PaLM). The
-frozen vision tower runs forward only: 2·N_vision per patch; the projector trains: 6·N_proj per
-image token.
+needs no network and no weights. bf16, the vision tower frozen, a step of mixed-length samples
+(lengths drawn like LLaVA-665k's, 576 image tokens each, prompts masked). One model per variant
+is built once and measured in phases: every lever on, each lever off alone (supervised-logits
+LM head, packing, frozen tower without backward, activation checkpointing), every lever off;
+then LoRA on / off and one DeepSpeed ZeRO-3 single-GPU run. Per phase: samples/s, tokens/s
+(real tokens), s/step, model TFLOP/s, MFU = model FLOPs ÷ (step time × the GPU's dense bf16
+peak), peak memory. About 5–8 minutes on an H100/H200. `--tiny` runs the same logic on a toy
+model on CPU (the tests). See bench/README-gpu.md.
 """
 
 from __future__ import annotations
@@ -26,124 +21,84 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # llava_cli from the checkout
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import gpu_smoke_model as smoke  # noqa: E402
 
 # Dense bf16 peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
                "A10G": 70.0, "L4": 121.0}
-IMAGE_TOKEN_ID = 32000  # LLaVA-1.5: the first id past Llama-2's 32000-token vocabulary
+LEVER_NAMES = ("supervised_logits", "packing", "frozen_no_backward", "checkpointing")
+FORMULA = ("MFU = model FLOPs per step / (step time × peak); model FLOPs = (6 full | 4 LoRA) × "
+           "(N_llm + hidden × vocab) × real tokens + 12 × layers × hidden × Σ len² + "
+           "2 × N_vision × patches × images + 6 × N_proj × image tokens")
 
 
-def configs(tiny: bool) -> Any:
-    """LlavaConfig: LLaVA-1.5-7B's shapes, or a toy of the same structure with `tiny`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    if tiny:
-        text = LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                           max_position_embeddings=512)
-        vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
-                                  intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4)
-        image_token = 600
-    else:  # meta-llama/Llama-2-7b-hf and openai/clip-vit-large-patch14-336, as published
-        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                           max_position_embeddings=4096, rms_norm_eps=1e-5)
-        vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024,
-                                  intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, projection_dim=768,
-                                  hidden_act="quick_gelu")
-        image_token = IMAGE_TOKEN_ID
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=image_token,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       projector_hidden_act="gelu",
-                       image_seq_length=(vision.image_size // vision.patch_size) ** 2)
+def phases(variant: str) -> list[tuple[str, smoke.Levers]]:
+    """(name, levers) measured on one model of `variant`."""
+    on = smoke.Levers()
+    if variant != "full":
+        return [("all on", on), ("all off", smoke.Levers(False, False, False, False))]
+    return [("all on", on), *[(f"no {name.replace('_', ' ')}", on.without(name))
+                              for name in LEVER_NAMES],
+            ("all off", smoke.Levers(False, False, False, False))]
 
 
-def build_model(config: Any, device: str, dtype: Any, lora: bool) -> Any:
-    """Random-init LLaVA on `device` (initialised there: fast on a GPU), trainability set."""
+def measure(model: Any, optimizer: Any, samples: list, levers: smoke.Levers,
+            args: argparse.Namespace, device: str, step: Any = None) -> dict[str, Any]:
+    """Train `args.steps` steps on `samples` with `levers` (the first `args.warmup` untimed)."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
-    config.text_config.use_cache = False
-    with torch.device(device):
-        try:
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
-                                                               attn_implementation="sdpa")
-        except TypeError:  # transformers 4.x spells it torch_dtype
-            model = LlavaForConditionalGeneration._from_config(config, torch_dtype=dtype,
-                                                               attn_implementation="sdpa")
-    parts(model).vision_tower.requires_grad_(False)  # LLaVA-1.5 finetune: vision tower frozen
-    # Non-reentrant: works with a frozen vision tower and with LoRA (no input-grad hooks).
-    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora:
-        from peft import LoraConfig, get_peft_model
+    smoke.apply_levers(model, levers)
+    batch = smoke.collate(samples, levers.packing, args.budget, args.attn, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    losses, timed, warmup = [], 0.0, min(args.warmup, args.steps - 1)
+    for number in range(args.steps):
+        synchronize(device)
+        tic = time.perf_counter()
+        loss = (step or _torch_step)(model, optimizer, batch, levers.supervised_logits)
+        synchronize(device)
+        if number >= warmup:
+            timed += time.perf_counter() - tic
+        losses.append(loss)
+    return {"step_s": timed / (args.steps - warmup), "first_loss": losses[0],
+            "last_loss": losses[-1], "finite": all(math.isfinite(x) for x in losses),
+            "rows": int(batch["input_ids"].shape[0]),
+            "row_tokens": int(batch["input_ids"].shape[1]),
+            "max_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                               if device.startswith("cuda") else None)}
 
-        targets = (r".*language_model\.layers\.\d+\."
-                   r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)")
-        model = get_peft_model(model, LoraConfig(
-            r=128, lora_alpha=256, lora_dropout=0.05, target_modules=targets,
-            modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM"))
+
+def same_loss(model: Any, samples: list, args: argparse.Namespace, device: str) -> str:
+    """The plain path's loss (padded, full logits) and the levers' (packed, supervised
+    logits) on the same weights and samples: the levers change the cost, not the loss."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        plain = smoke.step_loss(model, smoke.collate(samples, False, args.budget, args.attn,
+                                                     device), False).item()
+        levers = smoke.step_loss(model, smoke.collate(samples, True, args.budget, args.attn,
+                                                      device), True).item()
     model.train()
-    return model
+    return f"plain {plain:.4f}, levers on {levers:.4f} (Δ {abs(plain - levers):.1e})"
 
 
-def parts(model: Any) -> Any:
-    """The module holding vision_tower / multi_modal_projector / language_model (transformers
-    >= 4.52 nests them under `.model`; older versions keep them on the top-level model)."""
-    inner = getattr(model, "model", model)
-    return inner if hasattr(inner, "multi_modal_projector") else model
-
-
-def synthetic_batch(config: Any, batch: int, seq: int, device: str, dtype: Any,
-                    seed: int = 0, prompt_fraction: float = 0.5) -> dict[str, Any]:
-    """`batch` samples of `seq` tokens: BOS, the image tokens, then random text; labels mask
-    BOS, the image and the first `prompt_fraction` of the text (the prompt), as LLaVA does."""
+def _torch_step(model: Any, optimizer: Any, batch: dict, supervised_logits: bool) -> float:
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    image_tokens = config.image_seq_length
-    if seq <= image_tokens + 2:
-        raise ValueError(f"--seq-len must exceed the {image_tokens} image tokens + 2")
-    vocab = config.text_config.vocab_size
-    text = torch.randint(3, min(vocab, config.image_token_id), (batch, seq - image_tokens - 1),
-                         generator=generator)
-    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long),
-                     torch.full((batch, image_tokens), config.image_token_id), text], dim=1)
-    labels = ids.clone()
-    prompt = int((seq - image_tokens - 1) * prompt_fraction)
-    labels[:, :image_tokens + 1 + prompt] = -100
-    size = config.vision_config.image_size
-    pixels = torch.randn(batch, 3, size, size, generator=generator)
-    return {"input_ids": ids.to(device), "labels": labels.to(device),
-            "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": pixels.to(device, dtype)}
-
-
-def model_flops_per_step(model: Any, config: Any, batch: int, seq: int, lora: bool) -> float:
-    """Model FLOPs of one training step (see the module docstring for the convention)."""
-    base = model.get_base_model() if lora else model
-    inner = parts(base)
-    n_llm = sum(p.numel() for n, p in inner.language_model.named_parameters()
-                if "embed_tokens" not in n and "lora_" not in n and "lm_head" not in n)
-    n_vision = sum(p.numel() for p in inner.vision_tower.parameters())
-    n_proj = sum(p.numel() for n, p in inner.multi_modal_projector.named_parameters()
-                 if "original_module" not in n)
-    text = config.text_config
-    tokens = batch * seq
-    llm = (4 if lora else 6) * n_llm * tokens
-    attention = 12 * text.num_hidden_layers * text.hidden_size * seq * tokens
-    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
-    vision = 2 * n_vision * patches * batch
-    projector = 6 * n_proj * config.image_seq_length * batch
-    lm_head = (4 if lora else 6) * text.hidden_size * text.vocab_size * tokens
-    return float(llm + attention + vision + projector + lm_head)
+    loss = smoke.step_loss(model, batch, supervised_logits)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def synchronize(device: str) -> None:
@@ -153,79 +108,50 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_loss(model: Any, batch: dict[str, Any], levers: bool) -> Any:
-    """The plain HF loss (full [batch, seq, vocab] logits) or, with the levers, llava_cli's
-    loss at the supervised positions only (equal value; `llava_cli/train/loss.py` imports torch
-    only, so it runs from the repository root without installing llava_cli)."""
-    if not levers:
-        return model(**batch).loss
-    from llava_cli.train.loss import supervised_cross_entropy, supervised_positions
-
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    outputs = model(**inputs, use_cache=False, logits_to_keep=supervised_positions(labels))
-    return supervised_cross_entropy(outputs, labels)
-
-
-def run_variant(name: str, args: argparse.Namespace, device: str, dtype: Any,
-                peak_tflops: float, levers: bool = False) -> dict[str, Any]:
-    """Build, train `args.steps` steps (the first `args.warmup` untimed), report throughput.
-
-    `levers`: loss at supervised positions only, and the frozen vision tower without the
-    input-grad hook transformers' checkpointing puts on it (no backward through it)."""
+def run_variant(variant: str, args: argparse.Namespace, device: str, samples: list,
+                lengths: list[int], peak: float) -> list[dict[str, Any]]:
+    """Build the variant's model once and measure each of its phases."""
     import torch
 
-    config = configs(args.tiny)
-    lora = name == "lora"
+    config = smoke.configs(args.tiny)
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = build_model(config, device, dtype, lora)
-    if levers:
-        base = model.get_base_model() if lora else model
-        base.disable_input_require_grads()  # non-reentrant checkpointing needs no hook
+    model = smoke.build_model(config, device, torch.bfloat16, variant == "lora", args.attn)
     built = time.perf_counter() - started
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5 if not lora else 2e-4, weight_decay=0.0,
-                                  fused=device.startswith("cuda"))
-    batch = synthetic_batch(config, args.batch_size, args.seq_len, device, dtype,
-                            prompt_fraction=args.prompt_fraction)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    losses, timed = [], 0.0
-    warmup = min(args.warmup, args.steps - 1)
-    for step in range(args.steps):
-        synchronize(device)
-        tic = time.perf_counter()
-        loss = step_loss(model, batch, levers)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        if step >= warmup:
-            timed += time.perf_counter() - tic
-        losses.append(loss.item())
-    steps = args.steps - warmup
-    step_time = timed / steps
-    flops = model_flops_per_step(model, config, args.batch_size, args.seq_len, lora)
-    result = {
-        "variant": name, "levers": levers, "device": device,
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in trainable), "build_s": round(built, 1),
-        "batch": args.batch_size, "seq_len": args.seq_len, "timed_steps": steps,
-        "step_s": step_time, "samples_per_s": args.batch_size / step_time,
-        "tokens_per_s": args.batch_size * args.seq_len / step_time,
-        "model_tflops_per_s": flops / step_time / 1e12,
-        "mfu": flops / step_time / (peak_tflops * 1e12), "peak_tflops": peak_tflops,
-        "first_loss": losses[0], "last_loss": losses[-1],
-        "finite": all(math.isfinite(x) for x in losses),
-        "max_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                           if device.startswith("cuda") else None),
-    }
-    del model, optimizer, batch, trainable
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4 if variant == "lora" else 1e-5,
+                                  weight_decay=0.0, fused=device.startswith("cuda"))
+    flops = smoke.model_flops_per_step(model, config, lengths, variant == "lora")
+    print(f"{variant}: same loss at the start weights: {same_loss(model, samples, args, device)}",
+          flush=True)
+    results = []
+    for name, levers in phases(variant):
+        try:
+            result = measure(model, optimizer, samples, levers, args, device)
+        except torch.cuda.OutOfMemoryError:
+            result = {"oom": True}
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        results.append(_describe(result, f"{variant}: {name}", levers, flops, lengths, peak,
+                                 built, trainable, model))
+    del model, optimizer, trainable
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    return results
+
+
+def _describe(result: dict, name: str, levers: Any, flops: float, lengths: list[int],
+              peak: float, built: float, trainable: list, model: Any) -> dict[str, Any]:
+    result.update(name=name, levers=getattr(levers, "__dict__", levers), build_s=round(built, 1),
+                  samples=len(lengths), tokens=sum(lengths), peak_tflops=peak,
+                  trainable=sum(p.numel() for p in trainable),
+                  params=sum(p.numel() for p in model.parameters()))
+    if not result.get("oom"):
+        step = result["step_s"]
+        result.update(samples_per_s=len(lengths) / step, tokens_per_s=sum(lengths) / step,
+                      model_tflops_per_s=flops / step / 1e12, mfu=flops / step / (peak * 1e12))
     return result
 
 
@@ -244,26 +170,41 @@ def peak_for(device: str, given: float | None) -> float:
     raise SystemExit(f"unknown GPU {name!r}: pass --peak-tflops (dense bf16 TFLOP/s)")
 
 
+def line(result: dict[str, Any], reference: dict[str, Any] | None) -> str:
+    """One printed row; the ratio is tokens/s against the variant's all-on phase."""
+    if result.get("skipped"):
+        return f"{result['name']}: skipped ({result['skipped']})"
+    if result.get("oom"):
+        return f"{result['name']}: out of memory"
+    ratio = (f"  ({result['tokens_per_s'] / reference['tokens_per_s']:.2f}× all on)"
+             if reference and reference is not result and "tokens_per_s" in reference else "")
+    memory = (f"  peak mem {result['max_memory_gib']:.1f} GiB"
+              if result.get("max_memory_gib") is not None else "")
+    return (f"{result['name']}: {result['samples_per_s']:.2f} samples/s  "
+            f"{result['tokens_per_s']:.0f} tokens/s  {result['step_s']:.3f} s/step  "
+            f"{result['model_tflops_per_s']:.1f} model TFLOP/s  MFU {100 * result['mfu']:.1f}%  "
+            f"rows {result['rows']}×{result['row_tokens']}  loss {result['first_loss']:.3f} → "
+            f"{result['last_loss']:.3f}{memory}{ratio}")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="toy model (CPU-testable logic)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 4 (tiny: 2)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per sample incl. 576 image tokens; default 2048 (tiny: 48)")
-    parser.add_argument("--variants", default="full,lora", help="comma list: full, lora")
-    parser.add_argument("--levers", choices=("off", "on", "both"), default="both",
-                        help="llava_cli's speed levers off (plain HF), on, or both in turn")
-    parser.add_argument("--prompt-fraction", type=float, default=0.5,
-                        help="share of the text tokens that is unsupervised prompt")
+    parser.add_argument("--steps", type=int, default=8, help="steps per phase")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per phase")
+    parser.add_argument("--samples", type=int, default=None, help="per step; default 8 (tiny 4)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="packing: tokens per row; default 4096 (tiny 96)")
+    parser.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 | eager")
+    parser.add_argument("--variants", default="full,lora,zero3",
+                        help="comma list: full, lora, zero3 (ZeRO-3 needs deepspeed)")
     parser.add_argument("--device", default=None, help="default cuda if available, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak of the GPU (default: by name; H100/H200 989)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    args.batch_size = args.batch_size or (2 if args.tiny else 4)
-    args.seq_len = args.seq_len or (48 if args.tiny else 2048)
+    args.samples = args.samples or (4 if args.tiny else 8)
+    args.budget = args.budget or (96 if args.tiny else 4096)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     return args
@@ -278,37 +219,33 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the 7B-shaped run needs a GPU; use --tiny on CPU")
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dtype = torch.bfloat16
     peak = peak_for(device, args.peak_tflops)
     where = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"device {where}; peak {peak:g} TFLOP/s bf16; {'tiny' if args.tiny else '7B-shaped'} "
-          f"LLaVA; batch {args.batch_size} × {args.seq_len} tokens; {args.steps} steps "
-          f"({min(args.warmup, args.steps - 1)} untimed)", flush=True)
+    lengths = smoke.sample_lengths(args.samples, args.tiny, seed=0)
+    samples = smoke.synthetic_samples(smoke.configs(args.tiny), lengths, torch.bfloat16)
+    shape = "tiny" if args.tiny else "7B-shaped"
+    print(f"device {where}; peak {peak:g} TFLOP/s dense bf16; {shape} LLaVA, {args.attn};"
+          f" a step = {len(lengths)} samples, {sum(lengths)} tokens (lengths "
+          f"{min(lengths)}–{max(lengths)}); packing budget {args.budget}; {args.steps} steps per "
+          f"phase ({min(args.warmup, args.steps - 1)} untimed)\n{FORMULA}", flush=True)
     results = []
-    lever_runs = {"off": [False], "on": [True], "both": [False, True]}[args.levers]
-    for name, levers in [(n, on) for n in args.variants.split(",") for on in lever_runs]:
-        if name not in ("full", "lora"):
-            raise SystemExit(f"unknown variant {name!r}")
-        result = run_variant(name, args, device, dtype, peak, levers)
-        results.append(result)
-        off = [r for r in results if r["variant"] == name and not r["levers"]]
-        ratio = (f"  ({result['tokens_per_s'] / off[0]['tokens_per_s']:.2f}× levers off)"
-                 if levers and off else "")
-        name = f"{name} levers {'on' if levers else 'off'}"
-        memory = (f"  peak mem {result['max_memory_gib']:.1f} GiB"
-                  if result["max_memory_gib"] is not None else "")
-        print(f"{name}: {result['samples_per_s']:.2f} samples/s  {result['tokens_per_s']:.0f} "
-              f"tokens/s  {result['step_s']:.3f} s/step  {result['model_tflops_per_s']:.1f} "
-              f"model TFLOP/s  MFU {100 * result['mfu']:.1f}%  loss {result['first_loss']:.3f}"
-              f" → {result['last_loss']:.3f}  build {result['build_s']} s  trainable "
-              f"{result['trainable'] / 1e6:.1f}M / {result['params'] / 1e6:.1f}M{memory}{ratio}",
-              flush=True)
-        if not result["finite"]:
-            print(f"{name}: NON-FINITE LOSS", file=sys.stderr)
-            return 1
+    for variant in args.variants.split(","):
+        if variant not in ("full", "lora", "zero3"):
+            raise SystemExit(f"unknown variant {variant!r}")
+        if variant == "zero3":
+            from gpu_smoke_zero3 import run_zero3
+
+            found = run_zero3(args, device, samples, lengths, peak, measure, _describe)
+        else:
+            found = run_variant(variant, args, device, samples, lengths, peak)
+        for result in found:
+            print(line(result, found[0]), flush=True)
+            if not result.get("oom") and not result.get("skipped") and not result["finite"]:
+                print(f"{result['name']}: NON-FINITE LOSS", file=sys.stderr)
+                return 1
+        results += found
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

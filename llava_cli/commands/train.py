@@ -95,6 +95,11 @@ def _make_command(stage: str) -> Any:
         dataloader_num_workers: Annotated[int | None, _opt(TRAIN)] = None,
         padding_free: Annotated[bool | None, _flag(
             TRAIN, "padding-free", help="Pack each batch into one row (no padding).")] = None,
+        packing: Annotated[str | None, _opt(
+            TRAIN, help="auto | on | off: samples packed across the batch to a token budget.")
+                           ] = None,
+        packing_budget: Annotated[int | None, _opt(
+            TRAIN, help="Tokens per packed row (default --model-max-length).")] = None,
         deepspeed: Annotated[str | None, _opt(TRAIN, help="DeepSpeed JSON config.")] = None,
         output_dir: Annotated[str | None, _opt(OUT, "--output-dir", "-o")] = None,
         overwrite: Annotated[bool | None, _flag(

@@ -13,7 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from llava_cli.config.original_args import in_original_order, original_names
-from llava_cli.config.run_config import ConfigError, RunConfig, refuse_missing_reporters
+from llava_cli.config.run_config import ConfigError, RunConfig
+from llava_cli.config.training_checks import refuse_missing_reporters
 from llava_cli.config.values import read_yaml_text, typed
 
 # Stage presets: what each command means before any recipe or flag.

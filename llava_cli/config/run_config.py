@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llava_cli.artifacts.files import write_text_atomically
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
+from llava_cli.config.training_checks import refuse_impossible_counts
 from llava_cli.data.samples import DataOptions, ImageCheck
 from llava_cli.data.text.templates import CHAT_TEMPLATE, canonical_template_name
 
@@ -48,51 +49,10 @@ CONFIG_FILENAME = "llava_config.yaml"
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
-# report_to integrations → the packages that provide them (any one will do).
-REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
-                     "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",),
-                     "neptune": ("neptune",), "dvclive": ("dvclive",), "trackio": ("trackio",)}
-
-
-def refuse_missing_reporters(report_to: Any) -> None:
-    """One line naming the install command, not a traceback after the model has loaded."""
-    import importlib.util
-
-    names = report_to.split(",") if isinstance(report_to, str) else list(report_to or [])
-    for name in (str(n).strip() for n in names):
-        packages = REPORTER_PACKAGES.get(name)
-        if packages and not any(importlib.util.find_spec(p) for p in packages):
-            raise ValueError(f"report_to {name} needs the {packages[0]} package: "
-                             f"pip install {packages[0]}")
-
-
-POSITIVE_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                   "gradient_accumulation_steps")
-POSITIVE_INTERVALS = ("save_steps", "logging_steps", "eval_steps")  # below 1: a ratio
-
-
-def refuse_impossible_counts(training_args: dict[str, Any]) -> None:
-    """Counts the Trainer would divide by, loop zero times over, or crash on — one line
-    before anything loads. `num_train_epochs` of 0 or less counts only without `max_steps`
-    (which overrides the epochs in transformers)."""
-    for name in POSITIVE_COUNTS:
-        value = training_args.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} {value!r}: must be a whole number of at least 1")
-    for name in POSITIVE_INTERVALS:
-        value = training_args.get(name)
-        if isinstance(value, (int, float)) and value <= 0:
-            raise ValueError(f"{name} {value!r}: must be above 0")
-    max_steps = training_args.get("max_steps")
-    if isinstance(max_steps, int) and (max_steps == 0 or max_steps < -1):
-        raise ValueError(f"max_steps {max_steps}: give a number of steps of at least 1 (or "
-                         "leave it out to train for num_train_epochs)")
-    epochs = training_args.get("num_train_epochs")
-    if isinstance(epochs, (int, float)) and epochs <= 0 and \
-            not (isinstance(max_steps, int) and max_steps > 0):
-        raise ValueError(f"num_train_epochs (--epochs) is {epochs:g}: nothing would be "
-                         "trained; give a positive number of epochs (0.5 is half of one), "
-                         "or max_steps")
+# Where `packing: auto` packs: the attention implementations with which cross-sample packing
+# was measured faster than padded batches (bench/RESULTS.md, "Packing"). Measured on CPU only
+# so far; a GPU's flash-attention (varlen, no masked work) is measured by bench/gpu_smoke.py.
+PACKING_MEASURED_FASTER: frozenset[str] = frozenset()
 
 
 class ConfigError(ValueError):
@@ -157,6 +117,11 @@ class RunConfig(BaseModel):
     supervised_logits_only: bool = True  # LM head + loss only where labels are supervised
     skip_frozen_backward: bool = True  # a frozen vision tower runs forward only
     padding_free: bool = False  # pack each batch into one row (no padding at all)
+    # Cross-sample packing to a token budget (data.batching.packing); auto: where measured
+    # faster (`packing_choice`). padded: the same packs as padded rows (the unpacked compute)
+    packing: Literal["auto", "on", "off"] = "auto"
+    packing_budget: int | None = None  # tokens per packed row; default model_max_length
+    packing_layout: Literal["packed", "padded"] = "packed"
     # Kept as the user wrote it; transformers 5 folded it into warmup_steps (train.arguments)
     warmup_ratio: float | None = None
     # Output
@@ -202,6 +167,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"padding_free needs an attention that honours per-sample position "
                              f"ids ({', '.join(PACKING_ATTENTION)}); attn_implementation is "
                              f"{self.attn_implementation!r}")
+        if self.packing == "on" and self.attn_implementation not in PACKING_ATTENTION:
+            raise ValueError(f"packing needs an attention that honours per-sample position "
+                             f"ids ({', '.join(PACKING_ATTENTION)}); attn_implementation is "
+                             f"{self.attn_implementation!r}")
+        if self.packing_budget is not None and self.packing_budget < 8:
+            raise ValueError(f"packing_budget {self.packing_budget}: must be at least 8 tokens "
+                             "(a row holds whole samples; default model_max_length)")
         if self.mm_use_im_start_end and self.template == CHAT_TEMPLATE:
             raise ValueError("mm_use_im_start_end: template 'chat-template' is the tokenizer's "
                              "own, which cannot write <im_start>/<im_end>; pick a named "
@@ -217,6 +189,17 @@ class RunConfig(BaseModel):
         """Whether gradient (activation) checkpointing is on, under either of its names."""
         args = self.training_args
         return bool(args.get("activation_checkpointing", args.get("gradient_checkpointing")))
+
+    @property
+    def packing_choice(self) -> tuple[bool, str]:
+        """Whether this run packs samples across the batch, and why (printed in the summary).
+        `auto` packs where bench/bench_levers.py measured packing faster: see
+        PACKING_MEASURED_FASTER."""
+        if self.packing != "auto":
+            return self.packing == "on", f"packing {self.packing}"
+        faster = self.attn_implementation in PACKING_MEASURED_FASTER
+        verdict = "measured faster" if faster else "measured slower"
+        return faster, f"auto: {verdict} with {self.attn_implementation} (bench/RESULTS.md)"
 
     @property
     def load_dtype(self) -> str | None:

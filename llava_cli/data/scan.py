@@ -18,80 +18,19 @@ import os
 import pickle
 import queue
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llava_cli.data.conversation import RecordError, has_image, image_field
-from llava_cli.data.problems import Problem, ProblemCounter
+from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.report import EXAMPLES_PER_KIND, Report
 from llava_cli.data.samples import Sample, SampleBuilder
 
-EXAMPLES_PER_KIND = 5
 # Above this an image is a warning: decoded in RGB it takes 192 MB, and every epoch decodes it
 # again (about half a second a worker) for a tower that sees a few hundred pixels.
 HUGE_IMAGE_PIXELS = 64_000_000
-
-
-def _counter() -> ProblemCounter:
-    return ProblemCounter(max_examples=EXAMPLES_PER_KIND, distinct_examples=True)
-
-
-@dataclass
-class Report:
-    """Counts of a scan; merged across worker processes."""
-
-    records: int = 0
-    image_records: int = 0
-    text_only: int = 0
-    multi_image: int = 0
-    lengths: list[np.ndarray] = field(default_factory=list)
-    problems: ProblemCounter = field(default_factory=_counter)  # errors and fully-masked
-    notes: ProblemCounter = field(default_factory=_counter)  # harmless fixes
-    truncations: ProblemCounter = field(default_factory=_counter)
-    warnings: ProblemCounter = field(default_factory=_counter)  # worth a look, not failing
-    # (hash of the id, position) of each record that has an id, for `count_duplicate_ids`:
-    # 16 bytes a record crosses from the workers, not the ids' text.
-    ids: list[np.ndarray] = field(default_factory=list)
-
-    @property
-    def truncated(self) -> int:
-        """Records cut to model_max_length."""
-        return self.truncations.total
-
-    def merge(self, other: Report) -> None:
-        """Add another worker's counts into this one."""
-        for name in ("records", "image_records", "text_only", "multi_image"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.lengths += other.lengths
-        self.ids += other.ids
-        for name in ("problems", "notes", "truncations", "warnings"):
-            getattr(self, name).merge(getattr(other, name))
-
-    @property
-    def failed(self) -> bool:
-        """True when any record would fail or train on nothing (or there is no record)."""
-        return self.problems.total > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form of the report (`--format json`)."""
-        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
-        percentiles = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} \
-            if len(lengths) else {}
-        if len(lengths):
-            percentiles["max"] = int(lengths.max())
-        examples = {**self.problems.examples, **self.notes.examples,
-                    **self.truncations.examples, **self.warnings.examples}
-        return {
-            "records": self.records, "image_records": self.image_records,
-            "text_only_records": self.text_only, "multi_image_records": self.multi_image,
-            "length_tokens": percentiles, "truncated": self.truncated,
-            "problems": dict(self.problems.counts), "notes": dict(self.notes.counts),
-            "warnings": dict(self.warnings.counts), "examples": examples,
-            "first_messages": dict(self.problems.messages),
-            "warning_messages": dict(self.warnings.messages), "ok": not self.failed,
-        }
 
 
 def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: int) -> Report:
@@ -101,17 +40,17 @@ def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: i
     if len(index) == 0:
         report.problems.add(Problem.NO_RECORDS, os.path.basename(index.path),
                             f"{index.path} holds no records: there is nothing to train on")
-    lengths: list[int] = []
+    lengths: list[tuple[int, int]] = []
     ids: list[tuple[int, int]] = []
     for position in range(start, stop):
         _scan_one(report, builder, index, position, lengths, ids)
-    report.lengths.append(np.asarray(lengths, dtype=np.int32))
+    report.lengths.append(np.asarray(lengths, dtype=np.int64).reshape(-1, 2))
     report.ids.append(np.asarray(ids, dtype=np.int64).reshape(-1, 2))
     return report
 
 
 def _scan_one(report: Report, builder: SampleBuilder, index: RecordIndex, position: int,
-              lengths: list[int], ids: list[tuple[int, int]]) -> None:
+              lengths: list[tuple[int, int]], ids: list[tuple[int, int]]) -> None:
     report.records += 1
     try:
         record = index.read(position)
@@ -128,7 +67,7 @@ def _scan_one(report: Report, builder: SampleBuilder, index: RecordIndex, positi
         return
     for note in sample.conversation.notes:
         report.notes.add(note, sample.record_id)
-    lengths.append(len(sample.encoded))
+    lengths.append((position, len(sample.encoded)))
     if sample.encoded.truncated:
         report.truncations.add(Problem.TRUNCATED, sample.record_id)
     if not sample.trainable:

@@ -44,9 +44,10 @@ class Reporter:
             why = (" (the bf16 training dtype; --torch-dtype float32 keeps float32)"
                    if weights == "bfloat16" and not config.torch_dtype else "")
             table.add_row("weights", f"{weights}{why}")
-        images = int(dataset.index.has_image.sum())
-        table.add_row("records", f"{len(dataset):,} ({images:,} with images, "
-                      f"{len(dataset) - images:,} text-only)")
+        images, records = int(dataset.index.has_image.sum()), len(dataset.index)
+        table.add_row("records", f"{records:,} ({images:,} with images, "
+                      f"{records - images:,} text-only)")
+        table.add_row("packing", _packing_line(config, dataset))
         if held_out is not None:
             strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
             when = {"steps": f"every {args.eval_steps} steps", "epoch": "every epoch",
@@ -64,6 +65,17 @@ class Reporter:
     def callback(self) -> TrainerCallback:
         """A Trainer callback that drives the progress bar and prints logged metrics."""
         return _RichCallback(self)
+
+
+def _packing_line(config: Any, dataset: Any) -> str:
+    """'on (auto: …): 1,234 rows of ≤ 2048 tokens, 3.1 samples a row' or 'off (…)'."""
+    on, why = config.packing_choice
+    if not on:
+        return f"off ({why})"
+    budget = config.packing_budget or config.model_max_length
+    rows = len(dataset)
+    return (f"on ({why}, layout {config.packing_layout}): {rows:,} rows of ≤ {budget} tokens, "
+            f"{len(dataset.index) / max(rows, 1):.1f} samples a row")
 
 
 def lora_summary(layers: list[str]) -> str:

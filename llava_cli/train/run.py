@@ -15,6 +15,7 @@ from typing import Any
 
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.run_config import RunConfig
+from llava_cli.data.batching.packing import PackedDataset
 from llava_cli.train.checkpoints import clear_previous_checkpoints
 from llava_cli.train.stages import supervised
 
@@ -91,7 +92,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
 
     resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
     # Before torch.distributed starts: the scan forks worker processes.
-    stage.check_data(config)  # bad records are an error now, not at their first batch
+    # Bad records are an error now, not at their first batch; the lengths serve packing.
+    lengths = stage.check_data(config)
     prepare_environment(config.training_args.get("deepspeed"))
     args = to_training_arguments(config, str(output_dir))
     start_deepspeed_comm(args)
@@ -102,7 +104,7 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     set_generation_stops(loaded.model.generation_config, loaded.processor.tokenizer,
                          config.template)  # stock generate and vLLM stop at the turn's end
     match_image_policy(loaded.processor, config.image_aspect_ratio)  # saved: serves as trained
-    dataset, held_out = stage.datasets(config, model, loaded.processor)
+    dataset, held_out = stage.datasets(config, model, loaded.processor, lengths)
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=held_out,
         data_collator=stage.collator(config, loaded.processor),
@@ -120,6 +122,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
                          _lora_layers(model), started=_converted_note(loaded.base))
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
+    if isinstance(dataset, PackedDataset):  # the Trainer counts rows as its "samples"
+        metrics["samples_per_row"] = round(dataset.records / max(len(dataset), 1), 3)
     write_outputs(trainer, loaded, config, output_dir, metrics)
     return RunResult(output_dir, config.output_kind, metrics, trainer)
 

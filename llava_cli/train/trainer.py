@@ -28,9 +28,9 @@ from llava_cli.artifacts.files import full_disk_named
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.artifacts.output_dir import CHECKPOINT_PREFIX
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE, write_projector_file
+from llava_cli.data.batching.sampler import ModalityLengthGroupedSampler
 from llava_cli.data.conversation import RecordError
 from llava_cli.data.problems import Dropped, ProblemCounter
-from llava_cli.data.sampler import ModalityLengthGroupedSampler
 from llava_cli.model.load import load_pretrained
 from llava_cli.model.parts import components, trains_input_embeddings
 from llava_cli.model.projector import load_projector_weights, projector_state

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_cli.data.collator import DataCollator
+from llava_cli.data.batching.collator import DataCollator
 from llava_cli.data.conversation import RecordError
 from llava_cli.data.dataset import LazySupervisedDataset
 from llava_cli.data.problems import Dropped, Problem, ProblemCounter

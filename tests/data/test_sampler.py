@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llava_cli.data.sampler import ModalityLengthGroupedSampler
+from llava_cli.data.batching.sampler import ModalityLengthGroupedSampler
 
 
 def _batches(sampler, size):

@@ -311,7 +311,7 @@ def dataset_parts():
 def _loader_items(folder: Path, dataset_parts, skip: bool) -> list[dict]:
     import torch
 
-    from llava_cli.data.collator import DataCollator
+    from llava_cli.data.batching.collator import DataCollator
     from llava_cli.data.dataset import LazySupervisedDataset
     from llava_cli.data.records import RecordIndex
     from llava_cli.data.samples import DataOptions, SampleBuilder

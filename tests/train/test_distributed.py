@@ -314,21 +314,41 @@ def test_zero3_lora_saves_a_full_shape_adapter(base, tmp_path):
     assert not torch.equal(_logits(reloaded, batch), _logits(_plain(base["base"]), batch))
 
 
-def test_gpu_smoke_script_runs_tiny_on_cpu():
+def _gpu_smoke(*args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--tiny",
-                           "--steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "--steps", "2", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    losses = {}
-    for variant in ("full", "lora"):
-        for levers in ("off", "on"):
-            line = next(ln for ln in done.stdout.splitlines()
-                        if ln.startswith(f"{variant} levers {levers}:"))
-            assert "samples/s" in line and "tokens/s" in line and "MFU" in line
-            assert ("× levers off)" in line) == (levers == "on")
-            losses[variant, levers] = line.split(" loss ")[1].split()[0]
-        assert losses[variant, "on"] == losses[variant, "off"]  # same loss, cheaper path
+    return done.stdout
+
+
+def test_gpu_smoke_script_runs_tiny_on_cpu(tmp_path):
+    """Every lever off alone, all on, all off, LoRA; the levers keep the loss; the figures and
+    their formula are printed and written."""
+    out = _gpu_smoke("--variants", "full,lora", "--json", str(tmp_path / "smoke.json"))
+    assert "MFU = model FLOPs per step" in out and "peak 1 TFLOP/s" in out
+    phases = ["all on", "no supervised logits", "no packing", "no frozen no backward",
+              "no checkpointing", "all off"]
+    for variant, names in (("full", phases), ("lora", ["all on", "all off"])):
+        check = next(ln for ln in out.splitlines() if ln.startswith(f"{variant}: same loss"))
+        assert float(check.split("(Δ ")[1].rstrip(")")) < 1e-3, check
+        for name in names:
+            row = next(ln for ln in out.splitlines() if ln.startswith(f"{variant}: {name}:"))
+            assert "samples/s" in row and "tokens/s" in row and "MFU" in row
+            assert ("× all on)" in row) == (name != "all on")
+        packed = next(ln for ln in out.splitlines() if ln.startswith(f"{variant}: all on:"))
+        padded = next(ln for ln in out.splitlines() if ln.startswith(f"{variant}: all off:"))
+        assert "rows 2×" in packed and "rows 4×" in padded  # 4 samples: 2 packed rows
+    written = json.loads((tmp_path / "smoke.json").read_text())
+    assert len(written) == 8 and all(r["mfu"] > 0 for r in written)
+
+
+@pytest.mark.slow
+def test_gpu_smoke_zero3_runs_tiny_on_cpu():
+    out = _gpu_smoke("--variants", "zero3")
+    row = next(ln for ln in out.splitlines() if ln.startswith("zero3: all on:"))
+    assert "tokens/s" in row and "MFU" in row
 
 
 @pytest.mark.slow
@@ -358,3 +378,27 @@ def test_zero3_offload_keeps_the_trainers_lr_schedule(base, tmp_path):
         optimizer.step()
         schedule.step()
     assert logged == pytest.approx(expected, abs=1e-9)
+
+
+# --- cross-sample packing on two ranks --------------------------------------------------------
+
+PACKING = ("--packing", "on", "--packing-budget", "100")
+
+
+@pytest.fixture(scope="module")
+def ddp_packed(base, tmp_path_factory) -> Run:
+    return launch(base, tmp_path_factory.mktemp("ddp-packed") / "out", *PACKING)
+
+
+@pytest.mark.slow
+def test_packed_ranks_train_as_the_same_packs_padded(ddp_packed, base, tmp_path):
+    """Both ranks made the same packs from rank 0's lengths (else DDP would hang or the
+    padded twin would differ); packed rows give the padded rows' losses and weights, under
+    DDP and ZeRO-3 alike."""
+    padded = launch(base, tmp_path / "padded", *PACKING, "--set", "packing_layout=padded")
+    assert ddp_packed.state["global_step"] == STEPS
+    _assert_quiet_other_rank(ddp_packed)
+    _assert_same_run(ddp_packed, padded)
+    assert "packing" in ddp_packed.rank_log(0) and "samples a row" in ddp_packed.rank_log(0)
+    zero3 = launch(base, tmp_path / "zero3", *PACKING, "--deepspeed", ZERO3)
+    _assert_same_run(zero3, ddp_packed)

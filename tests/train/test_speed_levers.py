@@ -12,7 +12,7 @@ import transformers
 
 from llava_cli.config.resolve import resolve_config
 from llava_cli.config.run_config import ConfigError, RunConfig
-from llava_cli.data.collator import DataCollator
+from llava_cli.data.batching.collator import DataCollator
 from llava_cli.inspect.inspect_data import demo_data
 from llava_cli.model.parts import components
 from llava_cli.train.arguments import to_training_arguments

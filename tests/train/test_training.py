@@ -429,7 +429,7 @@ def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, m
     """transformers' own group_by_length loads every sample to measure it before training (and
     measures LLaVA's by "pixel_values": a KeyError), held-out ones too."""
     from llava_cli.data.dataset import LazySupervisedDataset
-    from llava_cli.data.sampler import ModalityLengthGroupedSampler
+    from llava_cli.data.batching.sampler import ModalityLengthGroupedSampler
 
     loaded: list[int] = []
     original = LazySupervisedDataset.__getitem__

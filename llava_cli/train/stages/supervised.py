@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from llava_cli.artifacts.ranks import is_main_process
 from llava_cli.config.run_config import RunConfig
-from llava_cli.data.collator import DataCollator
+from llava_cli.data.batching.collator import DataCollator
+from llava_cli.data.batching.packing import PackedDataset, pack_by_budget
 from llava_cli.data.dataset import LazySupervisedDataset
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError, RecordIndex
@@ -37,10 +40,14 @@ def build_dataset(config: RunConfig, model: Any, processor: Any,
                                       config.skip_bad_records)
 
 
-def datasets(config: RunConfig, model: Any, processor: Any
-             ) -> tuple[LazySupervisedDataset, LazySupervisedDataset | None]:
-    """The training records and, with `eval_data_path`, the checked held-out records."""
-    train = build_dataset(config, model, processor)
+def datasets(config: RunConfig, model: Any, processor: Any, lengths: np.ndarray | None = None
+             ) -> tuple[Any, LazySupervisedDataset | None]:
+    """The training records (in packs, when the run packs: `lengths` are the records' token
+    lengths from `check_data`, on the main process) and, with `eval_data_path`, the checked
+    held-out records."""
+    train: Any = build_dataset(config, model, processor)
+    if config.packing_choice[0]:
+        train = packed(train, config, lengths)
     if not config.eval_data_path:
         return train, None
     held_out = build_dataset(config, model, processor, held_out=True)
@@ -48,13 +55,46 @@ def datasets(config: RunConfig, model: Any, processor: Any
     return train, held_out
 
 
+def packed(dataset: LazySupervisedDataset, config: RunConfig,
+           lengths: np.ndarray | None) -> PackedDataset:
+    """`dataset` in packs of at most `packing_budget` tokens, the same packs on every rank
+    (the main process measured the lengths; the others receive them)."""
+    lengths = from_main_process(lengths)
+    if lengths is None or len(lengths) != len(dataset):
+        raise ValueError("packing needs every record's token length from the data check")
+    index = dataset.index
+    modalities = index.has_image if config.group_by_modality_length else None
+    packs = pack_by_budget(lengths, config.packing_budget or config.model_max_length,
+                           int(config.training_args.get("seed", 42)), modalities)
+    return PackedDataset(dataset, packs, lengths, index.has_image)
+
+
 def collator(config: RunConfig, processor: Any) -> DataCollator:
-    """Samples → padded batches (or one packed row with `padding_free`)."""
+    """Samples → padded batches (or one packed row with `padding_free`); packs → one row per
+    pack (all in one row for flash-attention, which reads packed rows in one row only), or,
+    with `packing_layout: padded`, their samples as padded rows."""
+    packing = config.packing_choice[0]
+    layout_packed = packing and config.packing_layout == "packed"
+    flash = config.attn_implementation.startswith("flash_attention")
     return DataCollator(pad_token_id=processor.tokenizer.pad_token_id,
-                        max_length=config.model_max_length, padding_free=config.padding_free)
+                        max_length=config.model_max_length,
+                        padding_free=config.padding_free or (layout_packed and flash),
+                        pack_rows=layout_packed and not flash)
 
 
-def check_data(config: RunConfig) -> None:
+def from_main_process(value: Any) -> Any:
+    """`value` as the main process has it, on every rank (one broadcast under
+    torch.distributed; `value` itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_data(config: RunConfig) -> np.ndarray | None:
     """Scan the training records before anything heavy loads, as `inspect-data --check` does
     (on every core, images by header): a missing or corrupt image, a wrong --image-folder or a
     malformed record is one short error naming the records (a warning with
@@ -64,7 +104,7 @@ def check_data(config: RunConfig) -> None:
     if not config.data_path:
         raise ValueError("data_path is required (--data-path FILE.json)")
     if not is_main_process():
-        return
+        return None
     # Only errors are judged here, so an anyres model's per-size count may be estimated.
     spec = input_spec_from_paths(config.tokenizer or str(config.model_name_or_path),
                                  config.model_name_or_path, None, config.trust_remote_code,
@@ -77,6 +117,7 @@ def check_data(config: RunConfig) -> None:
     report = check_dataset(lambda: sample_builder(config, spec), index)
     _judge(report, len(index), config.data_path, "trained on", config.skip_bad_records,
            errors_only=True)
+    return report.token_lengths(len(index))
 
 
 def check_held_out(dataset: LazySupervisedDataset, config: RunConfig) -> None:

@@ -38,13 +38,21 @@ class DataCollator:
     pad_to_multiple_of: int | None = None
     max_length: int | None = None
     padding_free: bool = False
+    # Items that are packs (lists of samples, `packing.PackedDataset`): one row per pack, its
+    # samples end to end with restarting positions. Without it (and without padding_free) a
+    # pack's samples become padded rows of their own: the unpacked computation of that step.
+    pack_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Collate `samples` into model inputs (`record_index` is left out: not a model input)."""
+    def __call__(self, items: Sequence[dict[str, Any] | list[dict[str, Any]]]
+                 ) -> dict[str, torch.Tensor]:
+        """Collate samples (or packs of samples) into model inputs (`record_index` is left
+        out: not a model input)."""
+        packs = [item if isinstance(item, list) else [item] for item in items]
+        samples = [sample for pack in packs for sample in pack]
         length = self._padded_length([len(s["input_ids"]) for s in samples])
         dropped = [drop for s in samples for drop in s.get("dropped", ())]
         extra = {"dropped_records": dropped} if dropped else {}
@@ -53,6 +61,8 @@ class DataCollator:
             extra["record_errors"] = errors
         if self.padding_free:
             return {**_packed(samples), **_images(samples), **extra}
+        if self.pack_rows:
+            return {**self._pack_rows(packs), **_images(samples), **extra}
         batch = {
             "input_ids": self._pad([s["input_ids"] for s in samples], length, self.pad_token_id),
             "labels": self._pad([s["labels"] for s in samples], length, IGNORE_INDEX),
@@ -80,6 +90,27 @@ class DataCollator:
                 out[n, : len(row)] = row
             else:
                 out[n, length - len(row):] = row
+        return out
+
+
+    def _pack_rows(self, packs: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """One packed row per pack, padded to the longest. The padding gets positions of its
+        own from 0, which makes it one more sample to the attention: nothing attends to it and
+        it is never supervised, so no attention mask is needed (with one, transformers would
+        stop reading the positions as sample boundaries)."""
+        rows = [_packed(pack) for pack in packs]
+        length = max(row["input_ids"].shape[1] for row in rows)
+        multiple = self.pad_to_multiple_of
+        if multiple:
+            length = -(-length // multiple) * multiple
+        out = {"input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
+               "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+               "position_ids": torch.arange(length, dtype=torch.long).repeat(len(rows), 1)}
+        for n, row in enumerate(rows):
+            used = row["input_ids"].shape[1]
+            for key in out:
+                out[key][n, :used] = row[key][0]
+            out["position_ids"][n, used:] -= used
         return out
 
 
