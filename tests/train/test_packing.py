@@ -191,3 +191,18 @@ def test_auto_packs_only_where_measured_faster():
     assert why.startswith("auto: measured")
     assert RunConfig(packing="on").packing_choice == (True, "packing on")
     assert RunConfig(packing="off").packing_choice == (False, "packing off")
+
+
+def test_grouped_by_modality_packs_hold_one_modality_and_train(base, tmp_path):
+    from llava_cli.data.batching.sampler import ModalityLengthGroupedSampler
+
+    result = run_training(resolve_config("finetune", flags=_flags(
+        tmp_path / "grouped", base, group_by_modality_length=True, max_steps=1,
+        save_strategy="no", save_steps=None, dataloader_num_workers=0)))
+    trainer = result.trainer
+    dataset = trainer.train_dataset
+    has_image = dataset.index.has_image
+    for k in range(len(dataset)):
+        assert len(set(has_image[dataset.packs.members(k)].tolist())) == 1
+    assert isinstance(trainer._get_train_sampler(), ModalityLengthGroupedSampler)
+    assert (dataset.modality_lengths < 0).any() == (~has_image).any()
