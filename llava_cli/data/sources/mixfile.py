@@ -126,11 +126,11 @@ def _source(path: str, base: str, n: int, entry: Any) -> SourceSpec:
     if not isinstance(entry, dict):
         raise MixError(f"{where}: must be a mapping with 'path' (and repeat | weight, "
                        f"image_folder), got {type(entry).__name__}")
+    name = entry.get("name", f"#{n}")
+    where = f"{path}: source {name!r}"
     if unknown := sorted(set(entry) - set(SOURCE_KEYS)):
         raise MixError(f"{where}: unknown key {unknown[0]!r}; a source has "
                        f"{', '.join(SOURCE_KEYS)}")
-    name = entry.get("name", f"#{n}")
-    where = f"{path}: source {name!r}"
     if "repeat" in entry and "weight" in entry:
         raise MixError(f"{where}: give 'repeat' or 'weight', not both")
     return SourceSpec(str(name), _file(where, base, entry.get("path"), "path"),
