@@ -111,7 +111,8 @@ def _add(samples: dict[str, list[int]], number: int, member: tarfile.TarInfo,
     stem, dot, ext = base.partition(".")
     if not dot:
         return
-    row = samples.setdefault(f"{folder}/{stem}", [number, -1, 0, -1, 0, -1])
+    key = f"{folder}/{stem}" if folder else stem
+    row = samples.setdefault(key, [number, -1, 0, -1, 0, -1])
     ext = ext.lower()
     if ext == "json":
         row[1:3] = [member.offset_data, member.size]
