@@ -147,3 +147,12 @@ def test_bad_mix_files(two: Path) -> None:
     (two / "empty.yaml").write_text("sources: []\n")
     with pytest.raises(MixError, match="non-empty list"):
         open_records(two / "empty.yaml")
+
+
+def test_a_file_named_twice_is_indexed_once(two: Path) -> None:
+    (two / "images").mkdir()
+    index = open_records(_mix(two, [{"path": "a.jsonl"},
+                                    {"path": "a.jsonl", "image_folder": "images"}]))
+    assert index.sources[0] is index.sources[1] and len(index) == 20
+    assert index.read(0).image_folder is None
+    assert index.read(10).image_folder == str(two / "images")

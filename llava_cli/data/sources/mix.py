@@ -68,8 +68,13 @@ class MixIndex:
 
     @classmethod
     def open(cls, spec: MixSpec, cache_dir: str | os.PathLike[str] | None = None) -> MixIndex:
-        """Open every source of `spec` (each index cached as its kind caches)."""
-        return cls(spec, [open_source(s.path, cache_dir) for s in spec.sources])
+        """Open every source of `spec` (each index cached as its kind caches); a file named
+        by several sources (other folders, other repeats) is indexed and held once."""
+        opened: dict[str, Any] = {}
+        for source in spec.sources:
+            if source.path not in opened:
+                opened[source.path] = open_source(source.path, cache_dir)
+        return cls(spec, [opened[s.path] for s in spec.sources])
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
