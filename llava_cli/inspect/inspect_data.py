@@ -148,7 +148,8 @@ def check(config: RunConfig, index: Records, request: InspectRequest) -> int:
 def inspect_data(config: RunConfig, request: InspectRequest) -> int:
     """Run `inspect-data` for a resolved configuration; return the exit status."""
     if config.data_path is None:
-        raise ValueError("no data file: pass DATA (a LLaVA .json or .jsonl file) or --demo")
+        raise ValueError("no data file: pass DATA (a LLaVA .json or .jsonl file, or a mix "
+                         "file) or --demo")
     if not Path(config.data_path).exists():
         raise ValueError(f"data file {config.data_path!r} not found")
     try:

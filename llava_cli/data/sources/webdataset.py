@@ -89,6 +89,9 @@ def _build(files: list[str]) -> dict[str, np.ndarray]:
         try:
             with tarfile.open(file, "r:") as tar:  # uncompressed: random access needs it
                 for member in tar:
+                    if member.issparse():  # its data is not one run of bytes at offset_data
+                        raise RecordFormatError(f"{file}: member {member.name} is a sparse "
+                                                "file; write the shard without --sparse")
                     if member.isfile():
                         _add(samples, number, member, file)
         except (OSError, tarfile.TarError) as err:
