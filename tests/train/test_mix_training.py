@@ -46,3 +46,22 @@ def test_finetune_on_a_two_source_mix_trains_and_reloads(tmp_path: Path) -> None
     model = transformers.LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.vision_config is not None
     assert transformers.AutoProcessor.from_pretrained(out) is not None
+
+
+def test_the_pre_training_check_scans_a_mix_and_names_the_source(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        "image": "../bad.jsonl"}) + "\n")
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"sources": [
+        {"name": "demo", "path": RECORDS, "image_folder": IMAGES},
+        {"name": "escapes", "path": "bad.jsonl", "image_folder": "images"}]}))
+    # A tower that does not exist: the data check comes before the model loads.
+    result = CliRunner().invoke(app, [
+        "finetune", "--model-name-or-path", str(TINY_LLM), "--vision-tower",
+        str(tmp_path / "no-tower"), "--tokenizer", "demo", "--random-init", "--data-path",
+        str(mix), "--max-steps", "1", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "image-outside-folder: 1 (e.g. escapes#0)" in message[0]
