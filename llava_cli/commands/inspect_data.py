@@ -15,7 +15,8 @@ DATA = "Data and tokenizer"
 
 def inspect_data(
     data: Annotated[Path | None, typer.Argument(
-        help="LLaVA .json (list) or .jsonl file.", show_default=False)] = None,
+        help="LLaVA .json (list) or .jsonl file, or a mix file (README: Data mixes).",
+        show_default=False)] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--recipe", help="Take data/template/tokenizer settings from a recipe YAML.",
         rich_help_panel=DATA)] = None,

@@ -65,7 +65,8 @@ def _make_command(stage: str) -> Any:
         lora_dropout: Annotated[float | None, _opt(TRAINABLE)] = None,
         bits: Annotated[int | None, _opt(TRAINABLE, help="4 or 8: QLoRA.")] = None,
         quant_type: Annotated[str | None, _opt(TRAINABLE, help="nf4 | fp4.")] = None,
-        data_path: Annotated[str | None, _opt(DATA, help="LLaVA .json / .jsonl.")] = None,
+        data_path: Annotated[str | None, _opt(
+            DATA, help="LLaVA .json / .jsonl, or a mix file (README: Data mixes).")] = None,
         image_folder: Annotated[str | None, _opt(DATA)] = None,
         eval_data_path: Annotated[str | None, _opt(
             DATA, help="Held-out records: eval_loss at every save.")] = None,

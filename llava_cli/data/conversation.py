@@ -38,10 +38,11 @@ class Conversation:
 
 
 def record_id_of(record: Any, position: int) -> str:
-    """The record's `id`, or `#<position>` when it has none."""
+    """The record's `id`, or when it has none where it is: `#<position>`, or for a record
+    read from a mix its source and position there (`SourceRecord.origin`)."""
     if isinstance(record, dict) and record.get("id") not in (None, ""):
         return str(record["id"])
-    return f"#{position}"
+    return getattr(record, "origin", None) or f"#{position}"
 
 
 def image_field(record: Any) -> Any:

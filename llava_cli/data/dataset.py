@@ -19,8 +19,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from llava_cli.data.conversation import RecordError
 from llava_cli.data.problems import Dropped, Problem, ProblemCounter
-from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.records import RecordFormatError
 from llava_cli.data.samples import Sample, SampleBuilder
+from llava_cli.data.sources.mix import Records, open_records
 
 logger = logging.getLogger("llava_cli")
 
@@ -36,7 +37,7 @@ class LazySupervisedDataset(Dataset):
     token left (e.g. truncated away) are always dropped, since training on them teaches nothing.
     """
 
-    def __init__(self, index: RecordIndex, builder: SampleBuilder, processor: Any | None = None,
+    def __init__(self, index: Records, builder: SampleBuilder, processor: Any | None = None,
                  skip_bad_records: bool = False) -> None:
         self.index = index
         self.builder = builder
@@ -51,8 +52,9 @@ class LazySupervisedDataset(Dataset):
     def open(cls, path: str | os.PathLike[str], builder: SampleBuilder,
              processor: Any | None = None, skip_bad_records: bool = False,
              cache_dir: str | os.PathLike[str] | None = None) -> LazySupervisedDataset:
-        """Index the LLaVA JSON/JSONL file at `path` (byte offsets only) and wrap it."""
-        return cls(RecordIndex.open(path, cache_dir=cache_dir), builder, processor,
+        """Index the data at `path` (a LLaVA JSON/JSONL file, a mix file or one Arrow, Parquet
+        or tar source: `sources.mix.open_records`) and wrap it."""
+        return cls(open_records(path, cache_dir=cache_dir), builder, processor,
                    skip_bad_records)
 
     def __len__(self) -> int:
@@ -116,7 +118,7 @@ class LazySupervisedDataset(Dataset):
             # every record, so it stays fatal.
             if err.__cause__ is None:
                 raise
-            raise RecordError(f"#{i}", Problem.BAD_JSON, str(err)) from err
+            raise RecordError(self.index.origin(i), Problem.BAD_JSON, str(err)) from err
 
     def _to_inputs(self, sample: Sample, position: int) -> dict[str, Any]:
         encoded = sample.encoded

@@ -30,7 +30,7 @@ _BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, *_BOMBS)
 # What a whole file ends with, after any zero padding (every good shared test image does): JPEG's
 # end-of-image marker, PNG's IEND chunk (its CRC is fixed), GIF's trailer.
-_END_MARKERS = ((b"\xff\xd8", b"\xff\xd9"), (b"\x89PNG\r\n\x1a\n", b"\0\0\0\0IEND\xaeB`\x82"),
+END_MARKERS = ((b"\xff\xd8", b"\xff\xd9"), (b"\x89PNG\r\n\x1a\n", b"\0\0\0\0IEND\xaeB`\x82"),
                 (b"GIF8", b";"))
 _TAIL_BYTES = 512  # the end read by the fast check: the marker and some zero padding
 
@@ -71,9 +71,9 @@ def resolve_image_path(image_folder: str | Path | None, relative: str) -> Path:
     return Path(join_image_path(image_base(image_folder), relative))
 
 
-def _error(path: str | os.PathLike[str], label: str | None, exc: BaseException) -> ImageError:
+def _error(path: object, label: str | None, exc: BaseException) -> ImageError:
     """Translate an exception raised while reading ``path`` into an ImageError."""
-    resolved = os.path.abspath(path)
+    resolved = os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else None
     shown = label if label is not None else str(path)
     if isinstance(exc, FileNotFoundError):
         reason = "file not found"
@@ -137,7 +137,7 @@ def _header_sides(resolved: str) -> tuple[int, int]:
 
 
 def _ends_whole(resolved: str) -> bool:
-    """Whether the file ends as a whole one of its format does (`_END_MARKERS`; a WebP is as
+    """Whether the file ends as a whole one of its format does (`END_MARKERS`; a WebP is as
     long as its RIFF header says); True for formats without such a rule. Raw reads at given
     offsets: 10 µs an image less than a Python file object's seeks (measured here)."""
     fd = os.open(resolved, os.O_RDONLY)
@@ -145,7 +145,7 @@ def _ends_whole(resolved: str) -> bool:
         head, size = os.pread(fd, 12, 0), os.fstat(fd).st_size
         if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
             return int.from_bytes(head[4:8], "little") + 8 == size
-        marker = next((end for magic, end in _END_MARKERS if head.startswith(magic)), None)
+        marker = next((end for magic, end in END_MARKERS if head.startswith(magic)), None)
         if marker is None:
             return True
         return os.pread(fd, _TAIL_BYTES, max(0, size - _TAIL_BYTES)).rstrip(b"\0").endswith(marker)
@@ -154,7 +154,7 @@ def _ends_whole(resolved: str) -> bool:
 
 
 def load_image(
-    path: str | os.PathLike[str],
+    path: object,  # a path, or a binary file object (images embedded in a data source)
     background: RGB = (255, 255, 255),
     *,
     label: str | None = None,

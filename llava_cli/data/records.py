@@ -128,6 +128,10 @@ class RecordIndex:
 
     __getitem__ = read
 
+    def origin(self, i: int) -> str:
+        """How errors name record `i` (a mix names its source as well)."""
+        return f"#{i}"
+
     def modality_lengths(self) -> np.ndarray:
         """LLaVA's signed lengths: + for image records, - for text-only (text-size proxy)."""
         return np.where(self.has_image, self.text_bytes, -self.text_bytes).astype(np.int64)

@@ -6,6 +6,7 @@ inspect-data shows is exactly what the model trains on.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from llava_cli.data.images import (
     join_image_path,
 )
 from llava_cli.data.problems import Problem
+from llava_cli.data.sources.embedded import check_image_bytes
+from llava_cli.data.sources.record import SourceRecord
 from llava_cli.data.text.encoding import Encoded, TextEncoder, TokenizationMode
 from llava_cli.data.text.templates import (
     CHAT_TEMPLATE,
@@ -97,11 +100,10 @@ class SampleBuilder:
         self.tokenizer = spec.tokenizer
         self.count_image_tokens = spec.count_image_tokens
         self.images = ImageLoader(options.image_aspect_ratio, tuple(spec.image_mean))
-        self._image_base = image_base(options.image_folder)
-        # Without an image folder there is none to leave: paths resolve against the cwd.
-        self._confined = options.image_folder is not None and \
-            not options.allow_images_outside_folder
-        self._inside = os.path.join(self._image_base, "")  # the folder with a trailing "/"
+        # Folder → (base, base with a trailing "/", confined): the run's and each mix
+        # source's, worked out once each.
+        self._folders: dict[str | None, tuple[str, str, bool]] = {}
+        self._folder(None)  # the run's folder resolves against the cwd of now, as before
         self.encoder = TextEncoder(spec.tokenizer, spec.image_token_id, options.tokenization,
                                    options.model_max_length)
 
@@ -124,20 +126,32 @@ class SampleBuilder:
             else conv.messages
         return render(self.template, messages, conv.system)
 
-    def image_path(self, relative: str) -> str:
-        """Where a record's image lives (relative paths resolve against `image_folder`)."""
-        return join_image_path(self._image_base, relative)
+    def image_path(self, relative: str, folder: str | None = None) -> str:
+        """Where a record's image lives: relative paths resolve against `folder` (a mix
+        source's image folder) or else the run's `image_folder`."""
+        return join_image_path(self._folder(folder)[0], relative)
 
-    def confined_image_path(self, record_id: str, relative: str) -> str:
+    def _folder(self, folder: str | None) -> tuple[str, str, bool]:
+        if folder not in self._folders:
+            chosen = folder if folder is not None else self.options.image_folder
+            base = image_base(chosen)
+            # Without an image folder there is none to leave: paths resolve against the cwd.
+            confined = chosen is not None and not self.options.allow_images_outside_folder
+            self._folders[folder] = (base, os.path.join(base, ""), confined)
+        return self._folders[folder]
+
+    def confined_image_path(self, record_id: str, relative: str,
+                            folder: str | None = None) -> str:
         """`image_path`, refused (`RecordError`, before the file is touched) when it leaves
-        the image folder and that is not allowed. By name: `..` and absolute paths count, a
-        symlink inside the folder is followed, as image folders are often links to a data
-        disk and a record cannot make one."""
-        path = self.image_path(relative)
-        if self._confined and not path.startswith(self._inside):
+        the image folder (the source's, else the run's) and that is not allowed. By name:
+        `..` and absolute paths count, a symlink inside the folder is followed, as image
+        folders are often links to a data disk and a record cannot make one."""
+        base, inside, confined = self._folder(folder)
+        path = join_image_path(base, relative)
+        if confined and not path.startswith(inside):
             raise RecordError(record_id, Problem.IMAGE_OUTSIDE_FOLDER,
                               f"image {relative!r} resolves to {path}, outside the image folder "
-                              f"{self._image_base} (allow such paths with --set "
+                              f"{base} (allow such paths with --set "
                               "allow_images_outside_folder=true)")
         return path
 
@@ -150,7 +164,7 @@ class SampleBuilder:
         (missing/corrupt/too large file, wrapped in a `RecordError` of kind 'bad-image').
         """
         conv = self.conversation(record, position)
-        images, sizes = self._images(conv, load_images, header_only)
+        images, sizes = self._images(conv, load_images, header_only, record)
         counts = [self.count_image_tokens(size) for size in (sizes or [None] * len(conv.images))]
         rendered = self.render(conv)
         try:
@@ -159,17 +173,23 @@ class SampleBuilder:
             raise RecordError(conv.record_id, Problem.IMAGE_TOKEN_MISMATCH, str(err)) from err
         return Sample(conv.record_id, encoded, rendered, conv, images, sizes)
 
-    def _images(self, conv: Conversation, load: bool, header_only: bool
+    def _images(self, conv: Conversation, load: bool, header_only: bool, record: Any
                 ) -> tuple[list[Any], list[tuple[int, int]]]:
         images, sizes = [], []
         if not load:
             return images, sizes
         full = self.options.image_check == "full"
+        # Only a source reader makes a SourceRecord: its folder and bytes are not the data's.
+        folder = record.image_folder if isinstance(record, SourceRecord) else None
+        embedded = record.embedded if isinstance(record, SourceRecord) else {}
         for relative in conv.images:
-            path = self.confined_image_path(conv.record_id, relative)
+            data = embedded.get(relative)
+            path = self.confined_image_path(conv.record_id, relative, folder) \
+                if data is None else io.BytesIO(data)
             try:
                 if header_only:
-                    sizes.append(check_image(path, label=relative, full=full))
+                    sizes.append(check_image(path, label=relative, full=full) if data is None
+                                 else check_image_bytes(data, label=relative, full=full))
                     continue
                 decoded = self.images.decode(path, label=relative)
             except ImageError as err:

@@ -24,16 +24,17 @@ import numpy as np
 
 from llava_cli.data.conversation import RecordError, has_image, image_field
 from llava_cli.data.problems import Problem
-from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.records import RecordFormatError
 from llava_cli.data.report import EXAMPLES_PER_KIND, Report
 from llava_cli.data.samples import Sample, SampleBuilder
+from llava_cli.data.sources.mix import Records
 
 # Above this an image is a warning: decoded in RGB it takes 192 MB, and every epoch decodes it
 # again (about half a second a worker) for a tower that sees a few hundred pixels.
 HUGE_IMAGE_PIXELS = 64_000_000
 
 
-def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: int) -> Report:
+def scan_records(builder: SampleBuilder, index: Records, start: int, stop: int) -> Report:
     """Scan records [start, stop) of `index` into a `Report`; an index without records is a
     `no-records` problem."""
     report = Report()
@@ -49,13 +50,13 @@ def scan_records(builder: SampleBuilder, index: RecordIndex, start: int, stop: i
     return report
 
 
-def _scan_one(report: Report, builder: SampleBuilder, index: RecordIndex, position: int,
+def _scan_one(report: Report, builder: SampleBuilder, index: Records, position: int,
               lengths: list[tuple[int, int]], ids: list[tuple[int, int]]) -> None:
     report.records += 1
     try:
         record = index.read(position)
     except RecordFormatError as err:
-        report.problems.add(Problem.BAD_JSON, f"#{position}", str(err))
+        report.problems.add(Problem.BAD_JSON, index.origin(position), str(err))
         return
     _count_images(report, record)
     if isinstance(record, dict) and record.get("id") not in (None, ""):
@@ -99,7 +100,7 @@ def _id_hash(record_id: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def count_duplicate_ids(report: Report, index: RecordIndex) -> None:
+def count_duplicate_ids(report: Report, index: Records) -> None:
     """Warn about records whose id an earlier record already has: counted from the hashes,
     named by reading the first few of them back from `index`."""
     pairs = np.concatenate(report.ids) if report.ids else np.zeros((0, 2), np.int64)
@@ -130,7 +131,7 @@ def _count_images(report: Report, record: Any) -> None:
 RESULT_WAIT_SECONDS = 1.0  # how often the parent looks whether a worker died
 
 
-def check_dataset(make_builder: Callable[[], SampleBuilder], index: RecordIndex,
+def check_dataset(make_builder: Callable[[], SampleBuilder], index: Records,
                   workers: int | None = None, on_progress: Callable[[int], None] | None = None,
                   slice_size: int = 2000) -> Report:
     """Scan every record with `workers` processes (default: all cores), merge the reports and
@@ -170,7 +171,7 @@ def _slices(total: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + size, total)
 
 
-def _scan_in_processes(builder: SampleBuilder, index: RecordIndex,
+def _scan_in_processes(builder: SampleBuilder, index: Records,
                        slices: list[tuple[int, int]], workers: int
                        ) -> Iterator[tuple[int, Report]]:
     """(slice number, report) of `slices`, scanned by `workers` forked processes, as they
@@ -200,7 +201,7 @@ def _scan_in_processes(builder: SampleBuilder, index: RecordIndex,
             process.join()
 
 
-def _work(builder: SampleBuilder, index: RecordIndex, tasks: Any, results: Any) -> None:
+def _work(builder: SampleBuilder, index: Records, tasks: Any, results: Any) -> None:
     """A worker's loop: scan slices until the stop sign; a failure is sent back, not lost."""
     while (task := tasks.get()) is not None:
         number, bounds = task

@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from llava_cli.config.run_config import RunConfig
 from llava_cli.data.conversation import RecordError, record_id_of
-from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.records import RecordFormatError
 from llava_cli.data.samples import InputSpec, SampleBuilder
+from llava_cli.data.sources.mix import Records, open_records
 from llava_cli.model.inputs import input_spec_from_paths, sample_builder
 
 OutputFormat = Literal["rich", "json", "jsonl"]
@@ -55,7 +56,7 @@ def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBu
     return sample_builder(config, _input_spec(config, image_tokens))
 
 
-def _selected(index: RecordIndex, request: InspectRequest) -> Iterator[tuple[int, Any]]:
+def _selected(index: Records, request: InspectRequest) -> Iterator[tuple[int, Any]]:
     if request.index is not None:
         yield request.index, index.read(request.index)
         return
@@ -74,7 +75,7 @@ def _selected(index: RecordIndex, request: InspectRequest) -> Iterator[tuple[int
         raise ValueError(f"no record with id {request.record_id!r} in {index.path}")
 
 
-def show_records(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int:
+def show_records(config: RunConfig, index: Records, request: InspectRequest) -> int:
     """Print the selected records; return the exit status (1 if any failed or is dropped)."""
     from rich.console import Console
     from rich.text import Text
@@ -122,7 +123,7 @@ def _emit_error(console: Any, output: OutputFormat, err: RecordError) -> None:
                                      "kind": err.kind}) + "\n")
 
 
-def check(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int:
+def check(config: RunConfig, index: Records, request: InspectRequest) -> int:
     """Scan every record; print the report; exit status 1 when any record fails."""
     from rich.console import Console
     from rich.progress import Progress
@@ -147,11 +148,12 @@ def check(config: RunConfig, index: RecordIndex, request: InspectRequest) -> int
 def inspect_data(config: RunConfig, request: InspectRequest) -> int:
     """Run `inspect-data` for a resolved configuration; return the exit status."""
     if config.data_path is None:
-        raise ValueError("no data file: pass DATA (a LLaVA .json or .jsonl file) or --demo")
-    if not Path(config.data_path).is_file():
+        raise ValueError("no data file: pass DATA (a LLaVA .json or .jsonl file, or a mix "
+                         "file) or --demo")
+    if not Path(config.data_path).exists():
         raise ValueError(f"data file {config.data_path!r} not found")
     try:
-        index = RecordIndex.open(config.data_path)
+        index = open_records(config.data_path)
     except RecordFormatError as err:
         raise ValueError(str(err)) from None
     if request.check:

@@ -18,8 +18,9 @@ from llava_cli.data.batching.collator import DataCollator
 from llava_cli.data.batching.packing import PackedDataset, pack_by_budget
 from llava_cli.data.dataset import LazySupervisedDataset
 from llava_cli.data.problems import Problem
-from llava_cli.data.records import RecordFormatError, RecordIndex
+from llava_cli.data.records import RecordFormatError
 from llava_cli.data.scan import Report, check_dataset, scan_records
+from llava_cli.data.sources.mix import open_records
 from llava_cli.model.inputs import (
     LLAVA_15_IMAGE_TOKENS,
     input_spec_from_paths,
@@ -111,7 +112,7 @@ def check_data(config: RunConfig) -> np.ndarray | None:
                                  anyres_estimate=LLAVA_15_IMAGE_TOKENS,
                                  im_start_end=config.mm_use_im_start_end)
     try:
-        index = RecordIndex.open(config.data_path)
+        index = open_records(config.data_path)
     except RecordFormatError as err:
         raise ValueError(str(err)) from None
     report = check_dataset(lambda: sample_builder(config, spec), index)
