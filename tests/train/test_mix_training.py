@@ -18,7 +18,8 @@ from tests.helpers import TINY_LLM, TINY_VISION
 RECORDS, IMAGES = demo_data()
 
 
-def test_finetune_on_a_two_source_mix_trains_and_reloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_finetune_on_a_two_source_mix_trains_and_reloads(tmp_path: Path, packing: str) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     transformers = pytest.importorskip("transformers")
@@ -37,8 +38,10 @@ def test_finetune_on_a_two_source_mix_trains_and_reloads(tmp_path: Path) -> None
     result = CliRunner().invoke(app, [
         "finetune", "--model-name-or-path", str(TINY_LLM), "--vision-tower", str(TINY_VISION),
         "--tokenizer", "demo", "--random-init", "--data-path", str(mix), "--max-steps", "3",
-        "--batch-size", "2", "-o", str(out)])
+        "--batch-size", "2", "--packing", packing, "--packing-budget", "128", "-o", str(out)])
     assert result.exit_code == 0, result.output
+    # Packs are made from the mix's records (the check's lengths, embedded images included).
+    assert ("samples a row" in result.output) == (packing == "on")
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [row["loss"] for row in state["log_history"] if "loss" in row]
     assert state["global_step"] == 3 and losses
