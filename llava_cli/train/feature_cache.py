@@ -34,9 +34,10 @@ TENSOR = "features"
 NAMING_KEYS = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype")
 
 
-def feature_cache_for(model: Any, directory: str | None) -> FeatureCache | None:
-    """The cache in `directory` for `model` (None without a directory), after checking that the
-    model's tower can be cached exactly: ValueError (one line) otherwise."""
+def feature_cache_for(model: Any, args: Any) -> FeatureCache | None:
+    """The cache in `args.vision_feature_cache` for `model` (None without one), after checking
+    that the model's tower can be cached exactly: ValueError (one line) otherwise."""
+    directory = getattr(args, "vision_feature_cache", None)
     if not directory:
         return None
     from transformers import LlavaForConditionalGeneration
@@ -58,6 +59,13 @@ def feature_cache_for(model: Any, directory: str | None) -> FeatureCache | None:
         raise ValueError(f"vision_feature_cache: the vision tower has dropout ({dropout}), so "
                          "its training outputs are random and a cache cannot reproduce them")
     return FeatureCache(directory)
+
+
+def cache_metrics(cache: FeatureCache | None) -> dict[str, int]:
+    """This process's cache hits and misses (images), for the run's metrics (none without)."""
+    if cache is None:
+        return {}
+    return {"vision_feature_cache_hits": cache.hits, "vision_feature_cache_misses": cache.misses}
 
 
 def image_key(pixels: torch.Tensor) -> str:
