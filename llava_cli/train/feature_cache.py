@@ -73,7 +73,7 @@ def image_key(pixels: torch.Tensor) -> str:
     digest = hashlib.blake2b(digest_size=20)
     data = pixels.detach().to("cpu", torch.float32).contiguous()
     digest.update(f"{tuple(data.shape)}".encode())
-    digest.update(data.numpy().tobytes())
+    digest.update(data.numpy())  # the buffer itself: no copy
     return digest.hexdigest()
 
 
@@ -100,7 +100,7 @@ def tower_fingerprint(tower: Any, description: dict[str, Any]) -> str:
     for name, tensor in sorted(tower.state_dict().items()):
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")
     return digest.hexdigest()
 
 

@@ -31,8 +31,9 @@ from llava_cli.train.trainer import LlavaTrainer
 from tests.helpers import TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()  # the images are 96×80: not square
-STAGES = {"pretrain": {}, "finetune": {},
-          "lora": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}}
+STAGES = {"pretrain": ("pretrain", {}), "finetune": ("finetune", {}),
+          "lora": ("lora", {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}),
+          "finetune padding-free": ("finetune", {"padding_free": True})}
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,12 @@ def llava_dir(tmp_path_factory) -> Path:
 
 
 def _config(stage: str, llava: Path, out: Path, cache: Path | None, **keys: Any):
+    command, stage_keys = STAGES[stage]
     flags = {"model_name_or_path": str(llava), "data_path": RECORDS, "image_folder": IMAGES,
              "output_dir": str(out), "overwrite": True, "skip_bad_records": True,
              "per_device_train_batch_size": 4, "dataloader_num_workers": 0, "seed": 5,
-             "vision_feature_cache": str(cache) if cache else None, **STAGES[stage], **keys}
-    return resolve_config(stage, flags=flags)
+             "vision_feature_cache": str(cache) if cache else None, **stage_keys, **keys}
+    return resolve_config(command, flags=flags)
 
 
 def _trainer(stage: str, llava: Path, tmp: Path, cache: Path | None, **keys: Any):
