@@ -102,6 +102,9 @@ def _make_command(stage: str) -> Any:
         packing_budget: Annotated[int | None, _opt(
             TRAIN, help="Tokens per packed row (default --model-max-length).")] = None,
         deepspeed: Annotated[str | None, _opt(TRAIN, help="DeepSpeed JSON config.")] = None,
+        vision_feature_cache: Annotated[str | None, _opt(
+            TRAIN, "--vision-feature-cache", help="DIR caching the frozen vision tower's "
+            "outputs, reused across epochs and runs (safe to delete).")] = None,
         output_dir: Annotated[str | None, _opt(OUT, "--output-dir", "-o")] = None,
         overwrite: Annotated[bool | None, _flag(
             OUT, "overwrite", help="Allow writing into a non-empty output directory.")] = None,

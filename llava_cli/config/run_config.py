@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llava_cli.artifacts.files import write_text_atomically
 from llava_cli.artifacts.manifest import OutputKind
-from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
+from llava_cli.config.deepspeed import deepspeed_stage, refuse_incompatible_deepspeed
 from llava_cli.config.training_checks import refuse_impossible_counts
 from llava_cli.data.samples import DataOptions, ImageCheck
 from llava_cli.data.text.templates import CHAT_TEMPLATE, canonical_template_name
@@ -53,6 +53,21 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fl
 # was measured faster than padded batches (bench/RESULTS.md, "Packing"). Measured on CPU only
 # so far; a GPU's flash-attention (varlen, no masked work) is measured by bench/gpu_smoke.py.
 PACKING_MEASURED_FASTER: frozenset[str] = frozenset()
+
+
+def refuse_uncacheable_tower(train_vision_tower: str, image_aspect_ratio: str,
+                             deepspeed: Any) -> None:
+    """`vision_feature_cache` only where cached outputs are exactly the tower's (one line)."""
+    if train_vision_tower != "frozen":
+        raise ValueError(f"vision_feature_cache caches a frozen vision tower's outputs, but "
+                         f"train_vision_tower is {train_vision_tower!r}; freeze the tower or "
+                         "drop the cache")
+    if image_aspect_ratio == "anyres":
+        raise ValueError("vision_feature_cache is not supported yet with image_aspect_ratio "
+                         "anyres (LLaVA-NeXT); use pad or square, or drop the cache")
+    if deepspeed_stage(deepspeed) == 3:
+        raise ValueError("vision_feature_cache is not supported under DeepSpeed ZeRO-3 (the "
+                         "tower's weights are partitioned); use ZeRO-2, DDP or one device")
 
 
 class ConfigError(ValueError):
@@ -122,6 +137,7 @@ class RunConfig(BaseModel):
     packing: Literal["auto", "on", "off"] = "auto"
     packing_budget: int | None = None  # tokens per packed row; default model_max_length
     packing_layout: Literal["packed", "padded"] = "packed"
+    vision_feature_cache: str | None = None  # a directory: the frozen tower's outputs, reused
     # Kept as the user wrote it; transformers 5 folded it into warmup_steps (train.arguments)
     warmup_ratio: float | None = None
     # Output
@@ -182,6 +198,9 @@ class RunConfig(BaseModel):
             self.training_args.get("deepspeed"), self.bits,
             {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
         refuse_impossible_counts(self.training_args)
+        if self.vision_feature_cache:
+            refuse_uncacheable_tower(self.train_vision_tower, self.image_aspect_ratio,
+                                     self.training_args.get("deepspeed"))
         return self
 
     @property
@@ -238,7 +257,7 @@ class RunConfig(BaseModel):
 
 PATH_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "pretrained_projector",
              "data_path", "image_folder", "eval_data_path", "eval_image_folder", "output_dir",
-             "resume")
+             "resume", "vision_feature_cache")
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:

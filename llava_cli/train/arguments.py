@@ -39,6 +39,8 @@ class LlavaTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Batches of one modality and similar lengths."})
     supervised_logits_only: bool = field(
         default=False, metadata={"help": "LM head and loss only at supervised positions."})
+    vision_feature_cache: str | None = field(
+        default=None, metadata={"help": "Directory caching the frozen vision tower's outputs."})
     output_kind: OutputKind = field(
         default=OutputKind.FULL, metadata={"help": "What checkpoints hold: projector|full|lora."})
 
@@ -94,6 +96,7 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
     values.update(projector_lr=config.projector_lr, vision_tower_lr=config.vision_tower_lr,
                   group_by_modality_length=config.group_by_modality_length,
                   supervised_logits_only=config.supervised_logits_only,
+                  vision_feature_cache=config.vision_feature_cache,
                   output_kind=config.output_kind)
     return values
 

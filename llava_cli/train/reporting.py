@@ -59,6 +59,8 @@ class Reporter:
                       f"{args.per_device_train_batch_size} × accumulation "
                       f"{args.gradient_accumulation_steps} × {args.world_size} process(es))")
         table.add_row("template / tokenization", f"{config.template} / {config.tokenization}")
+        if config.vision_feature_cache:
+            table.add_row("vision feature cache", config.vision_feature_cache)
         table.add_row("output", f"{kind} → {args.output_dir}")
         self.console.print(table)
 

@@ -85,6 +85,7 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     from llava_cli.model.start import load_starting_model
     from llava_cli.model.vision import match_image_policy
     from llava_cli.train.arguments import to_training_arguments
+    from llava_cli.train.feature_cache import cache_metrics
     from llava_cli.train.outputs import resume_checkpoint, write_outputs
     from llava_cli.train.process import prepare_environment, start_deepspeed_comm
     from llava_cli.train.reporting import report_dropped
@@ -121,7 +122,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
         reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights,
                          _lora_layers(model), started=_converted_note(loaded.base))
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics = {**result.metrics, "dropped_records": report_dropped(trainer)}
+    metrics = {**result.metrics, "dropped_records": report_dropped(trainer),
+               **cache_metrics(trainer.feature_cache)}
     if isinstance(dataset, PackedDataset):  # the Trainer counts rows as its "samples"
         metrics["samples_per_row"] = round(dataset.records / max(len(dataset), 1), 3)
     write_outputs(trainer, loaded, config, output_dir, metrics)

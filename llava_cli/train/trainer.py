@@ -40,6 +40,7 @@ from llava_cli.train.checkpoints import (
     publish_checkpoint,
     staging_root,
 )
+from llava_cli.train.feature_cache import feature_cache_for
 from llava_cli.train.loss import (
     shifted_cross_entropy,
     supervised_cross_entropy,
@@ -61,8 +62,7 @@ def _loss_function(keep_supervised_logits: bool, label_smoothing: float) -> Any:
 
 
 def _raise_record_errors(inputs: dict[str, Any]) -> None:
-    errors = inputs.pop("record_errors", None)
-    if errors:
+    if errors := inputs.pop("record_errors", None):
         raise RecordError(*errors[0])
 
 
@@ -85,6 +85,7 @@ class LlavaTrainer(Trainer):
         self.projector_lr = self._setting("projector_lr", None)
         self.vision_tower_lr = self._setting("vision_tower_lr", None)
         self.group_by_modality = self._setting("group_by_modality_length", False)
+        self.feature_cache = feature_cache_for(self.model, self.args)  # None: no cache asked
         # Records the dataset dropped on this rank, by position: bounded by distinct records,
         # however many epochs meet them again.
         self._dropped: dict[int, Dropped] = {}
@@ -127,6 +128,7 @@ class LlavaTrainer(Trainer):
         # A training forward never needs a KV cache, and with one transformers ignores the
         # per-sample position ids of padding-free rows (samples would attend to each other).
         inputs = {**inputs, "use_cache": False}
+        inputs = self.feature_cache.model_inputs(model, inputs) if self.feature_cache else inputs
         if self.keep_supervised_logits and "labels" in inputs:
             inputs["logits_to_keep"] = supervised_positions(inputs["labels"])
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

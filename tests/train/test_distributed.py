@@ -216,6 +216,23 @@ def test_ddp_trains_one_job_on_two_ranks(ddp, base):
     assert manifest["kind"] == "full"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_the_feature_cache_trains_as_without_it_on_two_ranks(ddp, base, tmp_path, strategy):
+    """Both ranks share one cache directory (atomic entries); DDP and ZeRO-2 still reduce the
+    projector's gradients when it runs outside the wrapped model's forward."""
+    extra = ["--deepspeed", ZERO2] if strategy == "zero2" else []
+    cached = [launch(base, tmp_path / name, "--pretrained-projector", str(base["projector"]),
+                     "--vision-feature-cache", str(tmp_path / "cache"), *extra)
+              for name in ("cold", "warm")]
+    for run in cached:
+        _assert_same_run(run, ddp)
+    metrics = [json.loads((run.output_dir / "train_results.json").read_text()) for run in cached]
+    assert metrics[0]["vision_feature_cache_misses"] > 0
+    assert metrics[1]["vision_feature_cache_misses"] == 0  # rank 0's count
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
 def _assert_output_is_the_trained_model(run: Run) -> None:
     """Plain reload of the output == DeepSpeed's consolidated fp32 masters, weights and logits."""
     masters = consolidated(run.output_dir / f"checkpoint-{STEPS}")

@@ -428,8 +428,8 @@ def test_load_best_model_at_end_really_loads_the_best_checkpoint(pretrained, fin
 def test_group_by_length_takes_the_lengths_from_the_index(finetuned, tmp_path, monkeypatch):
     """transformers' own group_by_length loads every sample to measure it before training (and
     measures LLaVA's by "pixel_values": a KeyError), held-out ones too."""
-    from llava_cli.data.dataset import LazySupervisedDataset
     from llava_cli.data.batching.sampler import ModalityLengthGroupedSampler
+    from llava_cli.data.dataset import LazySupervisedDataset
 
     loaded: list[int] = []
     original = LazySupervisedDataset.__getitem__
