@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.generation.scoring import METRICS, metric_for, record_options
+from llava_cli.generation.scoring import METRICS, metric_for, record_options, reference_letter
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 NO_GROUP = "-"  # the group of a record without the --group-by field
@@ -61,6 +61,9 @@ def read_qa_record(record: Any, position: int, source: str, metric: str | None =
     if chosen == "choice" and not options:
         raise ValueError(f"{where}: --metric choice needs options; give it `options` "
                          "({\"A\": ..., \"B\": ...} or a list) or fields A, B, C, D")
+    if chosen == "choice" and reference_letter(references[0], options) is None:
+        raise ValueError(f"{where}: the reference {references[0]!r} names none of the options "
+                         f"{', '.join(options)}; give the right option's letter or text")
     images = _images(record, where)
     prompt = choice_prompt(question.strip(), options, record.get("hint")) if options \
         else question.strip()

@@ -193,6 +193,8 @@ def test_qa_record_layouts():
     ({"id": "x", "question": "q"}, r"record 'x' .*no reference answer; give it `answer`"),
     ({"id": "x", "question": "q", "answers": "a"}, "`answers` must be a list"),
     ({"id": "x", "question": "q", "answer": "a", "image": 3}, "`image` must be a path"),
+    ({"id": "x", "question": "q", "options": ["cat", "dog"], "answer": "E"},
+     r"the reference 'E' names none of the options A, B; give"),
     (["not", "a", "record"], "must be a JSON object"),
 ])
 def test_bad_records_name_the_record_and_the_field(record, message):
