@@ -56,6 +56,7 @@ COMMANDS = {
     "export-projector": (export_projector.export_projector, None),
     "convert": (convert.convert, None),
     "generate": (generate.generate, None),
+    "evaluate": (generate.evaluate, None),
     "demo": (demo.demo, None),
     "recipe-from-script": (recipe_from_script.recipe_from_script, None),
 }

@@ -75,6 +75,6 @@ def print_summary(console: Any, result: DemoResult) -> None:
 
 
 def _mark(answer: str, truth: str) -> str:
-    from llava_cli.demo.evaluate import normalize
+    from llava_cli.demo.evaluate import is_correct
 
-    return f"[green]{answer}[/]" if normalize(answer) == truth else f"[red]{answer or '∅'}[/]"
+    return f"[green]{answer}[/]" if is_correct(answer, truth) else f"[red]{answer or '∅'}[/]"

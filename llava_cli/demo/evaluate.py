@@ -1,7 +1,8 @@
 """Scoring the demo's models: greedy answers on the evaluation split, a stock-transformers
 cross-check, and the loss-curve plot (Pillow only, so the demo needs no matplotlib).
 
-Answers are compared with the ground truth after trimming and lower-casing: every question of
+Answers are scored by `generation.scoring`, the scorer of `llava evaluate`: exact match of the
+answer's first word against the ground truth after the VQA normalisation — every question of
 the shapes task has a one-word answer (see `demo.shapes`).
 """
 
@@ -30,10 +31,11 @@ class Scores:
         return {q: self.correct[q] / self.total[q] if self.total[q] else 0.0 for q in self.total}
 
 
-def normalize(text: str) -> str:
-    """The comparable form of an answer: first word, lower case, no trailing punctuation."""
-    words = text.strip().lower().split()
-    return words[0].strip(".,!?") if words else ""
+def is_correct(reply: str, truth: str) -> bool:
+    """Whether a one-word reply is right: its first word, normalised, is the truth."""
+    from llava_cli.generation.scoring import exact_match, first_word
+
+    return exact_match(first_word(reply), [truth]) == 1.0
 
 
 def evaluation_records(folder: str | Path) -> list[dict[str, Any]]:
@@ -58,7 +60,7 @@ def score(generator: Any, folder: str | Path, records: list[dict[str, Any]]) -> 
         qtype = record["question_type"]
         scores.answers[record["id"]] = reply
         scores.total[qtype] += 1
-        scores.correct[qtype] += normalize(reply) == record["answer"]
+        scores.correct[qtype] += is_correct(reply, record["answer"])
     return scores
 
 

@@ -44,7 +44,7 @@ def answer_records(generator: Generator, data: str | Path, output: str | Path,
     output.parent.mkdir(parents=True, exist_ok=True)
     # OUT appears only when complete.
     with atomic_path(output) as partial, open(partial, "w") as out, \
-            _progress(progress, len(index)) as advance:
+            progress_bar(progress, len(index)) as advance:
         for i in range(len(index)):
             rid, prompt, paths, reference = record_prompt(index.read(i), i)
             images = [generator.images.decode(resolve_image_path(folder, p), label=p)
@@ -57,11 +57,11 @@ def answer_records(generator: Generator, data: str | Path, output: str | Path,
     return len(index)
 
 
-class _progress:  # noqa: N801 - used like a function
+class progress_bar:  # noqa: N801 - used like a function
     """A rich progress bar on stderr (or nothing), yielding a callable that advances it."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.bar = enabled, total, None
+    def __init__(self, enabled: bool, total: int, label: str = "answering") -> None:
+        self.enabled, self.total, self.label, self.bar = enabled, total, label, None
 
     def __enter__(self) -> Any:
         if not self.enabled:
@@ -71,7 +71,7 @@ class _progress:  # noqa: N801 - used like a function
 
         self.bar = Progress(console=Console(stderr=True), transient=False)
         self.bar.start()
-        task = self.bar.add_task("answering", total=self.total)
+        task = self.bar.add_task(self.label, total=self.total)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc: object) -> None:
