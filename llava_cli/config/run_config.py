@@ -217,7 +217,7 @@ class RunConfig(BaseModel):
         if self.packing != "auto":
             return self.packing == "on", f"packing {self.packing}"
         faster = self.attn_implementation in PACKING_MEASURED_FASTER
-        verdict = "measured faster" if faster else "measured slower"
+        verdict = "measured faster" if faster else "not measured faster"
         return faster, f"auto: {verdict} with {self.attn_implementation} (bench/RESULTS.md)"
 
     @property

@@ -187,8 +187,9 @@ def test_packing_needs_a_packing_aware_attention():
 
 
 def test_auto_packs_only_where_measured_faster():
+    # On CPU packing was measured slower at the default budget (bench/RESULTS.md, "Packing").
     on, why = RunConfig(packing="auto", attn_implementation="sdpa").packing_choice
-    assert why.startswith("auto: measured")
+    assert not on and why.startswith("auto: not measured faster with sdpa")
     assert RunConfig(packing="on").packing_choice == (True, "packing on")
     assert RunConfig(packing="off").packing_choice == (False, "packing off")
 
