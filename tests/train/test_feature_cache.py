@@ -33,7 +33,10 @@ from tests.helpers import TINY_LLM, TINY_VISION
 RECORDS, IMAGES = demo_data()  # the images are 96×80: not square
 STAGES = {"pretrain": ("pretrain", {}), "finetune": ("finetune", {}),
           "lora": ("lora", {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}),
-          "finetune padding-free": ("finetune", {"padding_free": True})}
+          "finetune padding-free": ("finetune", {"padding_free": True}),
+          # packs of several samples a row, 2 rows a batch: features in the packs' order
+          "finetune packed": ("finetune", {"packing": "on", "packing_budget": 200,
+                                           "per_device_train_batch_size": 2})}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,8 @@ def _trainer(stage: str, llava: Path, tmp: Path, cache: Path | None, **keys: Any
     loaded = load_starting_model(config)
     model, _ = prepare_model(config, loaded.model, args)
     match_image_policy(loaded.processor, config.image_aspect_ratio)
-    dataset, _ = supervised.datasets(config, model, loaded.processor)
+    lengths = supervised.check_data(config)  # what packing packs by
+    dataset, _ = supervised.datasets(config, model, loaded.processor, lengths)
     trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset,
                            data_collator=supervised.collator(config, loaded.processor),
                            processing_class=loaded.processor)
@@ -102,6 +106,8 @@ def _assert_same(a, b) -> None:
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_cold_warm_and_no_cache_give_the_same_loss_and_gradients(llava_dir, tmp_path, stage):
     trainer, batch = _trainer(stage, llava_dir, tmp_path, tmp_path / "cache")
+    if stage == "finetune packed":  # more samples than rows: several a row
+        assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]
     cache, images = trainer.feature_cache, batch["pixel_values"].shape[0]
     cold = _loss_and_grads(trainer, batch)
     assert (cache.hits, cache.misses) == (0, images)
