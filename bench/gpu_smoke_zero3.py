@@ -8,23 +8,12 @@ the plain PyTorch step of the same model, which is what a user pays for the reci
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from typing import Any
 
 import gpu_smoke_model as smoke
 
-
-def _one_process_world() -> None:
-    """DeepSpeed without a launcher looks for MPI: a world of one on a free local port."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+from llava_cli.train.process import prepare_environment
 
 
 def run_zero3(args: Any, device: str, samples: list, lengths: list[int], peak: float,
@@ -37,7 +26,7 @@ def run_zero3(args: Any, device: str, samples: list, lengths: list[int], peak: f
         return [{"name": name, "skipped": "deepspeed is not installed"}]
     import torch
 
-    _one_process_world()
+    prepare_environment(True)  # a world of one, as `llava` trains under DeepSpeed alone
     cuda = device.startswith("cuda")
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     # bf16 on the GPU; DeepSpeed's CPU accelerator (the --tiny test) trains in fp32.

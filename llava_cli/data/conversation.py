@@ -59,7 +59,8 @@ def has_image(record: Any) -> bool:
     return image_field(record) not in (None, "", [])
 
 
-def _images_of(record: dict[str, Any], rid: str) -> list[str]:
+def image_paths(record: dict[str, Any], rid: str) -> list[str]:
+    """The record's image paths ([] for none); RecordError when `image` is not path(s)."""
     if not has_image(record):
         return []
     image = image_field(record)
@@ -103,7 +104,7 @@ def parse_record(record: Any, position: int = 0, strict: bool = False) -> Conver
     rid = record_id_of(record, position)
     if not isinstance(record, dict):
         raise RecordError(rid, Problem.BAD_FIELD, "a record must be a JSON object")
-    images = _images_of(record, rid)
+    images = image_paths(record, rid)
     turns = _turns_of(record, rid)
     conv = Conversation(rid, [], images)
     if turns[0][0] == "system":

@@ -129,15 +129,12 @@ def _references(record: dict[str, Any], replied: str | None, where: str) -> list
 
 
 def _images(record: dict[str, Any], where: str) -> list[str]:
-    from llava_cli.data.conversation import has_image, image_field
+    from llava_cli.data.conversation import RecordError, image_paths
 
-    if not has_image(record):
-        return []
-    image = image_field(record)
-    paths = image if isinstance(image, list) else [image]
-    if not all(isinstance(p, str) and p for p in paths):
-        raise ValueError(f"{where}: `image` must be a path or a list of paths")
-    return list(paths)
+    try:
+        return image_paths(record, where)
+    except RecordError:  # said the command's way: the record's place, then the fix
+        raise ValueError(f"{where}: `image` must be a path or a list of paths") from None
 
 
 def _group(record: dict[str, Any], group_by: str) -> str:
