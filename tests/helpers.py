@@ -21,6 +21,20 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def llama_tokenizer_as_trained():
+    """The real Llama-2/Vicuna tokenizer with `<image>` (id 32000) and `<unk>` as pad, as
+    training sets it up; the calling test is skipped without ../shared's assets."""
+    import pytest
+
+    folder = SHARED_ASSETS / "tokenizers" / "llama2-vicuna-v1.5"
+    if not folder.is_dir():
+        pytest.skip(f"shared test assets not found at {SHARED_ASSETS}; CI provides them")
+    tok = load_tokenizer(folder)
+    tok.add_special_tokens({"extra_special_tokens": ["<image>"]})
+    tok.pad_token = tok.unk_token
+    return tok
+
+
 def probe_batch(processor):
     """A one-image probe batch (red picture + a v1 prompt) to compare models' logits on."""
     from PIL import Image

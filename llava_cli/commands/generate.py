@@ -18,6 +18,14 @@ BATCH = "Batch (a LLaVA .json/.jsonl file)"
 SCORING = "Scoring"
 
 
+# The options `generate` and `evaluate` share, declared once.
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate.", min=1)]
+Overwrite = Annotated[bool, typer.Option("--overwrite",
+                                         help="Replace an existing --output file.")]
+Adapter = Annotated[Path | None, typer.Option(
+    "--adapter", help="A LoRA run directory to apply to CHECKPOINT.")]
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"llava generate: {message}", err=True)
     return typer.Exit(code)
@@ -41,11 +49,9 @@ def generate(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="JSON lines: id, prompt, answer, reference.",
         rich_help_panel=BATCH)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", min=1)] = 64,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing --output file.")] = False,
-    adapter: Annotated[Path | None, typer.Option(
-        "--adapter", help="A LoRA run directory to apply to CHECKPOINT.")] = None,
+    max_new_tokens: MaxNewTokens = 64,
+    overwrite: Overwrite = False,
+    adapter: Adapter = None,
 ) -> None:
     """Answer a prompt with a trained model (greedy decoding, the training prompt format)."""
     if data is None and prompt is None:
@@ -125,11 +131,9 @@ def evaluate(
     output_format: Annotated[Format, typer.Option(
         "--format", help="table: a Rich table; json: the metrics as one JSON object.")]
         = Format.table,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", min=1)] = 64,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing --output file.")] = False,
-    adapter: Annotated[Path | None, typer.Option(
-        "--adapter", help="A LoRA run directory to apply to CHECKPOINT.")] = None,
+    max_new_tokens: MaxNewTokens = 64,
+    overwrite: Overwrite = False,
+    adapter: Adapter = None,
 ) -> None:
     """Answer every question of a QA file (greedy, the saved chat template) and score the
     answers: exact match, VQA soft accuracy, multiple-choice letters; overall and per group."""

@@ -17,7 +17,7 @@ from llava_cli.data.problems import Dropped, Problem, ProblemCounter
 from llava_cli.data.records import RecordIndex
 from llava_cli.data.samples import DataOptions, InputSpec, SampleBuilder
 from llava_cli.data.text.encoding import IGNORE_INDEX
-from tests.helpers import SHARED_ASSETS, load_tokenizer
+from tests.helpers import SHARED_ASSETS, llama_tokenizer_as_trained
 
 N_IMAGE_TOKENS = (32 // 8) ** 2  # a 32px CLIP with patch 8, "default" feature strategy
 IMG = 32000  # `<image>` is added right after Llama-2's 32000 pieces
@@ -43,12 +43,7 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     """The real Llama-2/Vicuna tokenizer with `<image>` and a pad token, as training sets it."""
-    folder = SHARED_ASSETS / "tokenizers" / "llama2-vicuna-v1.5"
-    if not folder.is_dir():
-        pytest.skip(f"shared test assets not found at {SHARED_ASSETS}; CI provides them")
-    tok = load_tokenizer(folder)
-    tok.add_special_tokens({"extra_special_tokens": ["<image>"]})
-    tok.pad_token = tok.unk_token
+    tok = llama_tokenizer_as_trained()
     assert tok.convert_tokens_to_ids("<image>") == IMG and tok.pad_token_id == PAD
     return tok
 

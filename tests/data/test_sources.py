@@ -20,7 +20,7 @@ from llava_cli.data.sources.embedded import check_image_bytes
 from llava_cli.data.sources.mix import MixIndex, open_records
 from llava_cli.data.sources.record import SourceRecord
 from tests.data.mixdata import png_bytes, records, turns, write_jsonl, write_tar
-from tests.helpers import SHARED_ASSETS, load_tokenizer
+from tests.helpers import llama_tokenizer_as_trained
 
 IMG = 32000
 CAT = "chelsea_cat.png"  # 451×300: not square, so padding shows in the pixels
@@ -28,13 +28,7 @@ CAT = "chelsea_cat.png"  # 451×300: not square, so padding shows in the pixels
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    folder = SHARED_ASSETS / "tokenizers" / "llama2-vicuna-v1.5"
-    if not folder.is_dir():
-        pytest.skip(f"shared test assets not found at {SHARED_ASSETS}; CI provides them")
-    tok = load_tokenizer(folder)
-    tok.add_special_tokens({"extra_special_tokens": ["<image>"]})
-    tok.pad_token = tok.unk_token
-    return tok
+    return llama_tokenizer_as_trained()
 
 
 def _builder(tokenizer, folder=None) -> SampleBuilder:
