@@ -51,6 +51,7 @@ COMMANDS = {
     "pretrain": (train.pretrain, train.PRETRAIN_HELP),
     "finetune": (train.finetune, train.FINETUNE_HELP),
     "lora": (train.lora, train.LORA_HELP),
+    "dpo": (train.dpo, train.DPO_HELP),
     "merge-lora": (merge_lora.merge_lora, None),
     "inspect-data": (inspect_data.inspect_data, None),
     "export-projector": (export_projector.export_projector, None),

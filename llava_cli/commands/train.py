@@ -17,24 +17,33 @@ from llava_cli.commands.common import (
 PRETRAIN_HELP = "Stage 1: align the projector (vision tower and LLM frozen, template plain)."
 FINETUNE_HELP = "Stage 2: instruction-tune (full, or --lora / --bits 4|8 for LoRA/QLoRA)."
 LORA_HELP = "Stage 2 with LoRA and LLaVA-1.5's LoRA defaults (r 128, alpha 256, lr 2e-4)."
+DPO_HELP = ("Preference training (DPO/IPO) from a trained model on chosen/rejected pairs "
+            "(--lora: the reference is the model with its adapters off).")
 
 MODEL = "Model"
 TRAINABLE = "Trainability, LoRA and quantization"
 DATA = "Data"
 TRAIN = "Training"
 OUT = "Output"
+PREFERENCE = "Preference (dpo)"
+PREFERENCE_KEYS = ("beta", "loss_type", "rpo_alpha", "reference", "precompute_ref_log_probs")
 
 
-def _opt(panel: str, *names: str, help: str | None = None) -> Any:  # noqa: A002
-    return typer.Option(*names, help=help, rich_help_panel=panel)
+def _opt(panel: str, *names: str, help: str | None = None,  # noqa: A002
+         hidden: bool = False) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=panel, hidden=hidden)
 
 
-def _flag(panel: str, name: str, help: str | None = None) -> Any:  # noqa: A002
+def _flag(panel: str, name: str, help: str | None = None,  # noqa: A002
+          hidden: bool = False) -> Any:
     """A switch with its `--no-` form (None when neither is given)."""
-    return typer.Option(f"--{name}/--no-{name}", help=help, rich_help_panel=panel)
+    return typer.Option(f"--{name}/--no-{name}", help=help, rich_help_panel=panel,
+                        hidden=hidden)
 
 
 def _make_command(stage: str) -> Any:
+    other = stage != "dpo"  # the preference options are dpo's alone
+
     def command(
         recipe: Recipe = None,
         set_: SetOption = None,
@@ -105,6 +114,18 @@ def _make_command(stage: str) -> Any:
         vision_feature_cache: Annotated[str | None, _opt(
             TRAIN, "--vision-feature-cache", help="DIR caching the frozen vision tower's "
             "outputs, reused across epochs and runs (safe to delete).")] = None,
+        beta: Annotated[float | None, _opt(
+            PREFERENCE, help="KL strength (default 0.1).")] = None,
+        loss_type: Annotated[str | None, _opt(
+            PREFERENCE, help="sigmoid (DPO) | ipo.")] = None,
+        rpo_alpha: Annotated[float | None, _opt(
+            PREFERENCE, help="Add alpha x the chosen replies' NLL (RPO).")] = None,
+        reference: Annotated[str | None, _opt(
+            PREFERENCE, help="auto | copy | disabled-adapter (auto: disabled-adapter "
+            "with --lora, else a frozen copy).")] = None,
+        precompute_ref_log_probs: Annotated[bool | None, _flag(
+            PREFERENCE, "precompute-ref-log-probs", help="Reference log-probs in one pass "
+            "before training (a copy is then freed).")] = None,
         output_dir: Annotated[str | None, _opt(OUT, "--output-dir", "-o")] = None,
         overwrite: Annotated[bool | None, _flag(
             OUT, "overwrite", help="Allow writing into a non-empty output directory.")] = None,
@@ -116,8 +137,11 @@ def _make_command(stage: str) -> Any:
         report_to: Annotated[str | None, _opt(OUT, help="none | tensorboard | wandb …")] = None,
     ) -> None:
         flags = dict(locals())
-        for name in ("recipe", "set_", "print_config", "stage"):
+        for name in ("recipe", "set_", "print_config", "stage", "other"):
             flags.pop(name)
+        if other and (given := [k for k in PREFERENCE_KEYS if flags[k] is not None]):
+            raise typer.BadParameter(f"--{given[0].replace('_', '-')} is a preference "
+                                     "option: use llava dpo")
         flags.update(_trainability_flags(flags))
         config = config_or_exit(stage, recipe, set_, flags)
         if print_config:
@@ -130,7 +154,28 @@ def _make_command(stage: str) -> Any:
         run_or_exit(stage, config)
 
     command.__name__ = stage
+    if other:
+        command.__signature__ = _preference_options_hidden(command)  # type: ignore[attr-defined]
     return command
+
+
+def _preference_options_hidden(command: Any) -> Any:
+    """`command`'s signature with the preference options hidden from its --help (given
+    anyway, they are refused)."""
+    import copy
+    import inspect
+    from typing import get_args
+
+    signature = inspect.signature(command, eval_str=True)
+    params = []
+    for param in signature.parameters.values():
+        if param.name in PREFERENCE_KEYS:
+            kind, option = get_args(param.annotation)
+            option = copy.copy(option)
+            option.hidden = True
+            param = param.replace(annotation=Annotated[kind, option])
+        params.append(param)
+    return signature.replace(parameters=params)
 
 
 def _notes(sets: list[str] | None, comment: bool) -> None:
@@ -192,3 +237,4 @@ def run_or_exit(stage: str, config: Any) -> None:
 pretrain = _make_command("pretrain")
 finetune = _make_command("finetune")
 lora = _make_command("lora")
+dpo = _make_command("dpo")

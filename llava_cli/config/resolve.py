@@ -26,6 +26,10 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
     "lora": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "lora",
              "lora_r": 128, "lora_alpha": 256, "projector_lr": 2e-5,
              "training_args": {"learning_rate": 2e-4}},
+    # Preference training from a trained model: the LLM learns, the vision parts stay (as
+    # LLaVA-RLHF and RLAIF-V train); --lora for the disabled-adapter reference
+    "dpo": {"objective": "dpo", "train_vision_tower": "frozen", "train_projector": "frozen",
+            "train_llm": "full", "training_args": {"learning_rate": 1e-6}},  # TRL's default
     "inspect-data": {},
 }
 

@@ -17,8 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llava_cli.artifacts.files import write_text_atomically
 from llava_cli.artifacts.manifest import OutputKind
-from llava_cli.config.deepspeed import deepspeed_stage, refuse_incompatible_deepspeed
-from llava_cli.config.training_checks import refuse_impossible_counts
+from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
+from llava_cli.config.training_checks import (
+    refuse_impossible_counts,
+    refuse_preference_conflicts,
+    refuse_uncacheable_tower,
+)
 from llava_cli.data.samples import DataOptions, ImageCheck
 from llava_cli.data.text.templates import CHAT_TEMPLATE, canonical_template_name
 
@@ -53,21 +57,6 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fl
 # was measured faster than padded batches (bench/RESULTS.md, "Packing"). Measured on CPU only
 # so far; a GPU's flash-attention (varlen, no masked work) is measured by bench/gpu_smoke.py.
 PACKING_MEASURED_FASTER: frozenset[str] = frozenset()
-
-
-def refuse_uncacheable_tower(train_vision_tower: str, image_aspect_ratio: str,
-                             deepspeed: Any) -> None:
-    """`vision_feature_cache` only where cached outputs are exactly the tower's (one line)."""
-    if train_vision_tower != "frozen":
-        raise ValueError(f"vision_feature_cache caches a frozen vision tower's outputs, but "
-                         f"train_vision_tower is {train_vision_tower!r}; freeze the tower or "
-                         "drop the cache")
-    if image_aspect_ratio == "anyres":
-        raise ValueError("vision_feature_cache is not supported yet with image_aspect_ratio "
-                         "anyres (LLaVA-NeXT); use pad or square, or drop the cache")
-    if deepspeed_stage(deepspeed) == 3:
-        raise ValueError("vision_feature_cache is not supported under DeepSpeed ZeRO-3 (the "
-                         "tower's weights are partitioned); use ZeRO-2, DDP or one device")
 
 
 class ConfigError(ValueError):
@@ -138,6 +127,14 @@ class RunConfig(BaseModel):
     packing_budget: int | None = None  # tokens per packed row; default model_max_length
     packing_layout: Literal["packed", "padded"] = "packed"
     vision_feature_cache: str | None = None  # a directory: the frozen tower's outputs, reused
+    # Preference training (`llava dpo`), with TRL's names; reference: the starting model as a
+    # frozen copy, or the trained model with its LoRA adapters off (auto: that, under LoRA)
+    objective: Literal["sft", "dpo"] = "sft"
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    rpo_alpha: float | None = None  # + alpha x the chosen replies' NLL
+    reference: Literal["auto", "copy", "disabled-adapter"] = "auto"
+    precompute_ref_log_probs: bool = False
     # Kept as the user wrote it; transformers 5 folded it into warmup_steps (train.arguments)
     warmup_ratio: float | None = None
     # Output
@@ -198,6 +195,8 @@ class RunConfig(BaseModel):
             self.training_args.get("deepspeed"), self.bits,
             {"projector_lr": self.projector_lr, "vision_tower_lr": self.vision_tower_lr})
         refuse_impossible_counts(self.training_args)
+        if self.objective == "dpo":
+            refuse_preference_conflicts(self)
         if self.vision_feature_cache:
             refuse_uncacheable_tower(self.train_vision_tower, self.image_aspect_ratio,
                                      self.training_args.get("deepspeed"))
@@ -219,6 +218,13 @@ class RunConfig(BaseModel):
         faster = self.attn_implementation in PACKING_MEASURED_FASTER
         verdict = "measured faster" if faster else "not measured faster"
         return faster, f"auto: {verdict} with {self.attn_implementation} (bench/RESULTS.md)"
+
+    @property
+    def reference_kind(self) -> str:
+        """Where `llava dpo`'s reference log-probs come from (see `reference`)."""
+        if self.reference != "auto":
+            return self.reference
+        return "disabled-adapter" if self.train_llm == "lora" else "copy"
 
     @property
     def load_dtype(self) -> str | None:

@@ -50,3 +50,48 @@ def refuse_impossible_counts(training_args: dict[str, Any]) -> None:
         raise ValueError(f"num_train_epochs (--epochs) is {epochs:g}: nothing would be "
                          "trained; give a positive number of epochs (0.5 is half of one), "
                          "or max_steps")
+
+
+def refuse_preference_conflicts(config: Any) -> None:
+    """What preference training (`objective: dpo`) cannot do, one line each."""
+    from llava_cli.config.deepspeed import deepspeed_stage
+
+    if config.beta <= 0:
+        raise ValueError(f"beta {config.beta}: must be above 0 (DPO's KL strength; TRL's "
+                         "default is 0.1)")
+    if config.rpo_alpha is not None and config.rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha {config.rpo_alpha}: must be at least 0")
+    if config.random_init:
+        raise ValueError("dpo starts from a trained model (a finetune or merged output, or a "
+                         "LLaVA checkpoint): its reference is that model; drop random_init")
+    if config.reference == "disabled-adapter" and config.train_llm != "lora":
+        raise ValueError("reference disabled-adapter is the LoRA model with its adapters off; "
+                         "add --lora, or use reference copy")
+    if config.packing == "on" or config.padding_free:
+        raise ValueError("dpo pads each pair's rows (chosen and rejected share one image "
+                         "encoding); drop packing / padding_free")
+    if config.vision_feature_cache:
+        raise ValueError("vision_feature_cache is for supervised stages; dpo already encodes "
+                         "each image once per pair: drop it")
+    if (config.precompute_ref_log_probs and config.reference_kind == "disabled-adapter"
+            and deepspeed_stage(config.training_args.get("deepspeed")) == 3):
+        raise ValueError("precompute_ref_log_probs under ZeRO-3 with LoRA is not supported (the "
+                         "model has no engine before training); the disabled-adapter reference "
+                         "needs no memory of its own: drop precompute_ref_log_probs")
+
+
+def refuse_uncacheable_tower(train_vision_tower: str, image_aspect_ratio: str,
+                             deepspeed: Any) -> None:
+    """`vision_feature_cache` only where cached outputs are exactly the tower's (one line)."""
+    if train_vision_tower != "frozen":
+        raise ValueError(f"vision_feature_cache caches a frozen vision tower's outputs, but "
+                         f"train_vision_tower is {train_vision_tower!r}; freeze the tower or "
+                         "drop the cache")
+    if image_aspect_ratio == "anyres":
+        raise ValueError("vision_feature_cache is not supported yet with image_aspect_ratio "
+                         "anyres (LLaVA-NeXT); use pad or square, or drop the cache")
+    from llava_cli.config.deepspeed import deepspeed_stage
+
+    if deepspeed_stage(deepspeed) == 3:
+        raise ValueError("vision_feature_cache is not supported under DeepSpeed ZeRO-3 (the "
+                         "tower's weights are partitioned); use ZeRO-2, DDP or one device")

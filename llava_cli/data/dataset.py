@@ -158,3 +158,22 @@ class LazySupervisedDataset(Dataset):
                 "not logged, and totalled when training ends. `llava inspect-data --check` "
                 "lists them all.", drop.record_id, drop.kind)
         return drop
+
+
+class PreferenceDataset(LazySupervisedDataset):
+    """Preference records as model inputs: `chosen_*` and `rejected_*` ids and labels (each
+    reply alone supervised) and the pair's images once. `builder` is a
+    `data.preference.PairBuilder`; dropping and bad-record handling are the supervised
+    dataset's, a pair being usable when both replies are."""
+
+    def _to_inputs(self, sample: Any, position: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"record_index": position}
+        for side in ("chosen", "rejected"):
+            encoded = getattr(sample, side).encoded
+            item[f"{side}_input_ids"] = torch.from_numpy(encoded.ids)
+            item[f"{side}_labels"] = torch.from_numpy(encoded.label_ids)
+        # Both rows hold the same prompt, so truncation leaves both the same image runs.
+        images = sample.images[: len(sample.chosen.encoded.image_spans)]
+        if images:
+            item.update(self._process_images(images, sample.record_id))
+        return item

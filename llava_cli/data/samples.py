@@ -156,17 +156,26 @@ class SampleBuilder:
         return path
 
     def build(self, record: Any, position: int = 0, load_images: bool = True,
-              header_only: bool = False) -> Sample:
+              header_only: bool = False, last_reply_only: bool = False) -> Sample:
         """Make the sample for `record`. `load_images=False` skips the files entirely (counts
         then assume a fixed-size tower); `header_only` checks each image as the data checks
         do (`check_image`, fast or `full` as `image_check` says) and keeps only its size.
+        `last_reply_only` supervises the conversation's last reply alone (preference pairs).
         Raises `RecordError` (structure, an image outside the folder) or `ImageError`
         (missing/corrupt/too large file, wrapped in a `RecordError` of kind 'bad-image').
         """
         conv = self.conversation(record, position)
         images, sizes = self._images(conv, load_images, header_only, record)
+        return self.sample(conv, images, sizes, last_reply_only)
+
+    def sample(self, conv: Conversation, images: list[Any], sizes: list[tuple[int, int]],
+               last_reply_only: bool = False) -> Sample:
+        """The sample of a parsed conversation whose images are already prepared (`sizes`
+        decide the image-token counts; none given: a fixed-size tower's count)."""
         counts = [self.count_image_tokens(size) for size in (sizes or [None] * len(conv.images))]
         rendered = self.render(conv)
+        if last_reply_only:  # one span per assistant message: the last is the final reply
+            rendered = Rendered(rendered.text, rendered.spans[-1:])
         try:
             encoded = self.encoder(rendered, counts)
         except ValueError as err:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-SplitKind = Literal["pretrain", "finetune", "lora", "eval"]
+SplitKind = Literal["pretrain", "finetune", "lora", "eval", "dpo"]
 
 MIN_SIDE, MAX_SIDE = 64, 192
 MIN_FRACTION, MAX_FRACTION = 0.35, 0.75
@@ -35,6 +35,7 @@ QUESTIONS = {
     "side": "Is the shape on the left or the right?",
     "background": "What color is the background?",
     "describe": "Describe the image.",
+    "shape": "What shape is it?",  # taught by preference pairs alone (the dpo split)
 }
 EVAL_QUESTIONS = ("color", "side", "background")
 ANSWERS = {"color": tuple(COLORS), "side": SIDES, "background": tuple(BACKGROUNDS)}
@@ -48,7 +49,7 @@ CHAT = (
 )
 DEFAULT_QUESTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("describe",), "finetune": ("color", "side"), "lora": ("background",),
-    "eval": EVAL_QUESTIONS}
+    "eval": EVAL_QUESTIONS, "dpo": ("shape",)}
 REHEARSAL = ("color", "side")  # LoRA records also ask these, so the old skills are not forgotten
 # Finetune records ask one question each, left/right four times as often as colour: with
 # colour and left/right in equal measure (or two per record), the tiny model learns colour
@@ -131,6 +132,8 @@ def answer_for(meta: ShapeImage, question_type: str) -> str:
         return meta.background
     if question_type == "describe":
         return describe(meta)
+    if question_type == "shape":
+        return meta.shape
     raise ValueError(f"unknown question type {question_type!r}; one of {', '.join(QUESTIONS)}")
 
 
@@ -168,6 +171,11 @@ def _image_records(kind: str, index: int, meta: ShapeImage, image: str, rng: ran
         return [{"id": f"eval-{index:05d}-{q}", "image": image,
                  "conversations": _turns(meta, [q]), "answer": answer_for(meta, q),
                  "question_type": q} for q in questions]
+    if kind == "dpo":  # a preference pair: the right shape chosen, a wrong one rejected
+        wrong = rng.choice([shape for shape in SHAPES if shape != meta.shape])
+        return [{"id": f"dpo-{index:05d}", "image": image,
+                 "conversations": [{"from": "human", "value": "<image>\n" + QUESTIONS["shape"]}],
+                 "chosen": meta.shape, "rejected": wrong}]
     if kind == "pretrain":
         prompt = rng.choice(CAPTION_PROMPTS)
         return [{"id": f"pretrain-{index:05d}", "image": image,
@@ -191,8 +199,9 @@ def generate_split(folder: str | Path, n: int, seed: int, kind: SplitKind = "fin
 
     `kind`: pretrain (captions), finetune (one question per record, 80% left/right and 20%
     colour, plus ~5% text-only chat),
-    lora (the background question, with colour/left-right rehearsal turns and chat) or eval
-    (one record per picture and question, ground truth in `answer` and `question_type`).
+    lora (the background question, with colour/left-right rehearsal turns and chat), eval
+    (one record per picture and question, ground truth in `answer` and `question_type`) or
+    dpo (preference pairs: "What shape is it?", the right shape chosen, a wrong one rejected).
     `questions` overrides the kind's question types (keys of QUESTIONS). Image paths in the
     records are relative to `folder` (pass it as the image folder); `folder/shapes.json` holds
     each picture's ShapeImage fields. The random stream depends

@@ -41,6 +41,10 @@ class LlavaTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "LM head and loss only at supervised positions."})
     vision_feature_cache: str | None = field(
         default=None, metadata={"help": "Directory caching the frozen vision tower's outputs."})
+    beta: float = field(default=0.1, metadata={"help": "DPO/IPO: the KL strength."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "Preference loss: sigmoid|ipo."})
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "Preference: weight of the chosen replies' NLL."})
     output_kind: OutputKind = field(
         default=OutputKind.FULL, metadata={"help": "What checkpoints hold: projector|full|lora."})
 
@@ -97,7 +101,8 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
                   group_by_modality_length=config.group_by_modality_length,
                   supervised_logits_only=config.supervised_logits_only,
                   vision_feature_cache=config.vision_feature_cache,
-                  output_kind=config.output_kind)
+                  output_kind=config.output_kind, beta=config.beta,
+                  loss_type=config.loss_type, rpo_alpha=config.rpo_alpha)
     return values
 
 

@@ -17,7 +17,7 @@ from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.packing import PackedDataset
 from llava_cli.train.checkpoints import clear_previous_checkpoints
-from llava_cli.train.stages import supervised
+from llava_cli.train.stages import preference, supervised
 
 
 @dataclass
@@ -62,12 +62,14 @@ def _deepspeed_dtype(args: Any) -> Any:
 
 
 def run_training(config: RunConfig, reporter: Any = None,
-                 stage: ModuleType = supervised) -> RunResult:
+                 stage: ModuleType | None = None) -> RunResult:
     """Train as configured and write the output directory; returns where and what.
 
-    `stage` supplies the data side (`datasets`, `collator`): today's supervised stage. The
-    output directory is locked for the whole run (by the launching process: rank 0).
+    `stage` supplies the data side and the trainer (`check_data`, `datasets`, `collator`,
+    `trainer`): by default the configuration's objective's (supervised, or preference for
+    dpo). The output directory is locked for the whole run (by the launching process: rank 0).
     """
+    stage = stage or (preference if config.objective == "dpo" else supervised)
     from llava_cli.artifacts.output_dir import output_lock
     from llava_cli.artifacts.ranks import is_main_process
     from llava_cli.train.outputs import output_dir_of, prepare_output_dir
@@ -89,7 +91,6 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     from llava_cli.train.outputs import resume_checkpoint, write_outputs
     from llava_cli.train.process import prepare_environment, start_deepspeed_comm
     from llava_cli.train.reporting import report_dropped
-    from llava_cli.train.trainer import LlavaTrainer
 
     resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
     # Before torch.distributed starts: the scan forks worker processes.
@@ -106,8 +107,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
                          config.template)  # stock generate and vLLM stop at the turn's end
     match_image_policy(loaded.processor, config.image_aspect_ratio)  # saved: serves as trained
     dataset, held_out = stage.datasets(config, model, loaded.processor, lengths)
-    trainer = LlavaTrainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=held_out,
+    trainer = stage.trainer(
+        config, loaded, model, args=args, train_dataset=dataset, eval_dataset=held_out,
         data_collator=stage.collator(config, loaded.processor),
         processing_class=loaded.processor, callbacks=_callbacks(config, reporter))
     if config.overwrite and not resume_from and trainer.is_world_process_zero():

@@ -8,6 +8,7 @@ trainability, Trainer, outputs) the same way for every stage.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from llava_cli.data.batching.packing import PackedDataset, pack_by_budget
 from llava_cli.data.dataset import LazySupervisedDataset
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError
+from llava_cli.data.samples import SampleBuilder
 from llava_cli.data.scan import Report, check_dataset, scan_records
 from llava_cli.data.sources.mix import open_records
 from llava_cli.model.inputs import (
@@ -29,16 +31,18 @@ from llava_cli.model.inputs import (
 )
 
 
-def build_dataset(config: RunConfig, model: Any, processor: Any,
-                  held_out: bool = False) -> LazySupervisedDataset:
+def build_dataset(config: RunConfig, model: Any, processor: Any, held_out: bool = False,
+                  kind: type[LazySupervisedDataset] = LazySupervisedDataset,
+                  wrap: Callable[[SampleBuilder], Any] | None = None) -> LazySupervisedDataset:
     """The lazy dataset over `config.data_path` (or, `held_out`, `config.eval_data_path`) with
-    this model's tokenizer and image sizes."""
+    this model's tokenizer and image sizes; another stage passes its dataset `kind` and what
+    `wrap`s the sample builder (preference pairs)."""
     path = config.eval_data_path if held_out else config.data_path
     if not path:
         raise ValueError("data_path is required (--data-path FILE.json)")
     builder = sample_builder(config, input_spec_of(model, processor), held_out)
-    return LazySupervisedDataset.open(path, builder, processor.image_processor,
-                                      config.skip_bad_records)
+    return kind.open(path, wrap(builder) if wrap else builder, processor.image_processor,
+                     config.skip_bad_records)
 
 
 def datasets(config: RunConfig, model: Any, processor: Any, lengths: np.ndarray | None = None
@@ -95,7 +99,8 @@ def from_main_process(value: Any) -> Any:
     return box[0]
 
 
-def check_data(config: RunConfig) -> np.ndarray | None:
+def check_data(config: RunConfig, wrap: Callable[[SampleBuilder], Any] | None = None
+               ) -> np.ndarray | None:
     """Scan the training records before anything heavy loads, as `inspect-data --check` does
     (on every core, images by header): a missing or corrupt image, a wrong --image-folder or a
     malformed record is one short error naming the records (a warning with
@@ -115,8 +120,9 @@ def check_data(config: RunConfig) -> np.ndarray | None:
         index = open_records(config.data_path)
     except RecordFormatError as err:
         raise ValueError(str(err)) from None
-    report = check_dataset(lambda: sample_builder(config, spec), index)
-    _judge(report, len(index), config.data_path, "trained on", config.skip_bad_records,
+    builder = sample_builder(config, spec)
+    report = check_dataset(lambda: wrap(builder) if wrap else builder, index)
+    judge(report, len(index), config.data_path, "trained on", config.skip_bad_records,
            errors_only=True)
     return report.token_lengths(len(index))
 
@@ -126,10 +132,10 @@ def check_held_out(dataset: LazySupervisedDataset, config: RunConfig) -> None:
     run at its first evaluation, which comes before that step's checkpoint is written: the
     training up to there would be lost."""
     report = scan_records(dataset.builder, dataset.index, 0, len(dataset))
-    _judge(report, len(dataset), config.eval_data_path, "evaluated", config.skip_bad_records)
+    judge(report, len(dataset), config.eval_data_path, "evaluated", config.skip_bad_records)
 
 
-def _judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool,
+def judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool,
            errors_only: bool = False) -> None:
     """Raise for records that cannot be used (unless `skip_bad`: then warn on rank 0)."""
     what = "held-out" if use == "evaluated" else "training"
@@ -151,3 +157,10 @@ def _judge(report: Report, total: int, path: str | None, use: str, skip_bad: boo
         logging.getLogger("llava_cli").warning(
             "%s data %s: %d record(s) cannot be %s and are replaced by the next one (%s). %s.",
             what, path, bad, use, found, advice)
+
+
+def trainer(config: RunConfig, loaded: Any, model: Any, **kwargs: Any) -> Any:
+    """The stage's Trainer over `model` (the Trainer's keyword arguments in `kwargs`)."""
+    from llava_cli.train.trainer import LlavaTrainer
+
+    return LlavaTrainer(model=model, **kwargs)

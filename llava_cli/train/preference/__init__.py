@@ -1,0 +1,1 @@
+"""Preference training (`llava dpo`): the DPO/IPO objective, the reference model, the trainer."""

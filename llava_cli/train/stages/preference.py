@@ -1,0 +1,64 @@
+"""The preference stage (`llava dpo`): preference records as pairs of samples, the padded
+batches of 2B rows they make, the reference model, and the preference trainer.
+
+The data checks are the supervised stage's, run on pairs (`data.preference.PairBuilder`):
+a bad record, a prompt that does not end with a human turn or a reply truncated away is
+named before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from llava_cli.config.run_config import RunConfig
+from llava_cli.data.batching.pairs import PairCollator
+from llava_cli.data.dataset import PreferenceDataset
+from llava_cli.data.preference import PairBuilder
+from llava_cli.train.stages import supervised
+
+
+def check_data(config: RunConfig) -> np.ndarray | None:
+    """`supervised.check_data` on preference pairs."""
+    return supervised.check_data(config, wrap=PairBuilder)
+
+
+def datasets(config: RunConfig, model: Any, processor: Any, lengths: np.ndarray | None = None
+             ) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """The training pairs and, with `eval_data_path`, the checked held-out pairs."""
+    train = supervised.build_dataset(config, model, processor, kind=PreferenceDataset,
+                                     wrap=PairBuilder)
+    if not config.eval_data_path:
+        return train, None  # type: ignore[return-value]
+    held_out = supervised.build_dataset(config, model, processor, held_out=True,
+                                        kind=PreferenceDataset, wrap=PairBuilder)
+    supervised.check_held_out(held_out, config)
+    return train, held_out  # type: ignore[return-value]
+
+
+def collator(config: RunConfig, processor: Any) -> PairCollator:
+    """Pairs → chosen rows then rejected rows, padded together, the images once."""
+    return PairCollator(supervised.collator(config.model_copy(update={"packing": "off"}),
+                                            processor))
+
+
+def trainer(config: RunConfig, loaded: Any, model: Any, **kwargs: Any) -> Any:
+    """A `PreferenceTrainer` against the starting model (`config.reference_kind`), with the
+    reference log-probs precomputed when asked."""
+    from llava_cli.model.start import load_starting_model
+    from llava_cli.train.preference.reference import (
+        COPY,
+        Reference,
+        frozen_copy,
+        vision_frozen,
+    )
+    from llava_cli.train.preference.trainer import PreferenceTrainer
+
+    kind, args = config.reference_kind, kwargs["args"]
+    copy = frozen_copy(load_starting_model(config).model, args) if kind == COPY else None
+    reference = Reference(kind, copy, shares_images=vision_frozen(model))
+    built = PreferenceTrainer(model=model, reference=reference, **kwargs)
+    if config.precompute_ref_log_probs:
+        built.precompute_reference()
+    return built
