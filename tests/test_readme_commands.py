@@ -88,6 +88,8 @@ def _world(root: Path, photo: Path) -> Path:
     mine[0]["id"] = "000000033471"  # the id the README's inspect-data line asks for
     (world / "mine.json").write_text(json.dumps(mine))
     (world / "data.json").write_text(json.dumps(mine))
+    pairs = _records(world / "imgs", 4, "dpo", "")  # preference pairs for `llava dpo`
+    (world / "pairs.json").write_text(json.dumps(pairs))
     shutil.copytree(world / "imgs" / "images", world / "images")  # without --image-folder
     shutil.copy(photo, world / "cat.jpg")
     (world / "runs").mkdir()
@@ -112,7 +114,7 @@ def _as_run_here(command: str) -> str:
     if ">" in words:
         redirect = words[words.index(">") + 1]
         words = words[: words.index(">")]
-    stage = next((w for w in words if w in ("pretrain", "finetune", "lora")), None)
+    stage = next((w for w in words if w in ("pretrain", "finetune", "lora", "dpo")), None)
     if stage:
         words += CPU_TRAINING
     line = shlex.join(words)

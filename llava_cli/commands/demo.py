@@ -27,9 +27,9 @@ def demo(
     """Train a tiny LLaVA from scratch on CPU through every stage and show what it learnt.
 
     Generates pictures of coloured shapes, then runs pretrain → finetune → lora → merge-lora →
-    export-projector → inspect-data with the demo's recipes (each stage prints the
+    dpo → export-projector → inspect-data with the demo's recipes (each stage prints the
     llava command that does the same), then asks the finetuned and the merged model questions
-    about pictures they never saw. No GPU and no downloads needed (~7 minutes; --quick ~1–2).
+    about pictures they never saw, and scores the dpo stage's held-out preference accuracy. No GPU and no downloads needed (~7 minutes; --quick ~1–2).
     """
     from rich.console import Console
 
@@ -67,11 +67,17 @@ def print_summary(console: Any, result: DemoResult) -> None:
     console.print(f"stock transformers (LlavaForConditionalGeneration + AutoProcessor) on "
                   f"{check['id']}: {check['stock_transformers']!r} — "
                   f"{'same as' if check['same'] else 'DIFFERENT from'} the llava_cli answer")
+    if result.preference:
+        before, after = result.preference.get("merged", 0.0), result.preference.get("dpo", 0.0)
+        console.print(f"preference accuracy on held-out pairs (\"What shape is it?\", chosen "
+                      f"log-prob above rejected; chance 50%): before dpo {before:.0%}, "
+                      f"after {after:.0%}")
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
-    console.print(f"time: {seconds}")
+    console.print(f"time: {seconds}; CPU time {result.cpu_seconds / 60:.1f} min (this process "
+                  "and its dataloader workers)")
     out = result.output_dir
     console.print(f"written: {out / 'eval.json'}, {out / 'loss.png'}, models in "
-                  f"{out}/{{finetune,lora,merged}}")
+                  f"{out}/{{finetune,lora,merged,dpo}}")
 
 
 def _mark(answer: str, truth: str) -> str:

@@ -1,8 +1,10 @@
 """`llava demo`: every stage on a tiny random-init LLaVA, then proof that it learnt.
 
 Data (`shapes.generate_split`) → pretrain → finetune (vision tower unfrozen: a from-scratch
-tower must learn to see) → lora (a new question: the background colour) → merge-lora →
-export-projector → inspect-data → greedy evaluation on a separate split. Each stage prints the
+tower must learn to see) → lora (a new question: the background colour) → merge-lora → dpo
+(another new question, the shape's name, taught by preference pairs alone) →
+export-projector → inspect-data → greedy evaluation and held-out preference accuracy on
+separate splits. Each stage prints the
 `llava …` command line that does the same and then runs the library function that command
 runs, with the recipes in `demo/recipes/` (package data) — so the demo is also an end-to-end
 test of the code paths users call.
@@ -21,7 +23,8 @@ from typing import Any
 RECIPES = Path(__file__).resolve().parent / "recipes"  # package data: installed with llava_cli
 REPO_RECIPES = Path("llava_cli") / "demo" / "recipes"  # the same files, seen from a checkout
 STAGES = ("pretrain", "finetune", "lora")
-STARTS_FROM = {"finetune": "pretrain", "lora": "finetune"}  # each stage's starting model
+STARTS_FROM = {"finetune": "pretrain", "lora": "finetune", "dpo": "merged"}  # starting models
+SPLIT_KINDS = {"dpo_eval": "dpo"}  # a split's kind where it is not its name
 
 
 @dataclass(frozen=True)
@@ -35,15 +38,18 @@ class DemoPlan:
     questions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per split, if not all
 
 
-FULL = DemoPlan(pictures={"pretrain": 1000, "finetune": 8000, "lora": 2000, "eval": 150},
-                steps={"pretrain": None, "finetune": None, "lora": None})
-QUICK = DemoPlan(pictures={"pretrain": 200, "finetune": 1200, "lora": 400, "eval": 20},
-                 steps={"pretrain": 10, "finetune": 100, "lora": 30},
+FULL = DemoPlan(pictures={"pretrain": 1000, "finetune": 8000, "lora": 2000, "eval": 150,
+                          "dpo": 1200, "dpo_eval": 150},
+                steps={"pretrain": None, "finetune": None, "lora": None, "dpo": None})
+QUICK = DemoPlan(pictures={"pretrain": 200, "finetune": 1200, "lora": 400, "eval": 20,
+                           "dpo": 200, "dpo_eval": 30},
+                 steps={"pretrain": 10, "finetune": 100, "lora": 30, "dpo": 10},
                  # A smoke run: 100 steps learn colour only if that is all they are asked
                  # (and at 1e-3; the full recipe's 3e-4 needs its 1,000 steps).
                  sets={"finetune": ("learning_rate=1e-3",)},
                  questions={"finetune": ("color",)})
-SEEDS = {"pretrain": 0, "finetune": 0, "lora": 0, "eval": 1}  # eval: a different seed
+SEEDS = {"pretrain": 0, "finetune": 0, "lora": 0, "eval": 1, "dpo": 0,
+         "dpo_eval": 1}  # held-out splits: a different seed
 
 
 @dataclass
@@ -55,6 +61,8 @@ class DemoResult:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # model → question → acc
     examples: list[dict[str, Any]] = field(default_factory=list)
     stock_check: dict[str, Any] = field(default_factory=dict)
+    preference: dict[str, float] = field(default_factory=dict)  # model → held-out accuracy
+    cpu_seconds: float = 0.0  # this process and its dataloader workers
 
 
 def _rel(path: Path) -> str:
@@ -97,7 +105,8 @@ class Demo:
 
         def work() -> None:
             for kind, n in self.plan.pictures.items():
-                generate_split(self.out / "data" / kind, n, SEEDS[kind], kind,  # type: ignore[arg-type]
+                generate_split(self.out / "data" / kind, n, SEEDS[kind],
+                               SPLIT_KINDS.get(kind, kind),  # type: ignore[arg-type]
                                self.plan.questions.get(kind))
                 self.console.print(f"{kind}: {n} pictures (seed {SEEDS[kind]}) in "
                                    f"{_rel(self.out / 'data' / kind)}")
@@ -203,11 +212,22 @@ class Demo:
                                    "generator": ours, "stock_transformers": stock,
                                    "same": ours == stock}
 
+    def score_preferences(self) -> None:
+        """Held-out preference accuracy of the merged model (before dpo) and the DPO output."""
+        from llava_cli.demo.preference import preference_scores
+
+        data = self.out / "data" / "dpo_eval"
+        self.console.print(f"chosen vs rejected log-probability on {self.plan.pictures['dpo_eval']}"
+                           " held-out pairs (\"What shape is it?\")", style="dim")
+        self.result.preference = self.step("preference accuracy", None,
+                                           lambda: preference_scores(self.out, data))
+
     def plot(self) -> None:
-        """Loss curves of the three training stages → OUT/loss.png."""
+        """Loss curves of the training stages → OUT/loss.png."""
         from llava_cli.demo.evaluate import losses, plot_losses
 
-        target = plot_losses({s: losses(self.out / s) for s in STAGES}, self.out / "loss.png")
+        target = plot_losses({s: losses(self.out / s) for s in (*STAGES, "dpo")},
+                             self.out / "loss.png")
         self.console.print(f"loss curves: {_rel(target)}")
 
 
@@ -225,7 +245,9 @@ def run_demo(output_dir: str | Path, quick: bool = False, overwrite: bool = Fals
     """Run the whole demo into `output_dir`; write eval.json and loss.png; return the result."""
     from rich.console import Console
 
-    out = Path(output_dir)
+    from llava_cli.demo.preference import cpu_seconds
+
+    out, cpu_start = Path(output_dir), cpu_seconds()
     check_output_dir(out, overwrite)
     demo = Demo(out, QUICK if quick else FULL, console or Console())
     start = time.perf_counter()
@@ -233,11 +255,14 @@ def run_demo(output_dir: str | Path, quick: bool = False, overwrite: bool = Fals
     for stage in STAGES:
         demo.train(stage)
     demo.merge()
+    demo.train("dpo")
     demo.export()
     demo.inspect()
     demo.evaluate()
+    demo.score_preferences()
     demo.plot()
     demo.result.seconds["total"] = round(time.perf_counter() - start, 1)
+    demo.result.cpu_seconds = round(cpu_seconds() - cpu_start, 1)
     write_result(demo.result, quick)
     return demo.result
 
@@ -248,5 +273,6 @@ def write_result(result: DemoResult, quick: bool) -> Path:
     target.write_text(json.dumps({
         "mode": "quick" if quick else "full", "accuracy": result.accuracy,
         "examples": result.examples, "stock_check": result.stock_check,
-        "seconds": result.seconds}, indent=2) + "\n")
+        "preference_accuracy": result.preference, "seconds": result.seconds,
+        "cpu_seconds": result.cpu_seconds}, indent=2) + "\n")
     return target
