@@ -328,3 +328,16 @@ def test_bad_settings_are_one_line(argv, message):
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_dpo_trains_the_adapter_against_the_quantized_base(base, bits):
+    """QLoRA: the reference is the quantized base with the adapters off (no copy)."""
+    run = run_training(resolve_config("dpo", flags=_flags(
+        base, f"qlora{bits}", train_llm="lora", lora_r=4, lora_alpha=8, bits=bits,
+        max_steps=2)))
+    assert run.trainer.reference.model is None
+    losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-3)
+    adapter = load_file(run.output_dir / "adapter_model.safetensors")
+    assert any("lora_B" in key and value.abs().sum() > 0 for key, value in adapter.items())
