@@ -341,3 +341,16 @@ def test_qlora_dpo_trains_the_adapter_against_the_quantized_base(base, bits):
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-3)
     adapter = load_file(run.output_dir / "adapter_model.safetensors")
     assert any("lora_B" in key and value.abs().sum() > 0 for key, value in adapter.items())
+
+
+def test_held_out_pairs_log_eval_rewards_for_best_model_selection(base):
+    run = run_training(resolve_config("dpo", flags=_flags(
+        base, "evaluated", train_llm="lora", lora_r=4, lora_alpha=8, max_steps=2,
+        eval_data_path=str(base["data"]), save_steps=1, load_best_model_at_end=True,
+        metric_for_best_model="eval_rewards/accuracies", dataloader_num_workers=1)))
+    evaluations = [e for e in run.trainer.state.log_history if "eval_loss" in e]
+    assert len(evaluations) == 2
+    for entry in evaluations:
+        assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= set(entry)
+        assert "rewards/chosen" not in entry  # training statistics stay in the training logs
+    assert run.trainer.state.best_model_checkpoint is not None
