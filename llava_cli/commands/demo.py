@@ -29,7 +29,8 @@ def demo(
     Generates pictures of coloured shapes, then runs pretrain → finetune → lora → merge-lora →
     dpo → export-projector → inspect-data with the demo's recipes (each stage prints the
     llava command that does the same), then asks the finetuned and the merged model questions
-    about pictures they never saw, and scores the dpo stage's held-out preference accuracy. No GPU and no downloads needed (~7 minutes; --quick ~1–2).
+    about pictures they never saw, and scores the dpo stage's held-out preference accuracy.
+    No GPU and no downloads needed (~9 minutes; --quick ~2).
     """
     from rich.console import Console
 

@@ -47,7 +47,10 @@ class Reporter:
         images, records = int(dataset.index.has_image.sum()), len(dataset.index)
         table.add_row("records", f"{records:,} ({images:,} with images, "
                       f"{records - images:,} text-only)")
-        table.add_row("packing", _packing_line(config, dataset))
+        if config.objective == "dpo":
+            table.add_row("objective", _preference_line(config))
+        else:
+            table.add_row("packing", _packing_line(config, dataset))
         if held_out is not None:
             strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
             when = {"steps": f"every {args.eval_steps} steps", "epoch": "every epoch",
@@ -67,6 +70,14 @@ class Reporter:
     def callback(self) -> TrainerCallback:
         """A Trainer callback that drives the progress bar and prints logged metrics."""
         return _RichCallback(self)
+
+
+def _preference_line(config: Any) -> str:
+    """'dpo: sigmoid, beta 0.1 (+ rpo_alpha 0.5); reference: disabled-adapter, precomputed'."""
+    rpo = f" + rpo_alpha {config.rpo_alpha}" if config.rpo_alpha is not None else ""
+    when = ", precomputed before training" if config.precompute_ref_log_probs else ""
+    return (f"dpo: {config.loss_type}, beta {config.beta}{rpo}; reference: "
+            f"{config.reference_kind}{when}; records are pairs")
 
 
 def _packing_line(config: Any, dataset: Any) -> str:

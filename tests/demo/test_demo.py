@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from llava_cli.cli import app
 from llava_cli.demo.shapes import EVAL_QUESTIONS
 
-STAGE_KINDS = {"pretrain": "projector", "finetune": "full", "lora": "lora"}
+STAGE_KINDS = {"pretrain": "projector", "finetune": "full", "lora": "lora", "dpo": "lora"}
 
 
 def _run_demo(out: Path, *extra: str) -> dict:
@@ -30,7 +30,7 @@ def quick(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_quick_demo_writes_every_stage_output(quick):
     out, report = quick
-    for split in ("pretrain", "finetune", "lora", "eval"):
+    for split in ("pretrain", "finetune", "lora", "eval", "dpo", "dpo_eval"):
         assert (out / "data" / split / "records.json").is_file()
     for stage, kind in STAGE_KINDS.items():
         manifest = json.loads((out / stage / "llava_run.json").read_text())
@@ -39,6 +39,11 @@ def test_quick_demo_writes_every_stage_output(quick):
     merged = json.loads((out / "merged" / "llava_run.json").read_text())
     assert (merged["kind"], merged["base"]["type"]) == ("full", "merged")
     assert report["mode"] == "quick"
+    dpo = json.loads((out / "dpo" / "llava_run.json").read_text())
+    assert dpo["base"]["path"] == str((out / "merged").resolve())  # dpo starts from merged
+    assert set(report["preference_accuracy"]) == {"merged", "dpo"}
+    assert all(0 <= value <= 1 for value in report["preference_accuracy"].values())
+    assert report["cpu_seconds"] > 0
 
 
 def test_quick_demo_exports_the_projector_in_llava_format(quick):
@@ -113,4 +118,7 @@ def test_full_demo_meets_the_accuracy_targets(tmp_path):
     assert merged["color"] >= 0.95, report["accuracy"]
     assert merged["background"] >= 0.95, report["accuracy"]
     assert merged["side"] >= 0.80, report["accuracy"]
+    # dpo teaches the shape's name by preference pairs alone: chance is 50%
+    assert report["preference_accuracy"]["dpo"] >= 0.80, report["preference_accuracy"]
+    assert report["cpu_seconds"] <= 20 * 60 * 1.25, report["cpu_seconds"]  # ~20 CPU-minutes
     assert report["stock_check"]["same"]

@@ -181,3 +181,22 @@ def test_two_thousand_images_are_all_written(tmp_path):
     # How fast: bench/bench_shapes.py (no timed assertion here).
     generate_split(tmp_path / "big", 2000, 1, "finetune")
     assert len(list((tmp_path / "big" / "images").iterdir())) == 2000
+
+
+def test_dpo_pairs_choose_the_right_shape_and_reject_a_wrong_one(tmp_path):
+    from llava_cli.data.preference import preference_records
+
+    records, shapes, folder = _split(tmp_path, "dpo", n=60)
+    assert len(records) == 60 and len({r["id"] for r in records}) == 60
+    rejected = Counter()
+    for position, record in enumerate(records):
+        truth = shapes[record["image"]].shape
+        assert (folder / record["image"]).is_file()
+        assert record["conversations"] == [{"from": "human", "value": "<image>\nWhat shape is it?"}]
+        assert record["chosen"] == truth and record["rejected"] in SHAPES
+        assert record["rejected"] != truth
+        rejected[record["rejected"]] += 1
+        chosen, other = preference_records(record, position)
+        assert chosen["conversations"][-1] == {"from": "gpt", "value": truth}
+        assert other["conversations"][:-1] == chosen["conversations"][:-1]
+    assert set(rejected) == set(SHAPES)

@@ -351,6 +351,7 @@ def test_held_out_pairs_log_eval_rewards_for_best_model_selection(base):
     evaluations = [e for e in run.trainer.state.log_history if "eval_loss" in e]
     assert len(evaluations) == 2
     for entry in evaluations:
-        assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= set(entry)
-        assert "rewards/chosen" not in entry  # training statistics stay in the training logs
+        assert {"eval_rewards/accuracies", "eval_rewards/margins",
+                "eval_logps/chosen"} <= set(entry)
+        assert "rewards/chosen" not in entry  # training statistics: training logs only
     assert run.trainer.state.best_model_checkpoint is not None
