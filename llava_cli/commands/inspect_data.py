@@ -60,6 +60,10 @@ def inspect_data(
         "--show-ids", help="Also list every token id and label.", rich_help_panel=VIEW)] = False,
     workers: Annotated[int | None, typer.Option(
         help="Processes for --check (default: all cores).", rich_help_panel=VIEW)] = None,
+    preference: Annotated[bool | None, typer.Option(
+        "--preference/--no-preference", help="Read the records as preference pairs (llava "
+        "dpo's data) or as supervised ones (default: as the file's first record is).",
+        show_default=False, rich_help_panel=DATA)] = None,
 ) -> None:
     """Preview label masks (supervised text highlighted) or --check a whole dataset."""
     from llava_cli.inspect.inspect_data import DEMO_IMAGE_TOKENS, InspectRequest, demo_data
@@ -84,7 +88,7 @@ def inspect_data(
         show_config(config, "inspect-data")
         return
     request = InspectRequest(index, record_id, limit, check, output_format,  # type: ignore[arg-type]
-                             show_ids, workers, image_tokens)
+                             show_ids, workers, image_tokens, preference)
     try:
         status = run(config, request)
     except (ValueError, OSError, IndexError) as err:

@@ -64,14 +64,17 @@ def preference_records(record: Any, position: int = 0) -> tuple[dict[str, Any], 
 def _replies(record: dict[str, Any], rid: str) -> tuple[str, str]:
     if "preference" in record:  # LLaVA-RLHF: two outputs and which one people preferred
         choice = record["preference"]
-        if choice not in (1, 2, "1", "2"):
+        # bool is an int (True == 1): a flag is not a choice between two outputs.
+        if isinstance(choice, bool) or choice not in (1, 2, "1", "2"):
             raise RecordError(rid, Problem.BAD_FIELD,
                               f"field 'preference' is {choice!r}; expected 1 or 2 (the "
                               "preferred of output_1 and output_2)")
         first, second = (_reply_text(record, key, rid) for key in ("output_1", "output_2"))
         return (first, second) if int(choice) == 1 else (second, first)
-    if "chosen" not in record or "rejected" not in record:
-        raise RecordError(rid, Problem.BAD_FIELD, f"no 'chosen'/'rejected' replies: {LAYOUT_HELP}")
+    missing = [key for key in ("chosen", "rejected") if key not in record]
+    if missing:
+        raise RecordError(rid, Problem.BAD_FIELD,
+                          f"no {' or '.join(repr(key) for key in missing)} reply: {LAYOUT_HELP}")
     chosen, rejected = (_reply_text(record, key, rid) for key in ("chosen", "rejected"))
     return chosen, rejected
 
@@ -79,7 +82,9 @@ def _replies(record: dict[str, Any], rid: str) -> tuple[str, str]:
 def _reply_text(record: dict[str, Any], key: str, rid: str) -> str:
     """A reply given as text, as a `{"from"/"role", "value"/"content"}` turn, or as a list of
     such turns (TRL's conversational layout: one assistant message)."""
-    value = record.get(key)
+    if key not in record:
+        raise RecordError(rid, Problem.BAD_FIELD, f"no {key!r} reply: {LAYOUT_HELP}")
+    value = record[key]
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, dict):
@@ -92,6 +97,11 @@ def _reply_text(record: dict[str, Any], key: str, rid: str) -> str:
     if not isinstance(value, str):
         raise RecordError(rid, Problem.BAD_FIELD,
                           f"field {key!r} must be the reply's text (or one assistant message)")
+    if IMAGE_PLACEHOLDER in value:
+        # Both replies answer the same prompt and its images: a reply cannot show one.
+        raise RecordError(rid, Problem.BAD_FIELD,
+                          f"field {key!r} holds {IMAGE_PLACEHOLDER!r} (or an image part); "
+                          "images belong to the prompt, a reply is text")
     return value
 
 
@@ -103,6 +113,9 @@ def _prompt_turns(record: dict[str, Any], rid: str) -> list[dict[str, str]]:
             raise RecordError(rid, Problem.BAD_FIELD,
                               "field 'conversations' must be a non-empty list of prompt turns")
     elif isinstance(record.get("prompt"), list):
+        if not record["prompt"]:
+            raise RecordError(rid, Problem.BAD_FIELD,
+                              "field 'prompt' must be a non-empty list of messages")
         turns = [_llava_turn(turn, n, rid) for n, turn in enumerate(record["prompt"])]
     else:
         text = record.get("prompt", record.get("question"))
@@ -110,7 +123,10 @@ def _prompt_turns(record: dict[str, Any], rid: str) -> list[dict[str, str]]:
             raise RecordError(rid, Problem.BAD_FIELD, f"no prompt: {LAYOUT_HELP}")
         turns = [{"from": "human", "value": text}]
     last = turns[-1]
-    speaker = str(last.get("from", last.get("role"))).lower() if isinstance(last, dict) else None
+    if not isinstance(last, dict):
+        raise RecordError(rid, Problem.BAD_FIELD,
+                          f"conversations[{len(turns) - 1}] is not an object")
+    speaker = str(last.get("from", last.get("role"))).lower()
     if speaker not in ("human", "user"):
         raise RecordError(rid, Problem.ROLE_ERROR,
                           "the prompt must end with a human turn (the one the chosen and "
@@ -119,11 +135,19 @@ def _prompt_turns(record: dict[str, Any], rid: str) -> list[dict[str, str]]:
 
 
 def _llava_turn(turn: Any, n: int, rid: str) -> dict[str, str]:
+    """A TRL message `{"role", "content"}` (content text or typed parts) as a LLaVA turn."""
     if not isinstance(turn, dict) or "role" not in turn:
         raise RecordError(rid, Problem.BAD_FIELD,
                           f"prompt[{n}] must be a message {{\"role\", \"content\"}}")
-    return {"from": str(turn["role"]), "value": _text_content(turn.get("content"), rid,
-                                                                f"prompt[{n}].content")}
+    role = str(turn["role"]).lower()
+    if role not in ("system", "user", "human", "assistant", "gpt"):
+        raise RecordError(rid, Problem.ROLE_ERROR, f"prompt[{n}].role is {turn['role']!r}; "
+                          "expected 'system', 'user' or 'assistant'")
+    content = _text_content(turn.get("content"), rid, f"prompt[{n}].content")
+    if not isinstance(content, str):
+        raise RecordError(rid, Problem.BAD_FIELD, f"prompt[{n}].content must be text or a "
+                          "list of typed parts")
+    return {"from": role, "value": content}
 
 
 def _text_content(content: Any, rid: str, where: str) -> Any:

@@ -6,7 +6,6 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +39,7 @@ class InspectRequest:
     show_ids: bool = False
     workers: int | None = None
     image_tokens: int | None = None
+    preference: bool | None = None  # None: the file's first record decides (`pairs.file_kind`)
 
 
 def _input_spec(config: RunConfig, image_tokens: int | None) -> InputSpec:
@@ -54,6 +54,28 @@ def _input_spec(config: RunConfig, image_tokens: int | None) -> InputSpec:
 def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBuilder:
     """The sample builder that training would use for this configuration."""
     return sample_builder(config, _input_spec(config, image_tokens))
+
+
+def kind_builder(config: RunConfig, index: Records, request: InspectRequest) -> Any:
+    """The builder for this file's kind of records: samples, or preference pairs
+    (`data.preference.PairBuilder`), refusing records of the other kind (`pairs.KindGuard`)."""
+    from llava_cli.data.preference import PairBuilder
+    from llava_cli.inspect.pairs import KindGuard, file_kind
+
+    preference, why = file_kind(_first_record(index), request.preference)
+    builder = make_builder(config, request.image_tokens)
+    return KindGuard(PairBuilder(builder) if preference else builder, preference, why)
+
+
+def _first_record(index: Records, tries: int = 100) -> Any:
+    """The file's first record that reads (a broken one is the scan's to report); None when
+    none of the first `tries` does."""
+    for position in range(min(len(index), tries)):
+        try:
+            return index.read(position)
+        except RecordFormatError:
+            continue
+    return None
 
 
 def _selected(index: Records, request: InspectRequest) -> Iterator[tuple[int, Any]]:
@@ -80,24 +102,31 @@ def show_records(config: RunConfig, index: Records, request: InspectRequest) -> 
     from rich.console import Console
     from rich.text import Text
 
+    from llava_cli.inspect.pairs import pair_line, pair_panel
     from llava_cli.inspect.view import legend, sample_panel
 
-    builder = make_builder(config, request.image_tokens)
+    guard = kind_builder(config, index, request)
+    builder = guard.samples
     console = Console(highlight=False)
     if request.output == "rich":
         side_note = _text_side_note(builder)
+        if guard.preference:
+            side_note += " · preference pairs: only each reply is supervised"
         console.print(legend(), Text(f"  ·  {side_note}", style="dim"))
     status = 0
     for position, record in _selected(index, request):
         try:
-            sample = builder.build(record, position, load_images=True, header_only=True)
+            sample = guard.build(record, position, load_images=True, header_only=True)
         except RecordError as err:
             status = 1
             _emit_error(console, request.output, err)
             continue
         status |= int(not sample.trainable)
         if request.output == "rich":
-            console.print(sample_panel(sample, builder.tokenizer, position, request.show_ids))
+            show = pair_panel if guard.preference else sample_panel
+            console.print(show(sample, builder.tokenizer, position, request.show_ids))
+        elif guard.preference:
+            sys.stdout.write(json.dumps(pair_line(sample)) + "\n")
         else:
             line = {"id": sample.record_id, "input_ids": sample.encoded.input_ids,
                     "labels": sample.encoded.labels}
@@ -131,14 +160,18 @@ def check(config: RunConfig, index: Records, request: InspectRequest) -> int:
     from llava_cli.data.scan import check_dataset
     from llava_cli.inspect.view import print_report
 
-    make = partial(make_builder, config, request.image_tokens)
+    guard = kind_builder(config, index, request)
     console = Console(stderr=request.output != "rich")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("checking records", total=len(index))
-        report = check_dataset(make, index, request.workers,
+        report = check_dataset(lambda: guard, index, request.workers,
                                lambda n: progress.advance(task, n))
-    result = report.to_dict()
+    result = {"record_kind": "preference" if guard.preference else "supervised",
+              **report.to_dict()}
     if request.output == "rich":
+        if guard.preference:
+            console.print("preference pairs: a pair is unusable (fully-masked) when either "
+                          "reply has no supervised token left", style="dim")
         print_report(console, result)
     else:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -21,11 +21,18 @@ TURN_STYLE = "cyan"
 
 def _runs(sample: Sample) -> list[tuple[str, list[int]]]:
     """Consecutive tokens grouped by kind: 'image', 'supervised' or 'masked'."""
-    ids, labels = sample.encoded.input_ids, sample.encoded.labels
-    image_starts = dict(sample.encoded.image_spans)
+    return encoded_runs(sample.encoded)
+
+
+def encoded_runs(encoded: Any, start: int = 0, stop: int | None = None
+                 ) -> list[tuple[str, list[int]]]:
+    """The runs of positions [start, stop) of an encoded row (a preference pair's prompt or
+    one reply); an image run is never split."""
+    ids, labels = encoded.input_ids, encoded.labels
+    image_starts = dict(encoded.image_spans)
     runs: list[tuple[str, list[int]]] = []
-    position = 0
-    while position < len(ids):
+    position, stop = start, len(ids) if stop is None else stop
+    while position < stop:
         if position in image_starts:
             end = image_starts[position]
             runs.append(("image", ids[position:end]))
@@ -42,9 +49,14 @@ def _runs(sample: Sample) -> list[tuple[str, list[int]]]:
 
 def sample_text(sample: Sample, tokenizer: Any) -> Text:
     """The sample as text: supervised tokens highlighted, masked dimmed, images as chips."""
+    return runs_text(_runs(sample), tokenizer)
+
+
+def runs_text(runs: list[tuple[str, list[int]]], tokenizer: Any) -> Text:
+    """Runs (`encoded_runs`) as text: supervised highlighted, masked dimmed, images as chips."""
     text = Text()
     previous = None
-    for kind, ids in _runs(sample):
+    for kind, ids in runs:
         if previous == "supervised" and kind != "supervised":
             text.append(" ⏎\n", style=TURN_STYLE)  # a reply ended: the next turn starts below
         if kind == "image":
@@ -58,16 +70,22 @@ def sample_text(sample: Sample, tokenizer: Any) -> Text:
 
 def id_table(sample: Sample, tokenizer: Any) -> Table:
     """Every position with its id, token and label (`--show-ids`); image runs in one row."""
+    return encoded_id_table(sample.encoded, tokenizer)
+
+
+def encoded_id_table(encoded: Any, tokenizer: Any, start: int = 0, stop: int | None = None
+                     ) -> Table:
+    """`id_table` of positions [start, stop) of an encoded row."""
     table = Table("pos", "id", "token", "label", box=None, pad_edge=False)
-    position = 0
-    for kind, ids in _runs(sample):
+    position = start
+    for kind, ids in encoded_runs(encoded, start, stop):
         if kind == "image":
             table.add_row(f"{position}-{position + len(ids) - 1}", str(ids[0]),
                           Text(f"<image ×{len(ids)}>", style=IMAGE_STYLE), "-100")
             position += len(ids)
             continue
         for token in ids:
-            label = sample.encoded.labels[position]
+            label = encoded.labels[position]
             style = SUPERVISED_STYLE if label != IGNORE_INDEX else MASKED_STYLE
             table.add_row(str(position), str(token),
                           Text(repr(tokenizer.convert_ids_to_tokens(token)), style=style),
