@@ -232,3 +232,43 @@ class PairBuilder:
         rejected = self.builder.sample(conv, chosen.images, chosen.image_sizes,
                                        last_reply_only=True)
         return PairSample(chosen, rejected)
+
+
+# The fields only preference records have (any layout, `data.preference`): a record with one of
+# them is read as a preference record, even when it lacks the rest (then its missing field is
+# named), and is never trained on as a supervised record.
+PREFERENCE_FIELDS = ("chosen", "rejected", "preference", "output_1", "output_2")
+
+
+def looks_like_preference(record: Any) -> bool:
+    """Whether `record` is, or was meant to be, a preference record."""
+    return is_preference_record(record) or (
+        isinstance(record, dict) and any(key in record for key in PREFERENCE_FIELDS))
+
+
+class KindGuard:
+    """A sample builder (or `PairBuilder`) that refuses records of the other kind: a file holds
+    supervised records or preference records, and one of the other kind is a `bad-field`
+    RecordError naming it, never a silently different sample (a preference record read as a
+    supervised one would train on its prompt turns and ignore both replies)."""
+
+    def __init__(self, builder: SampleBuilder | PairBuilder, preference: bool,
+                 why: str) -> None:
+        self.builder = builder
+        self.preference = preference
+        self.why = why  # how the file's kind was decided, for the message
+        self.tokenizer = builder.tokenizer
+        # The sample builder itself (a pair builder's own): its template and options.
+        self.samples = builder.builder if isinstance(builder, PairBuilder) else builder
+
+    def build(self, record: Any, position: int = 0, load_images: bool = True,
+              header_only: bool = False) -> Any:
+        """`builder.build`, after checking that `record` is of the file's kind."""
+        if looks_like_preference(record) != self.preference:
+            rid = record_id_of(record, position)
+            found, expected = ("a supervised", "preference") if self.preference \
+                else ("a preference", "supervised")
+            raise RecordError(rid, Problem.BAD_FIELD,
+                              f"{found} record in a file of {expected} records ({self.why}); "
+                              "a file holds one kind of record")
+        return self.builder.build(record, position, load_images, header_only)

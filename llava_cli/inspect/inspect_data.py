@@ -58,9 +58,10 @@ def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBu
 
 def kind_builder(config: RunConfig, index: Records, request: InspectRequest) -> Any:
     """The builder for this file's kind of records: samples, or preference pairs
-    (`data.preference.PairBuilder`), refusing records of the other kind (`pairs.KindGuard`)."""
-    from llava_cli.data.preference import PairBuilder
-    from llava_cli.inspect.pairs import KindGuard, file_kind
+    (`data.preference.PairBuilder`), refusing records of the other kind
+    (`data.preference.KindGuard`)."""
+    from llava_cli.data.preference import KindGuard, PairBuilder
+    from llava_cli.inspect.pairs import file_kind
 
     preference, why = file_kind(_first_record(index), request.preference)
     builder = make_builder(config, request.image_tokens)

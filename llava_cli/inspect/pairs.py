@@ -1,55 +1,13 @@
-"""`inspect-data` on preference data: which kind a file holds, the guard that refuses records
-of the other kind, and a pair's view (the prompt once, then both replies with their
-supervised spans, as the supervised view shows them) and JSON line."""
+"""`inspect-data` on preference data: which kind a file holds (the guard that refuses records
+of the other kind is `data.preference.KindGuard`), and a pair's view (the prompt once, then
+both replies with their supervised spans, as the supervised view shows them) and JSON line."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from llava_cli.data.conversation import RecordError, record_id_of
-from llava_cli.data.preference import PairBuilder, PairSample, is_preference_record
-from llava_cli.data.problems import Problem
-from llava_cli.data.samples import SampleBuilder
+from llava_cli.data.preference import PairSample, looks_like_preference
 from llava_cli.data.text.encoding import IGNORE_INDEX
-
-# The fields only preference records have (any layout, `data.preference`): a record with one of
-# them is read as a preference record, even when it lacks the rest (then its missing field is
-# named), and is never trained on as a supervised record.
-PREFERENCE_FIELDS = ("chosen", "rejected", "preference", "output_1", "output_2")
-
-
-def looks_like_preference(record: Any) -> bool:
-    """Whether `record` is, or was meant to be, a preference record."""
-    return is_preference_record(record) or (
-        isinstance(record, dict) and any(key in record for key in PREFERENCE_FIELDS))
-
-
-class KindGuard:
-    """A sample builder (or `PairBuilder`) that refuses records of the other kind: a file holds
-    supervised records or preference records, and one of the other kind is a `bad-field`
-    RecordError naming it, never a silently different sample (a preference record read as a
-    supervised one would train on its prompt turns and ignore both replies)."""
-
-    def __init__(self, builder: SampleBuilder | PairBuilder, preference: bool,
-                 why: str) -> None:
-        self.builder = builder
-        self.preference = preference
-        self.why = why  # how the file's kind was decided, for the message
-        self.tokenizer = builder.tokenizer
-        # The sample builder itself (a pair builder's own): its template and options.
-        self.samples = builder.builder if isinstance(builder, PairBuilder) else builder
-
-    def build(self, record: Any, position: int = 0, load_images: bool = True,
-              header_only: bool = False) -> Any:
-        """`builder.build`, after checking that `record` is of the file's kind."""
-        if looks_like_preference(record) != self.preference:
-            rid = record_id_of(record, position)
-            found, expected = ("a supervised", "preference") if self.preference \
-                else ("a preference", "supervised")
-            raise RecordError(rid, Problem.BAD_FIELD,
-                              f"{found} record in a file of {expected} records ({self.why}); "
-                              "a file holds one kind of record")
-        return self.builder.build(record, position, load_images, header_only)
 
 
 def file_kind(first: Any, forced: bool | None) -> tuple[bool, str]:

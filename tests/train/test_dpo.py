@@ -355,3 +355,17 @@ def test_held_out_pairs_log_eval_rewards_for_best_model_selection(base):
                 "eval_logps/chosen"} <= set(entry)
         assert "rewards/chosen" not in entry  # training statistics: training logs only
     assert run.trainer.state.best_model_checkpoint is not None
+
+
+def test_each_stage_refuses_the_other_kind_of_record_before_loading(base, tmp_path):
+    supervised = tmp_path / "sft.json"
+    supervised.write_text(json.dumps([{"id": "plain", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]))
+    with pytest.raises(ValueError, match="train supervised records with llava finetune"):
+        run_training(resolve_config("dpo", flags=_flags(base, "kind1",
+                                                        data_path=str(supervised))))
+    flags = _flags(base, "kind2")
+    flags.pop("overwrite")
+    with pytest.raises(ValueError, match="train preference records with llava dpo"):
+        run_training(resolve_config("finetune", flags=flags))
+    assert not (base["root"] / "kind2").exists()

@@ -15,24 +15,32 @@ import numpy as np
 from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.pairs import PairCollator
 from llava_cli.data.dataset import PreferenceDataset
-from llava_cli.data.preference import PairBuilder
+from llava_cli.data.preference import KindGuard, PairBuilder
+from llava_cli.data.samples import SampleBuilder
 from llava_cli.train.stages import supervised
+
+
+def pairs_only(builder: SampleBuilder) -> KindGuard:
+    """Preference pairs from `builder`'s records, refusing supervised records (a file holds
+    one kind)."""
+    return KindGuard(PairBuilder(builder), True, "llava dpo trains on preference records; "
+                     "train supervised records with llava finetune")
 
 
 def check_data(config: RunConfig) -> np.ndarray | None:
     """`supervised.check_data` on preference pairs."""
-    return supervised.check_data(config, wrap=PairBuilder)
+    return supervised.check_data(config, wrap=pairs_only)
 
 
 def datasets(config: RunConfig, model: Any, processor: Any, lengths: np.ndarray | None = None
              ) -> tuple[PreferenceDataset, PreferenceDataset | None]:
     """The training pairs and, with `eval_data_path`, the checked held-out pairs."""
     train = supervised.build_dataset(config, model, processor, kind=PreferenceDataset,
-                                     wrap=PairBuilder)
+                                     wrap=pairs_only)
     if not config.eval_data_path:
         return train, None  # type: ignore[return-value]
     held_out = supervised.build_dataset(config, model, processor, held_out=True,
-                                        kind=PreferenceDataset, wrap=PairBuilder)
+                                        kind=PreferenceDataset, wrap=pairs_only)
     supervised.check_held_out(held_out, config)
     return train, held_out  # type: ignore[return-value]
 

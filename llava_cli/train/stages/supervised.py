@@ -18,6 +18,7 @@ from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.collator import DataCollator
 from llava_cli.data.batching.packing import PackedDataset, pack_by_budget
 from llava_cli.data.dataset import LazySupervisedDataset
+from llava_cli.data.preference import KindGuard
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError
 from llava_cli.data.samples import SampleBuilder
@@ -41,8 +42,15 @@ def build_dataset(config: RunConfig, model: Any, processor: Any, held_out: bool 
     if not path:
         raise ValueError("data_path is required (--data-path FILE.json)")
     builder = sample_builder(config, input_spec_of(model, processor), held_out)
-    return kind.open(path, wrap(builder) if wrap else builder, processor.image_processor,
+    return kind.open(path, (wrap or supervised_only)(builder), processor.image_processor,
                      config.skip_bad_records)
+
+
+def supervised_only(builder: SampleBuilder) -> KindGuard:
+    """`builder`, refusing preference records (read as supervised ones, they would train on
+    their prompts' context turns and ignore both replies)."""
+    return KindGuard(builder, False, "supervised stages train on LLaVA conversations; train "
+                     "preference records with llava dpo")
 
 
 def datasets(config: RunConfig, model: Any, processor: Any, lengths: np.ndarray | None = None
@@ -120,8 +128,8 @@ def check_data(config: RunConfig, wrap: Callable[[SampleBuilder], Any] | None = 
         index = open_records(config.data_path)
     except RecordFormatError as err:
         raise ValueError(str(err)) from None
-    builder = sample_builder(config, spec)
-    report = check_dataset(lambda: wrap(builder) if wrap else builder, index)
+    builder = (wrap or supervised_only)(sample_builder(config, spec))
+    report = check_dataset(lambda: builder, index)
     judge(report, len(index), config.data_path, "trained on", config.skip_bad_records,
            errors_only=True)
     return report.token_lengths(len(index))
@@ -151,8 +159,12 @@ def judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool
     advice = f"`llava inspect-data {path} --check` lists them all"
     if bad >= total or (errors and not skip_bad):
         more = "" if skip_bad else "; fix them or pass --skip-bad-records"
-        raise ValueError(f"{what} data {path}: "
-                         f"{bad} of {total} record(s) cannot be {use} ({found}){more}. {advice}")
+        kinds = [kind for kind, _ in report.problems.counts.most_common()
+                 if not errors_only or kind in errors]
+        first = report.problems.messages.get(kinds[0]) if kinds else None
+        why = f" The first: {first}." if first else ""
+        raise ValueError(f"{what} data {path}: {bad} of {total} record(s) cannot be {use} "
+                         f"({found}){more}.{why} {advice}")
     if is_main_process():
         logging.getLogger("llava_cli").warning(
             "%s data %s: %d record(s) cannot be %s and are replaced by the next one (%s). %s.",
