@@ -133,9 +133,9 @@ def test_objective_equals_the_formulas_loss_and_gradient(kind, alpha):
         assert sums.grad[i].item() == pytest.approx(numeric, rel=1e-6, abs=1e-9)
     if alpha is not None:
         assert nll.grad.item() == pytest.approx(alpha)
-    mean = kind == "ipo"
-    ratio_c = policy.chosen(mean).detach() - ReplyLogProbs(reference, tokens).chosen(mean)
-    ratio_r = policy.rejected(mean).detach() - ReplyLogProbs(reference, tokens).rejected(mean)
+    # TRL's rewards: beta × the summed log-ratios, for every loss type
+    ratio_c = sums.detach()[:3] - reference[:3]
+    ratio_r = sums.detach()[3:] - reference[3:]
     torch.testing.assert_close(stats["rewards/chosen"], beta * ratio_c)
     torch.testing.assert_close(stats["rewards/margins"], beta * (ratio_c - ratio_r))
     torch.testing.assert_close(stats["rewards/accuracies"], (ratio_c > ratio_r).float())

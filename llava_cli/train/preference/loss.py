@@ -14,7 +14,6 @@ policy-minus-reference log-ratio of each reply; IPO compares per-token mean log-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,21 +91,16 @@ class PreferenceObjective:
         """IPO compares per-token mean log-probs (as TRL does); DPO compares sums."""
         return self.loss_type == "ipo"
 
-    def __call__(self, policy: ReplyLogProbs, reference: ReplyLogProbs | tuple[Any, Any]
+    def __call__(self, policy: ReplyLogProbs, reference: ReplyLogProbs
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mean loss over the batch's pairs and the per-pair statistics TRL logs
         (detached: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
-        logps/chosen, logps/rejected). `reference` is a `ReplyLogProbs` or its (chosen,
-        rejected) log-probs already in this objective's form (sums, or means for IPO)."""
-        mean = self.length_normalized
-        chosen, rejected = policy.chosen(mean), policy.rejected(mean)
-        if isinstance(reference, ReplyLogProbs):
-            ref_chosen, ref_rejected = reference.chosen(mean), reference.rejected(mean)
-        else:
-            ref_chosen, ref_rejected = reference
-        ref_chosen, ref_rejected = ref_chosen.to(chosen), ref_rejected.to(chosen)
-        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-        logits = chosen_ratio - rejected_ratio
+        logps/chosen, logps/rejected). The rewards are beta times the summed log-ratios
+        whatever the loss, as TRL reports them."""
+        chosen_ratio, rejected_ratio = self._ratios(policy, reference, mean=False)
+        scores = self._ratios(policy, reference, mean=True) if self.length_normalized \
+            else (chosen_ratio, rejected_ratio)
+        logits = scores[0] - scores[1]
         if self.loss_type == "sigmoid":
             losses = -F.logsigmoid(self.beta * logits)
         else:
@@ -127,3 +121,11 @@ class PreferenceObjective:
         if policy.chosen_nll is not None:
             stats["nll_loss"] = policy.chosen_nll.detach()[None]
         return loss, stats
+
+    @staticmethod
+    def _ratios(policy: ReplyLogProbs, reference: ReplyLogProbs, mean: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy-minus-reference log-probs of the chosen and the rejected replies."""
+        chosen, rejected = policy.chosen(mean), policy.rejected(mean)
+        return (chosen - reference.chosen(mean).to(chosen),
+                rejected - reference.rejected(mean).to(rejected))
