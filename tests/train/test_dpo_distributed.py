@@ -77,7 +77,10 @@ def base(tmp_path_factory) -> dict[str, Path]:
     with pytest.warns(UserWarning, match="RANDOM weights"):
         run_training(config)
     pairs = generate_split(root / "pairs", PAIRS, 3, "dpo")
-    return {"base": root / "base", "records": pairs, "images": pairs.parent, "root": root}
+    held_out = pairs.with_name("held-out.json")  # one pair: fewer than the ranks
+    held_out.write_text(json.dumps(json.loads(pairs.read_text())[:1]))
+    return {"base": root / "base", "records": pairs, "images": pairs.parent,
+            "held_out": held_out, "root": root}
 
 
 def launch(base: dict[str, Path], out: Path, *extra: str, overwrite: bool = True) -> Run:
@@ -269,13 +272,23 @@ def test_dpo_ddp_lora_precomputed_reference_as_one_process_live(base, tmp_path):
 @pytest.mark.slow
 def test_dpo_zero3_resume_with_a_precomputed_partitioned_copy(zero3, tmp_path, base):
     """ZeRO-3 from its step-2 checkpoint, the reference precomputed by the partitioned copy's
-    engine: steps 3-4 as the uninterrupted live-reference run."""
+    engine: steps 3-4 as the uninterrupted live-reference run. A held-out set of one pair
+    (fewer records than ranks: rank 1's shard of the precomputed pass is empty, yet it must
+    run the copy's forwards, which gather weights collectively) is evaluated at step 4."""
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(zero3.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
     resumed = launch(base, resumed_dir, "--deepspeed", ZERO3, "--precompute-ref-log-probs",
-                     "--resume", "latest", overwrite=False)
+                     "--eval-data-path", str(base["held_out"]), "--resume", "latest",
+                     overwrite=False)
     assert resumed.state["global_step"] == STEPS
     logged = [row["step"] for row in resumed.state["log_history"] if "loss" in row]
     assert logged == list(range(1, STEPS + 1))  # 1-2 from the checkpoint, 3-4 trained
     _assert_same_training(resumed.state, zero3.state, resumed.output_dir / "model.safetensors",
                           zero3.output_dir / "model.safetensors")
+    evaluated = [row for row in resumed.state["log_history"] if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == [STEPS]
+    # One pair (rank 1 evaluates it again): its DPO loss from its logged reward margin.
+    margin = evaluated[0]["eval_rewards/margins"]
+    assert evaluated[0]["eval_loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-margin))),
+                                                     abs=1e-5)
+    assert margin != 0 and evaluated[0]["eval_rewards/accuracies"] in (0, 1)
