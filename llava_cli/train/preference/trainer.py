@@ -99,7 +99,9 @@ class PreferenceTrainer(LlavaTrainer):
         import torch.distributed as dist
 
         world, rank = self.args.world_size, self.args.process_index
-        positions = list(range(rank, len(dataset), world))
+        # A rank past the last record (fewer records than ranks) recomputes one: it must run
+        # its forwards too.
+        positions = list(range(rank, len(dataset), world)) or [rank % len(dataset)]
         # Every rank runs as many batches (ZeRO-3 gathers weights collectively per forward).
         positions += positions[-1:] * (-(-len(dataset) // world) - len(positions))
         loader = DataLoader(Subset(dataset, positions), self.args.per_device_eval_batch_size,
