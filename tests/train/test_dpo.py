@@ -369,3 +369,24 @@ def test_each_stage_refuses_the_other_kind_of_record_before_loading(base, tmp_pa
     with pytest.raises(ValueError, match="train preference records with llava dpo"):
         run_training(resolve_config("finetune", flags=flags))
     assert not (base["root"] / "kind2").exists()
+
+
+def test_dpo_starts_from_an_original_llava_checkpoint_on_real_photos(assets, tmp_path):
+    """The original code's own full checkpoint (converted on the fly) as policy and
+    reference, on non-square real photos."""
+    pairs = [{"id": f"photo-{n}", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat animal is this?"}],
+        "chosen": "A cat.", "rejected": "A dog."}
+        for n, image in enumerate(["chelsea_cat.png", "cat_tall_500x666.webp"])]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(pairs))
+    run = run_training(resolve_config("dpo", flags={
+        "model_name_or_path": str(assets / "original-llava" / "full"),
+        "data_path": str(data), "image_folder": str(assets / "images"),
+        "output_dir": str(tmp_path / "out"), "train_llm": "lora", "lora_r": 4,
+        "lora_alpha": 8, "per_device_train_batch_size": 2, "max_steps": 2,
+        "learning_rate": 1e-3, "logging_steps": 1, "dataloader_num_workers": 1}))
+    losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and len(losses) == 2
+    manifest = json.loads((run.output_dir / "llava_run.json").read_text())
+    assert manifest["kind"] == "lora"
