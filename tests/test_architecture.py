@@ -17,6 +17,7 @@ LAYERS = [
     ("data",),
     ("config",),
     ("model",),
+    ("answers",),  # answering and scoring: `llava evaluate`, `generate` and training share it
     ("train", "inspect", "merge", "generation"),  # siblings: none imports another
     ("convert",),  # builds on merge's checks (an original LoRA run is merged on the way in)
     ("demo",),

@@ -132,6 +132,9 @@ def evaluate(
         "--format", help="table: a Rich table; json: the metrics as one JSON object.")]
         = Format.table,
     max_new_tokens: MaxNewTokens = 64,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Questions per generate call (left-padded: the same "
+        "answers as one at a time).")] = 8,
     overwrite: Overwrite = False,
     adapter: Adapter = None,
 ) -> None:
@@ -149,7 +152,7 @@ def evaluate(
     quiet_libraries()
     report = run_evaluation(EvalRequest(
         checkpoint, data, output, image_folder, adapter, max_new_tokens,
-        metric.value if metric else None, group_by, not vqa_simple))
+        metric.value if metric else None, group_by, not vqa_simple, batch_size=batch_size))
     _show(report, output_format)
 
 

@@ -81,6 +81,9 @@ def _make_command(stage: str) -> Any:
             DATA, help="Held-out records: eval_loss at every save.")] = None,
         eval_image_folder: Annotated[str | None, _opt(
             DATA, help="Default: --image-folder.")] = None,
+        eval_generate: Annotated[str | None, _opt(
+            DATA, help="A QA file (as `llava evaluate` reads) answered at each evaluation: "
+            "eval_accuracy beside eval_loss.")] = None,
         template: Annotated[str | None, _opt(DATA)] = None,
         tokenization: Annotated[str | None, _opt(DATA, help="hf | llava.")] = None,
         image_aspect_ratio: Annotated[str | None, _opt(DATA, help="square | pad | anyres.")

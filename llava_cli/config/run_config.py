@@ -104,6 +104,9 @@ class RunConfig(BaseModel):
     image_folder: str | None = None
     eval_data_path: str | None = None  # held-out records: eval_loss when checkpointing
     eval_image_folder: str | None = None  # default: image_folder
+    eval_generate: str | None = None  # a QA file: eval_accuracy at each evaluation
+    eval_generate_image_folder: str | None = None  # default: the QA file's folder
+    eval_generate_max_new_tokens: int = Field(default=64, ge=1)
     template: str = "v1"
     # LLaVA's: each image written <im_start><image><im_end>, the two tokens added and trained
     mm_use_im_start_end: bool = False
@@ -262,8 +265,8 @@ class RunConfig(BaseModel):
 
 
 PATH_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "pretrained_projector",
-             "data_path", "image_folder", "eval_data_path", "eval_image_folder", "output_dir",
-             "resume", "vision_feature_cache")
+             "data_path", "image_folder", "eval_data_path", "eval_image_folder", "eval_generate",
+             "eval_generate_image_folder", "output_dir", "resume", "vision_feature_cache")
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:

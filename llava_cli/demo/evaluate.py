@@ -1,7 +1,7 @@
 """Scoring the demo's models: greedy answers on the evaluation split, a stock-transformers
 cross-check, and the loss-curve plot (Pillow only, so the demo needs no matplotlib).
 
-Answers are scored by `generation.scoring`, the scorer of `llava evaluate`: exact match of the
+Answers are scored by `answers.scoring`, the scorer of `llava evaluate`: exact match of the
 answer's first word against the ground truth after the VQA normalisation — every question of
 the shapes task has a one-word answer (see `demo.shapes`).
 """
@@ -33,7 +33,7 @@ class Scores:
 
 def is_correct(reply: str, truth: str) -> bool:
     """Whether a one-word reply is right: its first word, normalised, is the truth."""
-    from llava_cli.generation.scoring import exact_match, first_word
+    from llava_cli.answers.scoring import exact_match, first_word
 
     return exact_match(first_word(reply), [truth]) == 1.0
 

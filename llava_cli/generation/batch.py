@@ -6,24 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llava_cli.answers.generator import DEFAULT_MAX_NEW_TOKENS, Generator
+from llava_cli.answers.qa import record_prompt
 from llava_cli.artifacts.files import atomic_path
-from llava_cli.data.text.templates import IMAGE_PLACEHOLDER
-from llava_cli.generation.generator import DEFAULT_MAX_NEW_TOKENS, Generator
-
-
-def record_prompt(record: dict[str, Any], position: int) -> tuple[str, str, list[str], str | None]:
-    """(id, prompt text, image paths, reference) of a LLaVA record's first exchange."""
-    from llava_cli.data.conversation import parse_record
-
-    turns = record.get("conversations") if isinstance(record, dict) else None
-    open_question = isinstance(turns, list) and len(turns) == 1  # a prompt with no reply yet
-    if open_question:  # parse_record would drop the unanswered turn: give it an empty reply
-        record = {**record, "conversations": [*turns, {"from": "gpt", "value": ""}]}
-    conv = parse_record(record, position)
-    first = conv.messages[0].content.replace(IMAGE_PLACEHOLDER, "").strip()
-    reference = None if open_question else next(
-        (m.content for m in conv.messages if m.role == "assistant"), None)
-    return conv.record_id, first, conv.images, reference
 
 
 def answer_records(generator: Generator, data: str | Path, output: str | Path,
@@ -58,21 +43,22 @@ def answer_records(generator: Generator, data: str | Path, output: str | Path,
 
 
 class progress_bar:  # noqa: N801 - used like a function
-    """A rich progress bar on stderr (or nothing), yielding a callable that advances it."""
+    """A rich progress bar on stderr (or nothing), yielding a callable that advances it (by
+    one, or by the records of a batch)."""
 
     def __init__(self, enabled: bool, total: int, label: str = "answering") -> None:
         self.enabled, self.total, self.label, self.bar = enabled, total, label, None
 
     def __enter__(self) -> Any:
         if not self.enabled:
-            return lambda: None
+            return lambda n=1: None
         from rich.console import Console
         from rich.progress import Progress
 
         self.bar = Progress(console=Console(stderr=True), transient=False)
         self.bar.start()
         task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
+        return lambda n=1: self.bar.advance(task, n)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llava_cli.answers.generator import Generator
 from llava_cli.artifacts.manifest import CheckpointBase, OutputKind, RunManifest, read_manifest
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG
-from llava_cli.generation.generator import Generator
 
 _TEMPLATE_MARKER = re.compile(r"llava_cli template: ([\w-]+)")
 

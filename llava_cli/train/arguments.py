@@ -47,6 +47,16 @@ class LlavaTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Preference: weight of the chosen replies' NLL."})
     output_kind: OutputKind = field(
         default=OutputKind.FULL, metadata={"help": "What checkpoints hold: projector|full|lora."})
+    eval_generate: str | None = field(
+        default=None, metadata={"help": "A QA file answered at each evaluation: eval_accuracy."})
+    eval_generate_image_folder: str | None = field(
+        default=None, metadata={"help": "The QA file's images (default: its folder)."})
+    eval_generate_max_new_tokens: int = field(
+        default=64, metadata={"help": "Most tokens of each answer at evaluation."})
+    template: str | None = field(
+        default=None, metadata={"help": "The training template: where an answer's turn ends."})
+    image_aspect_ratio: str = field(
+        default="square", metadata={"help": "The training image policy, for answered images."})
 
 
 def to_training_arguments(config: RunConfig, output_dir: str) -> LlavaTrainingArguments:
@@ -81,7 +91,7 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
     if values.get("activation_checkpointing"):
         values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     _input_pipeline(values, on_cpu, workers)
-    _evaluation(values, held_out=bool(config.eval_data_path))
+    _evaluation(values, bool(config.eval_data_path), generated=bool(config.eval_generate))
     if on_cpu:
         if values.get("use_liger_kernel"):
             raise ValueError("use_liger_kernel needs a CUDA GPU (its kernels are Triton); on CPU "
@@ -102,7 +112,11 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
                   supervised_logits_only=config.supervised_logits_only,
                   vision_feature_cache=config.vision_feature_cache,
                   output_kind=config.output_kind, beta=config.beta,
-                  loss_type=config.loss_type, rpo_alpha=config.rpo_alpha)
+                  loss_type=config.loss_type, rpo_alpha=config.rpo_alpha,
+                  eval_generate=config.eval_generate,
+                  eval_generate_image_folder=config.eval_generate_image_folder,
+                  eval_generate_max_new_tokens=config.eval_generate_max_new_tokens,
+                  template=config.template, image_aspect_ratio=config.image_aspect_ratio)
     return values
 
 
@@ -121,16 +135,22 @@ def _current_checkpointing_names(values: dict[str, Any]) -> None:
 EVALUATE_WITH_SAVES = {"steps": "steps", "epoch": "epoch", "best": "steps", "no": "epoch"}
 
 
-def _evaluation(values: dict[str, Any], held_out: bool) -> None:
-    """With held-out data, evaluate with the saves (unless `eval_strategy` is set), loss only:
-    no command computes metrics from logits, and gathering them for a whole evaluation set costs
-    memory for nothing. Without it, asking for evaluation is an error."""
-    if not held_out:
+def _evaluation(values: dict[str, Any], held_out: bool, generated: bool = False) -> None:
+    """With held-out data or a QA file (`generated`: eval_accuracy from answers), evaluate with
+    the saves (unless `eval_strategy` is set), loss only: no command computes metrics from
+    logits, and gathering them for a whole evaluation set costs memory for nothing. Without
+    either, asking for evaluation is an error. With the QA file alone there is no eval_loss,
+    so the best checkpoint is by eval_accuracy unless another metric is named."""
+    if generated and not held_out and (values.get("load_best_model_at_end")
+                                       or _strategy(values["save_strategy"]) == "best"):
+        values.setdefault("metric_for_best_model", "eval_accuracy")
+    if not (held_out or generated):
         strategy = _strategy(values.get("eval_strategy", "no"))
         if strategy != "no" or values.get("do_eval"):
             asked = f"eval_strategy {strategy!r}" if strategy != "no" else "do_eval"
             raise ValueError(f"{asked} needs held-out records to evaluate on: give "
-                             "--eval-data-path FILE.json (or drop it)")
+                             "--eval-data-path FILE.json or a QA file --eval-generate QA.json "
+                             "(or drop it)")
         return
     values.setdefault("eval_strategy", EVALUATE_WITH_SAVES[_strategy(values["save_strategy"])])
     if _strategy(values["eval_strategy"]) == "steps":

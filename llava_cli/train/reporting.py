@@ -51,11 +51,13 @@ class Reporter:
             table.add_row("objective", _preference_line(config))
         else:
             table.add_row("packing", _packing_line(config, dataset))
+        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+        when = {"steps": f"every {args.eval_steps} steps", "epoch": "every epoch",
+                "no": "never (eval_strategy no)"}[strategy]
         if held_out is not None:
-            strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
-            when = {"steps": f"every {args.eval_steps} steps", "epoch": "every epoch",
-                    "no": "never (eval_strategy no)"}[strategy]
             table.add_row("evaluation", f"{len(held_out):,} records, eval_loss {when}")
+        if getattr(args, "eval_generate", None):
+            table.add_row("answers evaluated", f"{args.eval_generate}, eval_accuracy {when}")
         effective = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                      * args.world_size)
         table.add_row("effective batch", f"{effective} (per device "
@@ -127,7 +129,7 @@ class _RichCallback(TrainerCallback):
             return
         shown = {k: v for k, v in logs.items()
                  if k in ("loss", "learning_rate", "grad_norm", "train_loss", "eval_loss", "epoch")
-                 or k.startswith("learning_rate_")}
+                 or k.startswith(("learning_rate_", "eval_accuracy"))}
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in shown.items())
         self.progress.console.print(f"step {state.global_step}: {text}", highlight=False)

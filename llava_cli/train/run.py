@@ -1,9 +1,10 @@
-"""`pretrain`, `finetune` and `lora`: the one orchestration of a training run.
+"""`pretrain`, `finetune`, `lora` and `dpo`: the one orchestration of a training run.
 
 configuration → output directory checks → TrainingArguments (first: ZeRO-3 must see the
 DeepSpeed config before any model is built) → starting model → trainability / LoRA → the
-stage's datasets and collator → LlavaTrainer → outputs: weights by kind, processor with the
-training chat template, resolved config, run manifest, train metrics.
+stage's datasets, collator and trainer (an `EvaluatingTrainer`: with `--eval-generate`, its
+evaluations also answer a QA file) → outputs: weights by kind, processor with the training chat
+template, resolved config, run manifest, train metrics.
 """
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     from llava_cli.model.start import load_starting_model
     from llava_cli.model.vision import match_image_policy
     from llava_cli.train.arguments import to_training_arguments
+    from llava_cli.train.evaluation.accuracy import check_qa_set
     from llava_cli.train.feature_cache import cache_metrics
     from llava_cli.train.outputs import resume_checkpoint, write_outputs
     from llava_cli.train.process import prepare_environment, start_deepspeed_comm
     from llava_cli.train.reporting import report_dropped
 
     resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
+    qa_set = check_qa_set(config)  # --eval-generate's records: read whole, checked, in a second
     # Before torch.distributed starts: the scan forks worker processes.
     # Bad records are an error now, not at their first batch; the lengths serve packing.
     lengths = stage.check_data(config)
@@ -107,8 +110,10 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
                          config.template)  # stock generate and vLLM stop at the turn's end
     match_image_policy(loaded.processor, config.image_aspect_ratio)  # saved: serves as trained
     dataset, held_out = stage.datasets(config, model, loaded.processor, lengths)
+    # Without held-out records, an evaluation answers the QA set alone (its eval_accuracy).
     trainer = stage.trainer(
-        config, loaded, model, args=args, train_dataset=dataset, eval_dataset=held_out,
+        config, loaded, model, args=args, train_dataset=dataset,
+        eval_dataset=held_out if held_out is not None else qa_set,
         data_collator=stage.collator(config, loaded.processor),
         processing_class=loaded.processor, callbacks=_callbacks(config, reporter))
     if config.overwrite and not resume_from and trainer.is_world_process_zero():

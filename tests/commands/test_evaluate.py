@@ -16,7 +16,7 @@ from llava_cli.cli import app
 from llava_cli.config.resolve import resolve_config
 from llava_cli.demo.shapes import generate_split
 from llava_cli.train.run import run_training
-from tests.generation.independent_scorer import ind_score
+from tests.answers.independent_scorer import ind_score
 from tests.helpers import TINY_LLM, TINY_VISION
 
 MAX_NEW = 5

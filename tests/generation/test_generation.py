@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from llava_cli.answers.generator import clean_answer, generation_kwargs
 from llava_cli.cli import app
 from llava_cli.config.resolve import resolve_config
 from llava_cli.data.images import prepare_image
 from llava_cli.data.text.templates import TEMPLATES, Message, render
 from llava_cli.demo.shapes import QUESTIONS, generate_split
-from llava_cli.generation.generator import clean_answer, generation_kwargs
 from llava_cli.generation.load import load_for_generation
 from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION

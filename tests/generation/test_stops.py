@@ -89,9 +89,9 @@ def test_an_earlier_stages_stop_does_not_end_this_ones_turns():
 
 
 def test_a_template_alias_stops_where_its_template_does():
+    from llava_cli.answers.generator import clean_answer
     from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
     from llava_cli.data.text.stops import template_stop
-    from llava_cli.generation.generator import clean_answer
 
     tokenizer = build_demo_tokenizer()
     assert template_stop(tokenizer, "vicuna_v1") == template_stop(tokenizer, "v1")

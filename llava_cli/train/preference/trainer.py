@@ -1,6 +1,7 @@
 """`PreferenceTrainer`: the LLaVA trainer with the preference objective as its loss.
 
-Everything else is `LlavaTrainer`'s (parameter groups, checkpoints complete or absent, resume
+Everything else is `LlavaTrainer`'s (via `EvaluatingTrainer`: `--eval-generate` answers its QA
+set at each evaluation here too; parameter groups, checkpoints complete or absent, resume
 that restores the weights, dropped-record totals), so LoRA/QLoRA, ZeRO-2/3, resume and the
 outputs behave as in supervised training. The statistics TRL logs (rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, logps/…) are averaged over every
@@ -17,13 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from llava_cli.data.conversation import RecordError
+from llava_cli.train.evaluation.accuracy import EvaluatingTrainer
 from llava_cli.train.preference.forward import encode_images, reply_forward
 from llava_cli.train.preference.loss import PreferenceObjective, ReplyLogProbs
 from llava_cli.train.preference.reference import Reference
-from llava_cli.train.trainer import LlavaTrainer
 
 
-class PreferenceTrainer(LlavaTrainer):
+class PreferenceTrainer(EvaluatingTrainer):
     """Trains on preference pairs against `reference` (`train.preference.reference`); the
     objective's settings come from `args` (`beta`, `loss_type`, `rpo_alpha`)."""
 

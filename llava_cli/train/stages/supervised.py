@@ -172,7 +172,8 @@ def judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool
 
 
 def trainer(config: RunConfig, loaded: Any, model: Any, **kwargs: Any) -> Any:
-    """The stage's Trainer over `model` (the Trainer's keyword arguments in `kwargs`)."""
-    from llava_cli.train.trainer import LlavaTrainer
+    """The stage's Trainer over `model` (the Trainer's keyword arguments in `kwargs`): the
+    LLaVA trainer, answering `--eval-generate`'s QA set at each evaluation."""
+    from llava_cli.train.evaluation.accuracy import EvaluatingTrainer
 
-    return LlavaTrainer(model=model, **kwargs)
+    return EvaluatingTrainer(model=model, **kwargs)

@@ -1,4 +1,4 @@
-"""`generation.scoring` and `generation.qa`: hand-computed values, and agreement with a second,
+"""`answers.scoring` and `answers.qa`: hand-computed values, and agreement with a second,
 straightforward scorer written here on a QA set drawn by a seeded generator."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from llava_cli.generation.qa import CHOICE_INSTRUCTION, check_group_field, read_qa_record
-from llava_cli.generation.scoring import (
+from llava_cli.answers.qa import CHOICE_INSTRUCTION, check_group_field, read_qa_record
+from llava_cli.answers.scoring import (
     exact_match,
     extract_choice,
     metric_for,
@@ -18,7 +18,7 @@ from llava_cli.generation.scoring import (
     tally,
     vqa_accuracy,
 )
-from tests.generation.independent_scorer import ind_score, ind_vqa
+from tests.answers.independent_scorer import ind_score, ind_vqa
 
 # ---- a seeded QA set with predictions in the phrasings models use ---------------------------
 

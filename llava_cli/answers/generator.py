@@ -113,12 +113,38 @@ class Generator:
         return clean_answer(self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True),
                             self.template)
 
-    def inputs(self, images: list[Any], prompt: str) -> Any:
-        """Tokenized prompt and pixel values on the model's device, images as in training."""
+    def answer_batch(self, asks: list[tuple[list[Any], str]],
+                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
+        """Greedy answers to several (images, prompt) asks in one generate call: the prompts
+        padded on the left with an attention mask, so each answer is the one `answer` gives
+        alone. The KV cache is on even when a training run turned it off in the config."""
+        import torch
+
+        inputs = self.inputs([im for images, _ in asks for im in images],
+                             [prompt for _, prompt in asks], [len(images) for images, _ in asks])
+        kwargs = generation_kwargs(self.processor, self.template, max_new_tokens, self.stops)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, **kwargs, use_cache=True)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [clean_answer(text, self.template) for text in texts]
+
+    def inputs(self, images: list[Any], prompt: str | list[str],
+               counts: list[int] | None = None) -> Any:
+        """Tokenized prompt(s) and pixel values on the model's device, images as in training.
+        Several prompts (`counts`: the images of each, in order) are padded on the left, where
+        generation continues every row from its own last token."""
         prepared = [self.images.open(im) if isinstance(im, str | os.PathLike)
                     else self.images.prepare(im) for im in images]
-        text = build_prompt(self.processor, prompt, len(prepared))
-        inputs = self.processor(images=prepared or None, text=text, return_tensors="pt")
+        if isinstance(prompt, str):
+            text: Any = build_prompt(self.processor, prompt, len(prepared))
+            padding: dict[str, Any] = {}
+        else:
+            text = [build_prompt(self.processor, p, n)
+                    for p, n in zip(prompt, counts or [0] * len(prompt), strict=True)]
+            padding = {"padding": True, "padding_side": "left"}
+        inputs = self.processor(images=prepared or None, text=text, return_tensors="pt",
+                                **padding)
         inputs = inputs.to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_cli.generation.scoring import METRICS, metric_for, record_options, reference_letter
+from llava_cli.answers.scoring import METRICS, metric_for, record_options, reference_letter
+from llava_cli.data.text.templates import IMAGE_PLACEHOLDER
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 NO_GROUP = "-"  # the group of a record without the --group-by field
@@ -105,10 +106,23 @@ def _from_conversation(record: dict[str, Any], position: int
     fields_given = "question" in record and ("answer" in record or "answers" in record)
     if "conversations" not in record or fields_given:
         return record_id_of(record, position), None, None
-    from llava_cli.generation.batch import record_prompt
-
     rid, asked, _, replied = record_prompt(record, position)
     return rid, asked, replied
+
+
+def record_prompt(record: dict[str, Any], position: int) -> tuple[str, str, list[str], str | None]:
+    """(id, prompt text, image paths, reference) of a LLaVA record's first exchange."""
+    from llava_cli.data.conversation import parse_record
+
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    open_question = isinstance(turns, list) and len(turns) == 1  # a prompt with no reply yet
+    if open_question:  # parse_record would drop the unanswered turn: give it an empty reply
+        record = {**record, "conversations": [*turns, {"from": "gpt", "value": ""}]}
+    conv = parse_record(record, position)
+    first = conv.messages[0].content.replace(IMAGE_PLACEHOLDER, "").strip()
+    reference = None if open_question else next(
+        (m.content for m in conv.messages if m.role == "assistant"), None)
+    return conv.record_id, first, conv.images, reference
 
 
 def _references(record: dict[str, Any], replied: str | None, where: str) -> list[str]:

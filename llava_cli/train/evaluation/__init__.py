@@ -1,0 +1,1 @@
+"""Evaluation during training beyond eval_loss."""
