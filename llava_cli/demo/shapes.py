@@ -23,6 +23,7 @@ SplitKind = Literal["pretrain", "finetune", "lora", "eval", "dpo"]
 
 MIN_SIDE, MAX_SIDE = 64, 192
 MIN_FRACTION, MAX_FRACTION = 0.35, 0.75
+LARGE_FRACTIONS = (0.6, 0.9)  # the dpo split's shapes (see `sample_shape`)
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -88,12 +89,16 @@ class ShapeImage:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def sample_shape(rng: random.Random) -> ShapeImage:
-    """Draw one picture's parameters (uniform choices as the module docstring says)."""
-    width, height = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
+def sample_shape(rng: random.Random, large: bool = False) -> ShapeImage:
+    """Draw one picture's parameters (uniform choices as the module docstring says). `large`:
+    a near-square canvas (sides within 25%) and a shape of LARGE_FRACTIONS of it, so that its
+    outline spans several of a small tower's patches (the dpo split asks for the shape)."""
+    width = rng.randint(MIN_SIDE, MAX_SIDE)
+    height = rng.randint(max(MIN_SIDE, round(width / 1.25)), min(MAX_SIDE, round(width * 1.25))) \
+        if large else rng.randint(MIN_SIDE, MAX_SIDE)
     background = rng.choice(tuple(BACKGROUNDS))
     shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
-    fraction = rng.uniform(MIN_FRACTION, MAX_FRACTION)
+    fraction = rng.uniform(*(LARGE_FRACTIONS if large else (MIN_FRACTION, MAX_FRACTION)))
     size = round(fraction * min(width, height))
     x, y = rng.randint(0, width - size), rng.randint(0, height - size)
     return ShapeImage(width, height, background, shape, color, x, y, size, fraction)
@@ -218,7 +223,7 @@ def generate_split(folder: str | Path, n: int, seed: int, kind: SplitKind = "fin
     records: list[dict[str, Any]] = []
     shapes: dict[str, dict[str, Any]] = {}
     for i in range(n):
-        meta = sample_shape(rng)
+        meta = sample_shape(rng, large=kind == "dpo")
         name = f"images/{kind}-{i:05d}.png"
         draw(meta).save(folder / name, compress_level=1)  # level 1: 3x faster, files tiny anyway
         shapes[name] = meta.to_dict()
