@@ -50,3 +50,29 @@ def eval_logits(model, batch):
     model.eval()
     with torch.no_grad():
         return model(**batch).logits
+
+
+def tiny_finetune_output(root: Path) -> Path:
+    """A finetune output of a tiny random-init model (pretrain → finetune, 2 steps each, 4
+    generated shape pictures per stage) written under `root`, for tests that start from a
+    trained checkpoint saved to disk."""
+    import warnings
+
+    from llava_cli.config.resolve import resolve_config
+    from llava_cli.demo.shapes import generate_split
+    from llava_cli.train.run import run_training
+
+    common = {"per_device_train_batch_size": 2, "save_steps": 100, "learning_rate": 1e-2,
+              "seed": 7, "dataloader_num_workers": 0}
+    data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("pretrain", "finetune")}
+
+    def train(stage: str, **keys) -> Path:
+        flags = {**common, "data_path": str(data[stage]), "image_folder": str(data[stage].parent),
+                 "output_dir": str(root / f"{stage}-run"), "max_steps": 2, **keys}
+        return run_training(resolve_config(stage, flags=flags)).output_dir
+
+    with warnings.catch_warnings():  # the random-init warning: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        pretrain = train("pretrain", model_name_or_path=str(TINY_LLM),
+                         vision_tower=str(TINY_VISION), tokenizer="demo", random_init=True)
+    return train("finetune", model_name_or_path=str(pretrain))

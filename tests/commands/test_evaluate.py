@@ -5,7 +5,6 @@ chat template, and its numbers are an independent scorer's on its own prediction
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from llava_cli.config.resolve import resolve_config
-from llava_cli.demo.shapes import generate_split
-from llava_cli.train.run import run_training
 from tests.answers.independent_scorer import ind_score
-from tests.helpers import TINY_LLM, TINY_VISION
+from tests.helpers import tiny_finetune_output
 
 MAX_NEW = 5
 SIZES = [(48, 30), (30, 52), (64, 40), (40, 24)]  # none square
@@ -28,21 +24,7 @@ INSTRUCTION = "Answer with the option's letter from the given choices directly."
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A finetune output of a tiny random-init model, 2 steps per stage."""
-    root = tmp_path_factory.mktemp("eval-runs")
-    common = {"per_device_train_batch_size": 2, "save_steps": 100, "learning_rate": 1e-2,
-              "seed": 7, "dataloader_num_workers": 0}
-    data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("pretrain", "finetune")}
-
-    def train(stage: str, **keys) -> Path:
-        flags = {**common, "data_path": str(data[stage]), "image_folder": str(data[stage].parent),
-                 "output_dir": str(root / f"{stage}-run"), "max_steps": 2, **keys}
-        return run_training(resolve_config(stage, flags=flags)).output_dir
-
-    with warnings.catch_warnings():  # the random-init warning: expected here
-        warnings.simplefilter("ignore", UserWarning)
-        pretrain = train("pretrain", model_name_or_path=str(TINY_LLM),
-                         vision_tower=str(TINY_VISION), tokenizer="demo", random_init=True)
-    return train("finetune", model_name_or_path=str(pretrain))
+    return tiny_finetune_output(tmp_path_factory.mktemp("eval-runs"))
 
 
 def stock_answers(model_dir: Path, folder: Path, asks: list[tuple[str | None, str]]) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from llava_cli.train.preference.loss import PreferenceObjective, ReplyLogProbs
 from llava_cli.train.preference.reference import COPY, DISABLED_ADAPTER, Reference
 from llava_cli.train.run import run_training
 from llava_cli.train.stages import preference
-from tests.helpers import TINY_LLM, TINY_VISION
+from tests.helpers import tiny_finetune_output
 
 TEXT_PAIR = {"id": "chat-pair", "conversations": [
     {"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."},
@@ -45,24 +44,11 @@ def base(tmp_path_factory) -> dict[str, Path]:
     """A finetune output of a tiny random-init model (2 steps per stage) and preference data:
     4 shape pairs (non-square pictures) and a multi-turn text-only pair."""
     root = tmp_path_factory.mktemp("dpo")
-    common = {"per_device_train_batch_size": 2, "save_steps": 100, "learning_rate": 1e-2,
-              "seed": 7, "dataloader_num_workers": 0}
-    data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("pretrain", "finetune")}
-
-    def train(stage: str, **keys) -> Path:
-        flags = {**common, "data_path": str(data[stage]), "image_folder": str(data[stage].parent),
-                 "output_dir": str(root / f"{stage}-run"), "max_steps": 2, **keys}
-        return run_training(resolve_config(stage, flags=flags)).output_dir
-
-    with warnings.catch_warnings():  # the random-init warning: expected here
-        warnings.simplefilter("ignore", UserWarning)
-        pretrain = train("pretrain", model_name_or_path=str(TINY_LLM),
-                         vision_tower=str(TINY_VISION), tokenizer="demo", random_init=True)
+    model = tiny_finetune_output(root)
     pairs = generate_split(root / "dpo", 4, 0, "dpo")
     records = json.loads(pairs.read_text())
     pairs.write_text(json.dumps([*records[:2], TEXT_PAIR, *records[2:]]))
-    return {"root": root, "model": train("finetune", model_name_or_path=str(pretrain)),
-            "data": pairs}
+    return {"root": root, "model": model, "data": pairs}
 
 
 def _flags(base: dict[str, Path], out: str, **keys) -> dict:

@@ -40,8 +40,8 @@ from tests.helpers import probe_batch as _probe
 from tests.train.test_distributed import (
     Run,
     _assert_no_placeholders,
+    _assert_output_is_the_trained_model,
     _assert_quiet_other_rank,
-    _from_state,
     _launcher,
     _plain,
     consolidated,
@@ -153,18 +153,6 @@ def ddp(base, tmp_path_factory) -> Run:
 @pytest.fixture(scope="module")
 def zero3(base, tmp_path_factory) -> Run:
     return launch(base, tmp_path_factory.mktemp("dpo-zero3") / "out", "--deepspeed", ZERO3)
-
-
-def _assert_output_is_the_trained_model(run: Run) -> None:
-    """Stock `from_pretrained` of the output == DeepSpeed's consolidated fp32 masters."""
-    masters = consolidated(run.output_dir / f"checkpoint-{STEPS}")
-    reference = _from_state(run.output_dir, masters)
-    reloaded = _plain(run.output_dir)
-    ours = reloaded.state_dict()
-    for key, tensor in reference.state_dict().items():
-        assert torch.equal(ours[key], tensor), key
-    batch = _probe(transformers.AutoProcessor.from_pretrained(run.output_dir))
-    assert torch.equal(_logits(reloaded, batch), _logits(reference, batch))
 
 
 @pytest.mark.slow

@@ -479,10 +479,12 @@ def test_held_out_records_are_checked_before_training(finetuned, tmp_path, caplo
             "save_steps": 2, "eval_data_path": str(held_out), "dataloader_num_workers": 0}
     with pytest.raises(ValueError) as refused:
         run_training(_config("finetune", tmp_path / "refused", **keys))
+    missing = Path(RECORDS).resolve().parent / "images" / "nowhere.png"
     assert str(refused.value) == (
         f"held-out data {held_out}: 1 of 6 record(s) cannot be evaluated (bad-image: 1 (e.g. "
-        f"gone)); fix them or pass --skip-bad-records. `llava inspect-data {held_out} --check` "
-        "lists them all")
+        f"gone)); fix them or pass --skip-bad-records. The first: record 'gone': image "
+        f"'images/nowhere.png' (resolved to {missing}): file not found. `llava inspect-data "
+        f"{held_out} --check` lists them all")
     assert not list((tmp_path / "refused").glob("checkpoint-*"))
 
     with caplog.at_level("WARNING", logger="llava_cli"):
