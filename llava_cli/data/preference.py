@@ -208,11 +208,6 @@ class PairSample:
         """Both replies keep at least one supervised token."""
         return self.chosen.trainable and self.rejected.trainable
 
-    @property
-    def tokens(self) -> int:
-        """Positions the pair takes in a step: both rows."""
-        return len(self.chosen.encoded) + len(self.rejected.encoded)
-
 
 class PairBuilder:
     """Preference records → `PairSample`s with one sample builder (a run's data options)."""

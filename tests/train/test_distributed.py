@@ -54,10 +54,9 @@ def _launcher() -> list[str]:
                                                       "torch.distributed.run"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
-    """A tiny finetuned LLaVA (single process, in-process) and a perturbed projector file."""
-    root = tmp_path_factory.mktemp("dist")
+def finetuned_base(root: Path):
+    """One finetune step of a new tiny LLaVA (random init, in-process), saved in root/base:
+    the base the 2-process runs load from disk. Returns the run's result."""
     transformers.LlamaConfig(
         vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -71,7 +70,14 @@ def base(tmp_path_factory) -> dict[str, Path]:
         "model_name_or_path": str(root / "llm"), "vision_tower": str(root / "vit"),
         "tokenizer": "demo", "random_init": True})
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        model = run_training(config).trainer.model
+        return run_training(config)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict[str, Path]:
+    """A tiny finetuned LLaVA (single process, in-process) and a perturbed projector file."""
+    root = tmp_path_factory.mktemp("dist")
+    model = finetuned_base(root).trainer.model
     with torch.no_grad():  # a projector unlike the base's: a run that ignored it is detectable
         for param in model.model.multi_modal_projector.parameters():
             param.add_(PERTURB)

@@ -33,7 +33,6 @@ from safetensors.torch import load_file
 
 from llava_cli.config.resolve import resolve_config
 from llava_cli.demo.shapes import generate_split
-from llava_cli.inspect.inspect_data import demo_data
 from llava_cli.train.run import run_training
 from tests.helpers import eval_logits as _logits
 from tests.helpers import probe_batch as _probe
@@ -45,6 +44,7 @@ from tests.train.test_distributed import (
     _launcher,
     _plain,
     consolidated,
+    finetuned_base,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,21 +61,7 @@ LORA = ("--lora", "--lora-r", "8", "--lora-alpha", "16")
 def base(tmp_path_factory) -> dict[str, Path]:
     """A tiny finetuned LLaVA (one process, in-process) saved to disk, and preference pairs."""
     root = tmp_path_factory.mktemp("dpo-dist")
-    records, images = demo_data()
-    transformers.LlamaConfig(
-        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    ).save_pretrained(root / "llm")
-    transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4).save_pretrained(root / "vit")
-    config = resolve_config("finetune", flags={
-        "data_path": records, "image_folder": images, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2, "seed": 7, "max_steps": 1, "output_dir": str(root / "base"),
-        "model_name_or_path": str(root / "llm"), "vision_tower": str(root / "vit"),
-        "tokenizer": "demo", "random_init": True})
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        run_training(config)
+    finetuned_base(root)
     pairs = generate_split(root / "pairs", PAIRS, 3, "dpo")
     held_out = pairs.with_name("held-out.json")  # one pair: fewer than the ranks
     held_out.write_text(json.dumps(json.loads(pairs.read_text())[:1]))
