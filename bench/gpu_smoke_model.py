@@ -1,9 +1,9 @@
 """The model, batches and FLOP count of `gpu_smoke.py` (see its docstring).
 
 Imports torch, transformers, peft (LoRA only) and, from the repository root, two llava_cli
-modules that need only torch and numpy: the supervised-positions loss (`train.loss`) and the
-collator that pads or packs samples (`data.batching.collator`), so the smoke measures the very
-code training runs.
+modules that need only torch and numpy: the supervised-positions loss
+(`train.supervised_loss`) and the collator that pads or packs samples
+(`data.batching.collator`), so the smoke measures the very code training runs.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def collate(samples: list[dict[str, Any]], packing: bool, budget: int, attn: str
 def step_loss(model: Any, batch: dict[str, Any], supervised_logits: bool) -> Any:
     """The plain HF loss (full [rows, seq, vocab] logits) or llava_cli's loss at the
     supervised positions only (equal value)."""
-    from llava_cli.train.loss import supervised_cross_entropy, supervised_positions
+    from llava_cli.train.supervised_loss import supervised_cross_entropy, supervised_positions
 
     if not supervised_logits:
         return model(**batch, use_cache=False).loss

@@ -13,6 +13,7 @@ from llava_cli import __version__
 from llava_cli.commands import (
     convert,
     demo,
+    evaluate,
     export_projector,
     generate,
     inspect_data,
@@ -57,7 +58,7 @@ COMMANDS = {
     "export-projector": (export_projector.export_projector, None),
     "convert": (convert.convert, None),
     "generate": (generate.generate, None),
-    "evaluate": (generate.evaluate, None),
+    "evaluate": (evaluate.evaluate, None),
     "demo": (demo.demo, None),
     "recipe-from-script": (recipe_from_script.recipe_from_script, None),
 }

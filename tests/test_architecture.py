@@ -1,5 +1,5 @@
 """The package's shape (ARCHITECTURE.md): layers as folders, imports pointing down, no circles,
-small modules and folders. Read from the source with `ast`, every import counted (also the ones
+one name per module. Read from the source with `ast`, every import counted (also the ones
 inside functions)."""
 
 from __future__ import annotations
@@ -97,16 +97,16 @@ def test_no_import_circles():
     assert not cycles, f"import circles: {cycles}"
 
 
-def test_modules_and_folders_stay_small():
-    long = {name: n for name, file in _modules().items()
-            if (n := len(file.read_text().splitlines())) > 300}
-    assert not long, f"modules over 300 lines: {long}"
-    per_folder: dict[Path, int] = {}
+def test_module_names_say_what_they_hold():
+    """No two modules share a file name (`__init__` aside): a name read in a traceback or an
+    import names one concept. Module size is advice (`../shared/tools/house.py` prints it),
+    never a reason to move code."""
+    seen: dict[str, list[str]] = {}
     for file in PACKAGE.rglob("*.py"):
         if file.name != "__init__.py":
-            per_folder[file.parent] = per_folder.get(file.parent, 0) + 1
-    crowded = {str(k.relative_to(ROOT)): v for k, v in per_folder.items() if v > 10}
-    assert not crowded, f"folders over 10 modules: {crowded}"
+            seen.setdefault(file.name, []).append(str(file.relative_to(PACKAGE)))
+    shared = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not shared, f"modules sharing a file name: {shared}"
 
 
 def test_only_the_package_face_sits_at_the_top():

@@ -17,7 +17,8 @@ from functools import cached_property
 from typing import Any
 
 from llava_cli.data.images import ImageLoader
-from llava_cli.data.text.stops import template_named, template_stop
+from llava_cli.data.text.stops import template_stop
+from llava_cli.data.text.templates import template_named
 
 DEFAULT_MAX_NEW_TOKENS = 64
 

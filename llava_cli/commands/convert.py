@@ -45,7 +45,7 @@ def convert(
     "lora" for a LoRA run given with --model-base). Verified by logits both ways.
     """
     from llava_cli.commands.common import quiet_libraries
-    from llava_cli.convert.reference import ConversionError
+    from llava_cli.convert.original_forward import ConversionError
 
     quiet_libraries()
     try:
@@ -60,7 +60,7 @@ def _convert(source: Path, output_dir: Path, to: str, vision_tower: str | None,
              base: str | None, template: str, tower_name: str | None, overwrite: bool,
              verify: bool) -> None:
     if to == "ours":
-        from llava_cli.convert.convert import convert_original, describe
+        from llava_cli.convert.from_original import convert_original, describe
 
         result = convert_original(source, output_dir, vision_tower=vision_tower, base=base,
                                   template=template, overwrite=overwrite, verify=verify,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from llava_cli.demo.run import DemoResult
+    from llava_cli.demo.pipeline import DemoResult
 
 QUESTION_NAMES = {"color": "shape colour", "side": "left / right", "background": "background"}
 
@@ -34,7 +34,7 @@ def demo(
     """
     from rich.console import Console
 
-    from llava_cli.demo.run import run_demo
+    from llava_cli.demo.pipeline import run_demo
 
     console = Console()
     try:
@@ -82,6 +82,6 @@ def print_summary(console: Any, result: DemoResult) -> None:
 
 
 def _mark(answer: str, truth: str) -> str:
-    from llava_cli.demo.evaluate import is_correct
+    from llava_cli.demo.measure import is_correct
 
     return f"[green]{answer}[/]" if is_correct(answer, truth) else f"[red]{answer or '∅'}[/]"

@@ -66,8 +66,8 @@ def inspect_data(
         show_default=False, rich_help_panel=DATA)] = None,
 ) -> None:
     """Preview label masks (supervised text highlighted) or --check a whole dataset."""
-    from llava_cli.inspect.inspect_data import DEMO_IMAGE_TOKENS, InspectRequest, demo_data
-    from llava_cli.inspect.inspect_data import inspect_data as run
+    from llava_cli.inspect.inspection import DEMO_IMAGE_TOKENS, InspectRequest, demo_data
+    from llava_cli.inspect.inspection import inspect_data as run
 
     if output_format not in ("rich", "json", "jsonl"):
         raise typer.BadParameter("choose rich, json or jsonl", param_hint="--format")

@@ -47,8 +47,8 @@ def merge_lora(
 
     quiet_libraries()
     if _original_lora(run_dir):  # the original LLaVA's layout: converted, merged, verified
-        from llava_cli.convert.convert import convert_original
-        from llava_cli.convert.convert import describe as converted
+        from llava_cli.convert.from_original import convert_original
+        from llava_cli.convert.from_original import describe as converted
 
         ignored = [name for name, given in (("--dtype", dtype != "float32"),
                                             ("--max-shard-size", max_shard_size != "5GB"),

@@ -51,7 +51,7 @@ from llava_cli.convert.original_files import (
     write_tokenizer_files,
     write_tower_folder,
 )
-from llava_cli.convert.reference import (
+from llava_cli.convert.original_forward import (
     ConversionError,
     checked_logits,
     expand_ids,

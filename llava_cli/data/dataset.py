@@ -163,7 +163,7 @@ class LazySupervisedDataset(Dataset):
 class PreferenceDataset(LazySupervisedDataset):
     """Preference records as model inputs: `chosen_*` and `rejected_*` ids and labels (each
     reply alone supervised) and the pair's images once. `builder` is a
-    `data.preference.PairBuilder`; dropping and bad-record handling are the supervised
+    `data.preference_pairs.PairBuilder`; dropping and bad-record handling are the supervised
     dataset's, a pair being usable when both replies are."""
 
     def _to_inputs(self, sample: Any, position: int) -> dict[str, Any]:

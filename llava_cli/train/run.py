@@ -88,7 +88,7 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     from llava_cli.model.start import load_starting_model
     from llava_cli.model.vision import match_image_policy
     from llava_cli.train.arguments import to_training_arguments
-    from llava_cli.train.evaluation.accuracy import check_qa_set
+    from llava_cli.train.eval_generate import check_qa_set
     from llava_cli.train.feature_cache import cache_metrics
     from llava_cli.train.outputs import resume_checkpoint, write_outputs
     from llava_cli.train.process import prepare_environment, start_deepspeed_comm

@@ -3,7 +3,7 @@
 - parameter groups: the projector and the vision tower may have their own learning rates
   (logged as `learning_rate_<component>` beside the LLM's `learning_rate`);
 - `group_by_modality_length` sampling, and `group_by_length` by the index's lengths;
-- the loss at supervised positions only (`train.loss`), switchable;
+- the loss at supervised positions only (`train.supervised_loss`), switchable;
 - checkpoints that are complete or absent (`train.checkpoints`);
 - projector-only runs checkpoint only the projector (not a copy of the frozen LLM);
 - resume that really restores the weights: transformers 5 saves LLaVA checkpoints under the
@@ -41,7 +41,7 @@ from llava_cli.train.checkpoints import (
     staging_root,
 )
 from llava_cli.train.feature_cache import feature_cache_for
-from llava_cli.train.loss import (
+from llava_cli.train.supervised_loss import (
     shifted_cross_entropy,
     supervised_cross_entropy,
     supervised_positions,

@@ -14,7 +14,7 @@ from packaging.version import Version
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from tests.helpers import ROOT, TINY_LLM, TINY_VISION
 
 

@@ -21,7 +21,7 @@ from transformers.utils import logging as transformers_logging
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 
 runner = CliRunner()
 # transformers binds its log handler to the sys.stderr of its first use: were that inside a

@@ -1,5 +1,5 @@
-"""Preference records → pairs of samples (`data.preference`), their dataset and collator: every
-accepted layout to exact ids and labels with the real Llama-2/Vicuna tokenizer, the errors of
+"""Preference records → pairs of samples (`data.preference_pairs`), their dataset and collator:
+every accepted layout to exact ids and labels with the real Llama-2/Vicuna tokenizer, the errors of
 bad records, and a DataLoader with workers over real non-square photos."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llava_cli.data.conversation import RecordError
-from llava_cli.data.preference import PairBuilder, is_preference_record, preference_records
+from llava_cli.data.preference_pairs import PairBuilder, is_preference_record, preference_records
 from llava_cli.data.problems import Problem
 from llava_cli.data.samples import DataOptions, InputSpec, SampleBuilder
 from llava_cli.data.text.encoding import IGNORE_INDEX
@@ -267,7 +267,7 @@ def test_dataloader_workers_pairs_and_record_errors(tmp_path: Path, pairs, token
     from transformers import CLIPImageProcessorPil
 
     from llava_cli.data.batching.collator import DataCollator
-    from llava_cli.data.batching.pairs import PairCollator
+    from llava_cli.data.batching.pair_batches import PairCollator
     from llava_cli.data.dataset import PreferenceDataset
     from llava_cli.data.records import RecordIndex
 

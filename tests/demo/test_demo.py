@@ -79,7 +79,7 @@ def test_merged_model_answers_the_same_in_stock_transformers(quick):
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llava_cli.generation.load import load_for_generation
+    from llava_cli.generation.answering_model import load_for_generation
 
     out, _ = quick
     record = json.loads((out / "data" / "eval" / "records.json").read_text())[1]

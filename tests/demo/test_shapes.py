@@ -184,7 +184,7 @@ def test_two_thousand_images_are_all_written(tmp_path):
 
 
 def test_dpo_pairs_choose_the_right_shape_and_reject_a_wrong_one(tmp_path):
-    from llava_cli.data.preference import preference_records
+    from llava_cli.data.preference_pairs import preference_records
 
     records, shapes, folder = _split(tmp_path, "dpo", n=60)
     assert len(records) == 60 and len({r["id"] for r in records}) == 60

@@ -16,7 +16,7 @@ from llava_cli.config.resolve import resolve_config
 from llava_cli.data.images import prepare_image
 from llava_cli.data.text.templates import TEMPLATES, Message, render
 from llava_cli.demo.shapes import QUESTIONS, generate_split
-from llava_cli.generation.load import load_for_generation
+from llava_cli.generation.answering_model import load_for_generation
 from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION
 

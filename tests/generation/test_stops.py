@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from llava_cli.config.resolve import resolve_config  # noqa: E402
 from llava_cli.data.text.templates import TEMPLATES  # noqa: E402
-from llava_cli.inspect.inspect_data import demo_data  # noqa: E402
+from llava_cli.inspect.inspection import demo_data  # noqa: E402
 from llava_cli.train.run import run_training  # noqa: E402
 from tests.helpers import TINY_LLM, TINY_VISION  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_stock_generate_stops_at_the_end_of_the_turn(outputs, template):
 
 
 def test_our_generator_answers_with_a_stop_string_config(outputs):
-    from llava_cli.generation.load import load_for_generation
+    from llava_cli.generation.answering_model import load_for_generation
 
     generator = load_for_generation(outputs["vicuna_v0"])  # "###": saved as stop_strings
     assert isinstance(generator.answer(None, "Hello!", max_new_tokens=3), str)

@@ -58,9 +58,9 @@ def test_preview_shows_the_prompt_once_and_both_replies(tmp_path):
 
 def test_pair_panel_highlights_exactly_each_reply():
     from llava_cli.config.resolve import resolve_config
-    from llava_cli.data.preference import PairBuilder
-    from llava_cli.inspect.inspect_data import make_builder
-    from llava_cli.inspect.pairs import pair_panel, prompt_length
+    from llava_cli.data.preference_pairs import PairBuilder
+    from llava_cli.inspect.inspection import make_builder
+    from llava_cli.inspect.pair_view import pair_panel, prompt_length
     from llava_cli.inspect.view import SUPERVISED_STYLE
 
     config = resolve_config("inspect-data", flags={"tokenizer": "demo",
@@ -88,8 +88,8 @@ def test_jsonl_has_both_rows_as_training_builds_them(tmp_path):
     if not LLAMA.is_dir():
         pytest.skip(f"shared test assets not found at {SHARED_ASSETS}")
     from llava_cli.config.resolve import resolve_config
-    from llava_cli.data.preference import PairBuilder
-    from llava_cli.inspect.inspect_data import make_builder
+    from llava_cli.data.preference_pairs import PairBuilder
+    from llava_cli.inspect.inspection import make_builder
 
     records = [_pair("p1", "On a taxi.", "In a kitchen."),
                {"id": "trl", "images": ["chelsea_cat.png"], "prompt": [

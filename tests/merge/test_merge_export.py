@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from llava_cli.artifacts.export import export_projector
 from llava_cli.cli import app
 from llava_cli.config.resolve import resolve_config
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.merge.merge import merge_lora
 from llava_cli.merge.verify import probe_batch, probe_logits
 from llava_cli.model.parts import components

@@ -12,7 +12,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from llava_cli.config.resolve import resolve_config  # noqa: E402
-from llava_cli.inspect.inspect_data import demo_data  # noqa: E402
+from llava_cli.inspect.inspection import demo_data  # noqa: E402
 from llava_cli.model.inputs import (  # noqa: E402
     image_token_counter,
     input_spec_from_paths,

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llava_cli.config.resolve import resolve_config  # noqa: E402
-from llava_cli.inspect.inspect_data import demo_data  # noqa: E402
+from llava_cli.inspect.inspection import demo_data  # noqa: E402
 from llava_cli.model.start import load_starting_model  # noqa: E402
 from llava_cli.train.run import run_training  # noqa: E402
 from tests.helpers import TINY_LLM, TINY_VISION  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llava_cli.config.resolve import resolve_config
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION
 

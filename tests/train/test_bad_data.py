@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from tests.helpers import TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()

@@ -35,7 +35,7 @@ from llava_cli.artifacts.projector_file import (
     write_projector_file,
 )
 from llava_cli.config.resolve import resolve_config
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.projector import projector_state
 from llava_cli.train.run import run_training
 from tests.helpers import eval_logits as _logits

@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 from llava_cli.cli import app
 from llava_cli.config.resolve import resolve_config
 from llava_cli.demo.shapes import generate_split
-from llava_cli.train.preference.forward import encode_images, reply_forward
-from llava_cli.train.preference.loss import PreferenceObjective, ReplyLogProbs
-from llava_cli.train.preference.reference import COPY, DISABLED_ADAPTER, Reference
+from llava_cli.train.dpo.objective import PreferenceObjective, ReplyLogProbs
+from llava_cli.train.dpo.pair_forward import encode_images, reply_forward
+from llava_cli.train.dpo.reference_policy import COPY, DISABLED_ADAPTER, Reference
 from llava_cli.train.run import run_training
 from llava_cli.train.stages import preference
 from tests.helpers import tiny_finetune_output
@@ -274,7 +274,7 @@ def test_resume_is_bit_exact(base):
 
 
 def test_dpo_lora_output_merges_and_answers(base, tmp_path):
-    from llava_cli.generation.load import load_for_generation
+    from llava_cli.generation.answering_model import load_for_generation
     from llava_cli.merge.merge import merge_lora
 
     run = run_training(resolve_config("dpo", flags=_flags(

@@ -20,8 +20,8 @@ from llava_cli.answers.qa_set import answer_questions, read_qa_set
 from llava_cli.cli import app
 from llava_cli.config.resolve import resolve_config
 from llava_cli.demo.shapes import generate_split
-from llava_cli.generation.load import load_for_generation
-from llava_cli.train.evaluation.accuracy import shard
+from llava_cli.generation.answering_model import load_for_generation
+from llava_cli.train.eval_generate import shard
 from llava_cli.train.run import run_training
 from tests.helpers import ROOT, TINY_LLM, TINY_VISION
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from llava_cli.cli import app
 from llava_cli.config.resolve import resolve_config
 from llava_cli.config.run_config import ConfigError
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.parts import components
 from llava_cli.model.start import load_starting_model
 from llava_cli.model.vision import match_image_policy

@@ -13,7 +13,7 @@ import transformers
 
 from llava_cli.config.resolve import resolve_config
 from llava_cli.config.run_config import RunConfig
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.lora import apply_lora, lora_layers, lora_targets
 from llava_cli.train.reporting import lora_summary
 from tests.helpers import TINY_LLM, TINY_VISION

@@ -17,7 +17,7 @@ import yaml
 from llava_cli.config.resolve import resolve_config
 from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.collator import DataCollator
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION
 from tests.train.test_speed_levers import (

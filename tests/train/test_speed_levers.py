@@ -13,16 +13,16 @@ import transformers
 from llava_cli.config.resolve import resolve_config
 from llava_cli.config.run_config import ConfigError, RunConfig
 from llava_cli.data.batching.collator import DataCollator
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.parts import components
 from llava_cli.train.arguments import to_training_arguments
-from llava_cli.train.loss import (
+from llava_cli.train.run import run_training
+from llava_cli.train.supervised_loss import (
     shifted_cross_entropy,
     supervised_cross_entropy,
     supervised_positions,
     supervised_targets,
 )
-from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION
 
 IMAGE = 599  # the tiny LLM's last id stands in for the image token

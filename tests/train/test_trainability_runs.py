@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from llava_cli.config.resolve import resolve_config
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.start import load_starting_model
 from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from llava_cli.config.resolve import resolve_config
-from llava_cli.inspect.inspect_data import demo_data
+from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.parts import components
 from llava_cli.model.start import load_starting_model
 from llava_cli.train.run import run_training

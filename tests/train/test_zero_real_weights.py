@@ -32,7 +32,7 @@ from llava_cli.artifacts.projector_file import (  # noqa: E402
 )
 from llava_cli.config.resolve import resolve_config  # noqa: E402
 from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer  # noqa: E402
-from llava_cli.inspect.inspect_data import demo_data  # noqa: E402
+from llava_cli.inspect.inspection import demo_data  # noqa: E402
 from llava_cli.train.run import run_training  # noqa: E402
 from tests.helpers import ROOT  # noqa: E402
 

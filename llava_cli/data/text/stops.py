@@ -7,13 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llava_cli.data.text.templates import ALIASES, TEMPLATES, Template
-
-
-def template_named(name: str | None) -> Template | None:
-    """The template `name` (or an alias of it) names; None for the chat template, unknown or
-    refused names (no error: for stops and cleaning, where no template means no stop)."""
-    return TEMPLATES.get(ALIASES.get(name, name)) if name else None
+from llava_cli.data.text.templates import TEMPLATES, template_named
 
 
 def template_stop(tokenizer: Any, template: str | None) -> tuple[str, list[int]]:

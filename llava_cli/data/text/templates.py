@@ -167,6 +167,12 @@ REFUSED = {"default": _LEGACY, "llava_v0": _LEGACY, "v0_mmtag": _MMTAG, "v1_mmta
 TEMPLATE_NAMES = (*TEMPLATES, CHAT_TEMPLATE)
 
 
+def template_named(name: str | None) -> Template | None:
+    """The template `name` (or an alias of it) names; None for the chat template, unknown or
+    refused names (no error: for stops and cleaning, where no template means no stop)."""
+    return TEMPLATES.get(ALIASES.get(name, name)) if name else None
+
+
 def canonical_template_name(name: str) -> str:
     """Map LLaVA's conversation names (`vicuna_v1`, `qwen_2`, …) to ours; error on unknown ones."""
     if name in REFUSED:

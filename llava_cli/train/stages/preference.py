@@ -1,7 +1,7 @@
 """The preference stage (`llava dpo`): preference records as pairs of samples, the padded
 batches of 2B rows they make, the reference model, and the preference trainer.
 
-The data checks are the supervised stage's, run on pairs (`data.preference.PairBuilder`):
+The data checks are the supervised stage's, run on pairs (`data.preference_pairs.PairBuilder`):
 a bad record, a prompt that does not end with a human turn or a reply truncated away is
 named before anything heavy loads.
 """
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from llava_cli.config.run_config import RunConfig
-from llava_cli.data.batching.pairs import PairCollator
+from llava_cli.data.batching.pair_batches import PairCollator
 from llava_cli.data.dataset import PreferenceDataset
-from llava_cli.data.preference import KindGuard, PairBuilder
+from llava_cli.data.preference_pairs import KindGuard, PairBuilder
 from llava_cli.data.samples import SampleBuilder
 from llava_cli.train.stages import supervised
 
@@ -55,13 +55,13 @@ def trainer(config: RunConfig, loaded: Any, model: Any, **kwargs: Any) -> Any:
     """A `PreferenceTrainer` against the starting model (`config.reference_kind`), with the
     reference log-probs precomputed when asked."""
     from llava_cli.model.start import load_starting_model
-    from llava_cli.train.preference.reference import (
+    from llava_cli.train.dpo.preference_trainer import PreferenceTrainer
+    from llava_cli.train.dpo.reference_policy import (
         COPY,
         Reference,
         frozen_copy,
         vision_frozen,
     )
-    from llava_cli.train.preference.trainer import PreferenceTrainer
 
     kind, args = config.reference_kind, kwargs["args"]
     copy = frozen_copy(load_starting_model(config).model, args) if kind == COPY else None

@@ -18,7 +18,7 @@ from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.collator import DataCollator
 from llava_cli.data.batching.packing import PackedDataset, pack_by_budget
 from llava_cli.data.dataset import LazySupervisedDataset
-from llava_cli.data.preference import KindGuard
+from llava_cli.data.preference_pairs import KindGuard
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError
 from llava_cli.data.samples import SampleBuilder
@@ -174,6 +174,6 @@ def judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool
 def trainer(config: RunConfig, loaded: Any, model: Any, **kwargs: Any) -> Any:
     """The stage's Trainer over `model` (the Trainer's keyword arguments in `kwargs`): the
     LLaVA trainer, answering `--eval-generate`'s QA set at each evaluation."""
-    from llava_cli.train.evaluation.accuracy import EvaluatingTrainer
+    from llava_cli.train.eval_generate import EvaluatingTrainer
 
     return EvaluatingTrainer(model=model, **kwargs)

@@ -168,7 +168,7 @@ class Demo:
     def inspect(self) -> None:
         """`llava inspect-data` on one LoRA record with the merged model's tokenizer."""
         from llava_cli.config.resolve import resolve_config
-        from llava_cli.inspect.inspect_data import InspectRequest, inspect_data
+        from llava_cli.inspect.inspection import InspectRequest, inspect_data
 
         data = self.out / "data" / "lora"
         flags = {"data_path": _rel(data / "records.json"), "image_folder": _rel(data),
@@ -181,8 +181,8 @@ class Demo:
 
     def evaluate(self) -> None:
         """Greedy answers of the finetuned and the merged model on the evaluation split."""
-        from llava_cli.demo.evaluate import evaluation_records, score
-        from llava_cli.generation.load import load_for_generation
+        from llava_cli.demo.measure import evaluation_records, score
+        from llava_cli.generation.answering_model import load_for_generation
 
         folder = self.out / "data" / "eval"
         records = evaluation_records(folder)
@@ -203,7 +203,7 @@ class Demo:
         """The merged model through stock transformers gives the answer our Generator gave."""
         from PIL import Image
 
-        from llava_cli.demo.evaluate import question_of, stock_answer
+        from llava_cli.demo.measure import question_of, stock_answer
 
         with Image.open(folder / record["image"]) as image:
             stock = stock_answer(self.out / "merged", image.convert("RGB"), question_of(record))
@@ -214,7 +214,7 @@ class Demo:
 
     def score_preferences(self) -> None:
         """Held-out preference accuracy of the merged model (before dpo) and the DPO output."""
-        from llava_cli.demo.preference import preference_scores
+        from llava_cli.demo.preference_score import preference_scores
 
         data = self.out / "data" / "dpo_eval"
         self.console.print(f"chosen vs rejected log-probability on {self.plan.pictures['dpo_eval']}"
@@ -224,7 +224,7 @@ class Demo:
 
     def plot(self) -> None:
         """Loss curves of the training stages → OUT/loss.png."""
-        from llava_cli.demo.evaluate import losses, plot_losses
+        from llava_cli.demo.measure import losses, plot_losses
 
         target = plot_losses({s: losses(self.out / s) for s in (*STAGES, "dpo")},
                              self.out / "loss.png")
@@ -245,7 +245,7 @@ def run_demo(output_dir: str | Path, quick: bool = False, overwrite: bool = Fals
     """Run the whole demo into `output_dir`; write eval.json and loss.png; return the result."""
     from rich.console import Console
 
-    from llava_cli.demo.preference import cpu_seconds
+    from llava_cli.demo.preference_score import cpu_seconds
 
     out, cpu_start = Path(output_dir), cpu_seconds()
     check_output_dir(out, overwrite)

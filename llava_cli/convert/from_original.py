@@ -6,7 +6,7 @@ LlavaImageProcessor do_pad), chat template, generation config, manifest. A proje
 run becomes what `pretrain` writes (projector.safetensors on the base LLM + tower), so
 `finetune` starts from it. The order of work, with one model in memory at a time: build →
 save into a staging folder → free → the original's logits from the original files (read
-under the original's key names: `convert.reference`) → reload the staging folder with stock
+under the original's key names: `convert.original_forward`) → reload the staging folder with stock
 transformers → compare → publish, manifest last. Nothing is published that failed.
 """
 
@@ -37,7 +37,7 @@ from llava_cli.artifacts.output_dir import (
     refuse_unsafe_output_dir,
 )
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE, PROJECTOR_PREFIX
-from llava_cli.convert.reference import (
+from llava_cli.convert.original_forward import (
     checked_logits,
     expand_ids,
     original_logits,

@@ -67,7 +67,7 @@ def evaluate(request: EvalRequest, generator: Any = None) -> EvalReport:
     loaded `Generator` (default: load `request.checkpoint`)."""
     qa = read_qa_set(request.data, request.image_folder, request.metric, request.group_by)
     if generator is None:
-        from llava_cli.generation.load import load_for_generation
+        from llava_cli.generation.answering_model import load_for_generation
 
         generator = load_for_generation(request.checkpoint, request.adapter)
     report = EvalReport(Tally(), qa.group_by, Path(request.output))

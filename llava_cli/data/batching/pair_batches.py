@@ -1,7 +1,7 @@
 """Preference pairs → one batch: the chosen rows, then the rejected rows, padded together.
 
 The images of the batch appear once (the chosen rows' order): the trainer encodes them once
-and hands the features to both halves (`train.preference.forward`).
+and hands the features to both halves (`train.dpo.pair_forward`).
 """
 
 from __future__ import annotations

@@ -18,14 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from llava_cli.data.conversation import RecordError
-from llava_cli.train.evaluation.accuracy import EvaluatingTrainer
-from llava_cli.train.preference.forward import encode_images, reply_forward
-from llava_cli.train.preference.loss import PreferenceObjective, ReplyLogProbs
-from llava_cli.train.preference.reference import Reference
+from llava_cli.train.dpo.objective import PreferenceObjective, ReplyLogProbs
+from llava_cli.train.dpo.pair_forward import encode_images, reply_forward
+from llava_cli.train.dpo.reference_policy import Reference
+from llava_cli.train.eval_generate import EvaluatingTrainer
 
 
 class PreferenceTrainer(EvaluatingTrainer):
-    """Trains on preference pairs against `reference` (`train.preference.reference`); the
+    """Trains on preference pairs against `reference` (`train.dpo.reference_policy`); the
     objective's settings come from `args` (`beta`, `loss_type`, `rpo_alpha`)."""
 
     def __init__(self, *args: Any, reference: Reference, **kwargs: Any) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from llava_cli.train.loss import supervised_positions
-from llava_cli.train.preference.loss import ReplyLogProbs, reply_log_probs
+from llava_cli.train.dpo.objective import ReplyLogProbs, reply_log_probs
+from llava_cli.train.supervised_loss import supervised_positions
 
 
 def llava_of(model: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llava_cli.config.run_config import RunConfig
-from llava_cli.train.preference.forward import encode_images, reply_forward
+from llava_cli.train.dpo.pair_forward import encode_images, reply_forward
 
 
 @dataclass(frozen=True)

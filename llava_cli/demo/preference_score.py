@@ -11,8 +11,8 @@ def preference_scores(out: Path, data: Path, models: tuple[str, ...] = ("merged"
                       ) -> dict[str, float]:
     """Accuracy on the pairs in `data/records.json` of each model folder under `out`."""
     from llava_cli.config.resolve import resolve_config
-    from llava_cli.generation.load import load_for_generation
-    from llava_cli.train.preference.accuracy import preference_accuracy
+    from llava_cli.generation.answering_model import load_for_generation
+    from llava_cli.train.dpo.preference_accuracy import preference_accuracy
 
     flags = {"data_path": str(data / "records.json"), "image_folder": str(data),
              "model_name_or_path": str(out / models[0])}

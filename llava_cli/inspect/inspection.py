@@ -58,10 +58,10 @@ def make_builder(config: RunConfig, image_tokens: int | None = None) -> SampleBu
 
 def kind_builder(config: RunConfig, index: Records, request: InspectRequest) -> Any:
     """The builder for this file's kind of records: samples, or preference pairs
-    (`data.preference.PairBuilder`), refusing records of the other kind
-    (`data.preference.KindGuard`)."""
-    from llava_cli.data.preference import KindGuard, PairBuilder
-    from llava_cli.inspect.pairs import file_kind
+    (`data.preference_pairs.PairBuilder`), refusing records of the other kind
+    (`data.preference_pairs.KindGuard`)."""
+    from llava_cli.data.preference_pairs import KindGuard, PairBuilder
+    from llava_cli.inspect.pair_view import file_kind
 
     preference, why = file_kind(_first_record(index), request.preference)
     builder = make_builder(config, request.image_tokens)
@@ -103,7 +103,7 @@ def show_records(config: RunConfig, index: Records, request: InspectRequest) -> 
     from rich.console import Console
     from rich.text import Text
 
-    from llava_cli.inspect.pairs import pair_line, pair_panel
+    from llava_cli.inspect.pair_view import pair_line, pair_panel
     from llava_cli.inspect.view import legend, sample_panel
 
     guard = kind_builder(config, index, request)

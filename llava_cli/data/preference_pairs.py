@@ -229,9 +229,9 @@ class PairBuilder:
         return PairSample(chosen, rejected)
 
 
-# The fields only preference records have (any layout, `data.preference`): a record with one of
-# them is read as a preference record, even when it lacks the rest (then its missing field is
-# named), and is never trained on as a supervised record.
+# The fields only preference records have (any layout, `data.preference_pairs`): a record
+# with one of them is read as a preference record, even when it lacks the rest (then its
+# missing field is named), and is never trained on as a supervised record.
 PREFERENCE_FIELDS = ("chosen", "rejected", "preference", "output_1", "output_2")
 
 

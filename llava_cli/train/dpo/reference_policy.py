@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from llava_cli.model.parts import components
-from llava_cli.train.preference.forward import encode_images, llava_of, reply_forward
-from llava_cli.train.preference.loss import ReplyLogProbs
+from llava_cli.train.dpo.objective import ReplyLogProbs
+from llava_cli.train.dpo.pair_forward import encode_images, llava_of, reply_forward
 
 COPY, DISABLED_ADAPTER = "copy", "disabled-adapter"
 

@@ -1,12 +1,12 @@
 """`inspect-data` on preference data: which kind a file holds (the guard that refuses records
-of the other kind is `data.preference.KindGuard`), and a pair's view (the prompt once, then
+of the other kind is `data.preference_pairs.KindGuard`), and a pair's view (the prompt once, then
 both replies with their supervised spans, as the supervised view shows them) and JSON line."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from llava_cli.data.preference import PairSample, looks_like_preference
+from llava_cli.data.preference_pairs import PairSample, looks_like_preference
 from llava_cli.data.text.encoding import IGNORE_INDEX
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava_cli.train.loss import supervised_positions, supervised_targets
+from llava_cli.train.supervised_loss import supervised_positions, supervised_targets
 
 LOSS_TYPES = ("sigmoid", "ipo")
 

@@ -1,1 +1,0 @@
-"""Evaluation during training beyond eval_loss."""
