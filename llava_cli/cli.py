@@ -22,6 +22,7 @@ from llava_cli.commands import (
     train,
 )
 from llava_cli.commands.boundary import guarded
+from llava_cli.commands.help_layout import PanelledCommand
 
 app = typer.Typer(
     name="llava",
@@ -69,7 +70,7 @@ TRAINING_COMMANDS = ("pretrain", "finetune", "lora")
 def _register_commands() -> None:
     # Every command behind the one boundary: bad input is one line, never a traceback.
     for name, (function, help_text) in COMMANDS.items():
-        app.command(name, help=help_text)(guarded(name, function))
+        app.command(name, help=help_text, cls=PanelledCommand)(guarded(name, function))
 
 
 _register_commands()

@@ -12,38 +12,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from llava_cli.config.declared import stage_layer
 from llava_cli.config.original_args import in_original_order, original_names
 from llava_cli.config.run_config import ConfigError, RunConfig
+from llava_cli.config.trainer_fields import trainer_fields
 from llava_cli.config.training_checks import refuse_missing_reporters
 from llava_cli.config.values import read_yaml_text, typed
 
-# Stage presets: what each command means before any recipe or flag.
-STAGE_PRESETS: dict[str, dict[str, Any]] = {
-    # image_aspect_ratio square: LLaVA-1.5's stage 1 (its pretrain.sh passes none, so square)
-    "pretrain": {"template": "plain", "train_vision_tower": "frozen", "train_projector": "full",
-                 "train_llm": "frozen", "image_aspect_ratio": "square"},
-    "finetune": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "full"},
-    "lora": {"train_vision_tower": "frozen", "train_projector": "full", "train_llm": "lora",
-             "lora_r": 128, "lora_alpha": 256, "projector_lr": 2e-5,
-             "training_args": {"learning_rate": 2e-4}},
-    # Preference training from a trained model: the LLM learns, the vision parts stay (as
-    # LLaVA-RLHF and RLAIF-V train); --lora for the disabled-adapter reference
-    "dpo": {"objective": "dpo", "train_vision_tower": "frozen", "train_projector": "frozen",
-            "train_llm": "full", "training_args": {"learning_rate": 1e-6}},  # TRL's default
-    "inspect-data": {},
-}
-
 
 def training_argument_types() -> dict[str, Any]:
-    """Field name → type of `transformers.TrainingArguments` (imports transformers lazily)."""
-    import dataclasses
-    import typing
-
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments)
-            if f.init}
+    """Field name → type of `transformers.TrainingArguments`, read from its source (no import:
+    a typo answers at once; `config.trainer_fields`)."""
+    return {name: field.annotation for name, field in trainer_fields().items()}
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -53,8 +33,21 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set learning_rate=2e-5")
-        out[key.strip()] = raw.strip()
+        out[key.strip()] = _unquoted(raw.strip())
     return out
+
+
+def _unquoted(raw: str) -> str:
+    """A YAML-quoted text (`"no"`, `'1e5'`), the usual way to keep a value text, as its text;
+    anything else as typed."""
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        if isinstance(value, str):
+            return value
+    return raw
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -136,7 +129,7 @@ def resolve_config(command: str, recipe: str | Path | None = None,
     """
     train_types = training_argument_types()
     merged: dict[str, Any] = {}
-    layers = [(STAGE_PRESETS.get(command, {}), f"the {command} preset")]
+    layers = [(stage_layer(command), f"the {command} defaults")]
     if recipe is not None:
         layers.append((load_recipe(recipe), f"recipe {str(recipe)!r}"))
     layers.append((parse_set(sets), "--set or the command line"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,13 +18,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llava_cli.artifacts.files import write_text_atomically
 from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
+from llava_cli.config.setting import (
+    DATA,
+    EVALUATION,
+    LORA,
+    MODEL,
+    OPTIMISATION,
+    OUTPUT,
+    PREFERENCE,
+    SPEED,
+    TRAINABLE,
+    Setting,
+)
 from llava_cli.config.training_checks import (
     refuse_impossible_counts,
     refuse_preference_conflicts,
     refuse_uncacheable_tower,
 )
 from llava_cli.data.samples import DataOptions, ImageCheck
-from llava_cli.data.text.templates import CHAT_TEMPLATE, canonical_template_name
+from llava_cli.data.text.templates import CHAT_TEMPLATE, TEMPLATE_NAMES, canonical_template_name
 
 Trainability = Literal["frozen", "full", "lora"]
 _LAST_LAYERS = re.compile(r"last_(\d+)_layers")
@@ -68,82 +80,173 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Model parts
-    model_name_or_path: str | None = None
-    vision_tower: str | None = None
-    tokenizer: str | None = None  # defaults to the model's
-    projector_type: str = "mlp2x_gelu"
-    vision_select_layer: int = -2
-    vision_select_feature: Literal["patch", "cls_patch"] = "patch"
-    pretrained_projector: str | None = None
-    random_init: bool = False
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-    torch_dtype: str | None = None
-    # Trainability per component, applied in one place
-    # the tower may also train parts of itself only: `tower_parts` reads the declaration
-    train_vision_tower: str = "frozen"
-    train_projector: Trainability = "full"
-    train_llm: Trainability = "full"
-    # None: as the LLM. LLaVA's freeze_backbone freezes the decoder, keeping lm_head trained.
-    train_lm_head: Literal["frozen", "full"] | None = None
-    projector_lr: float | None = None
-    vision_tower_lr: float | None = None
+    # Model
+    model_name_or_path: Annotated[str | None, Setting(
+        "The starting model: an LLM (a new LLaVA is built around it), a LLaVA checkpoint, a "
+        "pretrain output, or an original LLaVA checkpoint.", MODEL,
+        default_text="none: required")] = None
+    vision_tower: Annotated[str | None, Setting(
+        "The vision tower (CLIP or SigLIP) of a new model.", MODEL,
+        default_text="none: required for a new model")] = None
+    tokenizer: Annotated[str | None, Setting(
+        "Tokenizer folder or hub id.", MODEL, default_text="the model's")] = None
+    projector_type: Annotated[str, Setting(
+        "Projector of a new model: mlp2x_gelu (LLaVA-1.5) or linear (LLaVA-1); a checkpoint "
+        "keeps its own.", MODEL)] = "mlp2x_gelu"
+    vision_select_layer: Annotated[int, Setting(
+        "Vision-tower layer whose features feed the projector (a checkpoint keeps its own).",
+        MODEL)] = -2
+    vision_select_feature: Annotated[Literal["patch", "cls_patch"], Setting(
+        "Patch features only, or with the CLS position (a checkpoint keeps its own).",
+        MODEL)] = "patch"
+    pretrained_projector: Annotated[str | None, Setting(
+        "Projector weights to start from: ours, or LLaVA's mm_projector.bin.", MODEL)] = None
+    random_init: Annotated[bool, Setting(
+        "Build the LLM and vision tower from their configs without weights (demo, tests).",
+        MODEL)] = False
+    trust_remote_code: Annotated[bool, Setting(
+        "Let transformers run code shipped with the model (only models you trust).",
+        MODEL)] = False
+    attn_implementation: Annotated[str, Setting(
+        "Attention: sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention.",
+        MODEL)] = "sdpa"
+    torch_dtype: Annotated[str | None, Setting(
+        "Dtype the weights load in (float32, bfloat16, float16).", MODEL,
+        default_text="bfloat16 with --bf16 and no DeepSpeed, else float32")] = None
+    # What trains: each component declared once, applied in one place (`model.parts`)
+    train_vision_tower: Annotated[str, Setting(
+        "Vision tower: frozen, full, or parts joined by + (position_embedding, "
+        "last_N_layers).", TRAINABLE)] = "frozen"
+    train_projector: Annotated[Trainability, Setting(
+        "Projector: frozen, full or lora.", TRAINABLE, stages={"dpo": "frozen"})] = "full"
+    train_llm: Annotated[Trainability, Setting(
+        "LLM: frozen, full or lora.", TRAINABLE,
+        stages={"pretrain": "frozen", "lora": "lora"})] = "full"
+    train_lm_head: Annotated[Literal["frozen", "full"] | None, Setting(
+        "LM head: frozen or full (LLaVA's freeze_backbone trains it alone).", TRAINABLE,
+        default_text="as the LLM")] = None
+    projector_lr: Annotated[float | None, Setting(
+        "Learning rate of the projector.", TRAINABLE, stages={"lora": 2e-5},
+        default_text="the learning rate")] = None
+    vision_tower_lr: Annotated[float | None, Setting(
+        "Learning rate of the vision tower.", TRAINABLE,
+        default_text="the learning rate")] = None
     # LoRA / quantization
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_bias: Literal["none", "all", "lora_only"] = "none"
-    # Which linear layers of the LLM get adapters: all (as the original LLaVA), or these kinds
-    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    bits: Literal[4, 8, 16] = 16
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    lora_r: Annotated[int, Setting("LoRA rank.", LORA, stages={"lora": 128})] = 64
+    lora_alpha: Annotated[int, Setting(
+        "LoRA alpha (the update is scaled by alpha / r).", LORA, stages={"lora": 256})] = 16
+    lora_dropout: Annotated[float, Setting("Dropout on the LoRA inputs.", LORA)] = 0.05
+    lora_bias: Annotated[Literal["none", "all", "lora_only"], Setting(
+        "Which biases train with LoRA.", LORA)] = "none"
+    lora_target_modules: Annotated[list[str] | Literal["all-linear"], Setting(
+        "The LLM's linear layers that get adapters: all-linear (as LLaVA), or a list of "
+        "names.", LORA, flag=False)] = "all-linear"
+    bits: Annotated[Literal[4, 8, 16], Setting(
+        "4 or 8: quantize the LLM and train LoRA on it (QLoRA); 16: no quantization.",
+        LORA)] = 16
+    quant_type: Annotated[Literal["nf4", "fp4"], Setting(
+        "4-bit data type.", LORA)] = "nf4"
+    double_quant: Annotated[bool, Setting(
+        "Quantize the 4-bit quantization constants too.", LORA)] = True
     # Data
-    data_path: str | None = None
-    image_folder: str | None = None
-    eval_data_path: str | None = None  # held-out records: eval_loss when checkpointing
-    eval_image_folder: str | None = None  # default: image_folder
-    eval_generate: str | None = None  # a QA file: eval_accuracy at each evaluation
-    eval_generate_image_folder: str | None = None  # default: the QA file's folder
-    eval_generate_max_new_tokens: int = Field(default=64, ge=1)
-    template: str = "v1"
-    # LLaVA's: each image written <im_start><image><im_end>, the two tokens added and trained
-    mm_use_im_start_end: bool = False
-    tokenization: Literal["hf", "llava"] = "hf"
-    image_aspect_ratio: Literal["square", "pad", "anyres"] = "pad"
-    image_grid_pinpoints: list[list[int]] | None = None
-    model_max_length: int = 2048
-    skip_bad_records: bool = False
-    # What the data checks (pre-training, held-out, inspect-data --check) read of each image:
-    # fast = header, Pillow's pixel limit and the file's end; full = decode every file.
-    image_check: ImageCheck = "fast"
-    allow_images_outside_folder: bool = False  # image paths may leave image_folder (../, /abs)
-    group_by_modality_length: bool = False
+    data_path: Annotated[str | None, Setting(
+        "Training records: LLaVA .json/.jsonl, or a mix file (docs/data.md).", DATA,
+        default_text="none: required")] = None
+    image_folder: Annotated[str | None, Setting(
+        "Where the records' relative image paths point.", DATA,
+        default_text="the data file's folder")] = None
+    template: Annotated[str, Setting(
+        "Conversation template: " + ", ".join(TEMPLATE_NAMES) + ".", DATA,
+        stages={"pretrain": "plain"})] = "v1"
+    mm_use_im_start_end: Annotated[bool, Setting(
+        "Write each image as <im_start><image><im_end> (LLaVA's option; both tokens "
+        "train).", DATA)] = False
+    tokenization: Annotated[Literal["hf", "llava"], Setting(
+        "hf: the tokenizer as it is; llava: the original code's ids, turn by turn.",
+        DATA)] = "hf"
+    image_aspect_ratio: Annotated[Literal["square", "pad", "anyres"], Setting(
+        "Image policy: square (resize), pad (to a square of the mean colour, LLaVA-1.5), "
+        "anyres (LLaVA-NeXT tiles).", DATA, stages={"pretrain": "square"})] = "pad"
+    image_grid_pinpoints: Annotated[list[list[int]] | None, Setting(
+        "anyres: the tile grid resolutions, e.g. [[336, 672], [672, 336]].", DATA,
+        flag=False, default_text="LLaVA-NeXT's")] = None
+    model_max_length: Annotated[int, Setting(
+        "Longest sample in tokens (image tokens included); longer ones are cut.",
+        DATA)] = 2048
+    skip_bad_records: Annotated[bool, Setting(
+        "Skip and count records that cannot be read instead of stopping.", DATA)] = False
+    image_check: Annotated[ImageCheck, Setting(
+        "What the data checks read of each image: fast (header and end) or full "
+        "(decode).", DATA)] = "fast"
+    allow_images_outside_folder: Annotated[bool, Setting(
+        "Let image paths leave the image folder (../, absolute paths).", DATA)] = False
+    group_by_modality_length: Annotated[bool, Setting(
+        "Batches of one modality (image or text) and similar length.", DATA)] = False
+    # Evaluation
+    eval_data_path: Annotated[str | None, Setting(
+        "Held-out records: eval_loss at every save.", EVALUATION)] = None
+    eval_image_folder: Annotated[str | None, Setting(
+        "Images of the held-out records.", EVALUATION,
+        default_text="--image-folder")] = None
+    eval_generate: Annotated[str | None, Setting(
+        "A QA file (as llava evaluate reads) answered at each evaluation: eval_accuracy "
+        "beside eval_loss.", EVALUATION)] = None
+    eval_generate_image_folder: Annotated[str | None, Setting(
+        "Images of the --eval-generate QA file.", EVALUATION, flag=False,
+        default_text="the QA file's folder")] = None
+    eval_generate_max_new_tokens: Annotated[int, Setting(
+        "Most tokens of each --eval-generate answer.", EVALUATION, flag=False)] = 64
     # Speed levers, each switchable alone (bench/bench_levers.py measures them)
-    supervised_logits_only: bool = True  # LM head + loss only where labels are supervised
-    skip_frozen_backward: bool = True  # a frozen vision tower runs forward only
-    padding_free: bool = False  # pack each batch into one row (no padding at all)
-    # Cross-sample packing to a token budget (data.batching.packing); auto: where measured
-    # faster (`packing_choice`). padded: the same packs as padded rows (the unpacked compute)
-    packing: Literal["auto", "on", "off"] = "auto"
-    packing_budget: int | None = None  # tokens per packed row; default model_max_length
-    packing_layout: Literal["packed", "padded"] = "packed"
-    vision_feature_cache: str | None = None  # a directory: the frozen tower's outputs, reused
+    supervised_logits_only: Annotated[bool, Setting(
+        "LM head and loss only where labels are supervised (same loss, less memory).",
+        SPEED)] = True
+    skip_frozen_backward: Annotated[bool, Setting(
+        "A frozen vision tower runs forward only.", SPEED)] = True
+    padding_free: Annotated[bool, Setting(
+        "Pack each batch into one row (no padding at all).", SPEED)] = False
+    packing: Annotated[Literal["auto", "on", "off"], Setting(
+        "Pack samples across the batch into rows of --packing-budget tokens; auto: where "
+        "measured faster (bench/RESULTS.md).", SPEED)] = "auto"
+    packing_budget: Annotated[int | None, Setting(
+        "Tokens per packed row.", SPEED, default_text="--model-max-length")] = None
+    packing_layout: Annotated[Literal["packed", "padded"], Setting(
+        "padded: the same packs as padded rows (the unpacked compute, for comparison).",
+        SPEED, flag=False)] = "packed"
+    vision_feature_cache: Annotated[str | None, Setting(
+        "A folder caching the frozen vision tower's outputs, reused across epochs and runs "
+        "(safe to delete).", SPEED)] = None
     # Preference training (`llava dpo`), with TRL's names; reference: the starting model as a
     # frozen copy, or the trained model with its LoRA adapters off (auto: that, under LoRA)
-    objective: Literal["sft", "dpo"] = "sft"
-    beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    rpo_alpha: float | None = None  # + alpha x the chosen replies' NLL
-    reference: Literal["auto", "copy", "disabled-adapter"] = "auto"
-    precompute_ref_log_probs: bool = False
+    objective: Annotated[Literal["sft", "dpo"], Setting(
+        "The training objective (set by the command).", PREFERENCE, flag=False,
+        stages={"dpo": "dpo"})] = "sft"
+    beta: Annotated[float, Setting(
+        "KL strength of DPO/IPO.", PREFERENCE, commands=("dpo",))] = 0.1
+    loss_type: Annotated[Literal["sigmoid", "ipo"], Setting(
+        "sigmoid (DPO) or ipo.", PREFERENCE, commands=("dpo",))] = "sigmoid"
+    rpo_alpha: Annotated[float | None, Setting(
+        "Add alpha x the chosen replies' NLL (RPO).", PREFERENCE, commands=("dpo",),
+        default_text="off")] = None
+    reference: Annotated[Literal["auto", "copy", "disabled-adapter"], Setting(
+        "The reference policy; auto: disabled-adapter with LoRA, else a frozen copy.",
+        PREFERENCE, commands=("dpo",))] = "auto"
+    precompute_ref_log_probs: Annotated[bool, Setting(
+        "Reference log-probs in one pass before training (a copy is then freed).",
+        PREFERENCE, commands=("dpo",))] = False
     # Kept as the user wrote it; transformers 5 folded it into warmup_steps (train.arguments)
-    warmup_ratio: float | None = None
+    warmup_ratio: Annotated[float | None, Setting(
+        "Share of the steps spent warming the learning rate up.", OPTIMISATION,
+        stages={"pretrain": 0.03, "finetune": 0.03, "lora": 0.03, "dpo": 0.1},
+        default_text="none")] = None
     # Output
-    output_dir: str | None = None
-    overwrite: bool = False
-    resume: str | None = None
+    output_dir: Annotated[str | None, Setting(
+        "Where the run writes its output (published complete, manifest last).", OUTPUT,
+        aliases=("-o",), default_text="none: required")] = None
+    overwrite: Annotated[bool, Setting(
+        "Allow writing into a non-empty output directory.", OUTPUT)] = False
+    resume: Annotated[str | None, Setting(
+        "Continue from a checkpoint folder, or 'latest' in the output directory.",
+        OUTPUT)] = None
     # Any other transformers.TrainingArguments field (learning_rate, num_train_epochs, …)
     training_args: dict[str, Any] = Field(default_factory=dict)
 
@@ -262,6 +365,56 @@ class RunConfig(BaseModel):
     def to_yaml(self) -> str:
         """The resolved configuration as YAML (what `--print-config` shows and runs save)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# The transformers.TrainingArguments fields with an option of their own, and the ones whose
+# default differs from transformers' (type and default otherwise transformers' own,
+# `config.trainer_fields`). Any other field is reachable through a recipe or `--set`.
+# Stage values are LLaVA-1.5's scripts/v1_5/{pretrain,finetune,finetune_lora}.sh (global
+# batch 256 / 128 on 8 GPUs: with fewer, raise gradient_accumulation_steps) and LLaVA-NeXT's
+# scripts/train/dpo.sh.
+TRAINER_SETTINGS: dict[str, tuple[Setting, Any]] = {  # name: (declaration, our default)
+    "learning_rate": (Setting(
+        "Peak learning rate.", OPTIMISATION, aliases=("--lr",),
+        stages={"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4, "dpo": 5e-7}), None),
+    "num_train_epochs": (Setting(
+        "Passes over the data (fractions allowed).", OPTIMISATION, aliases=("--epochs",),
+        stages={"pretrain": 1.0, "finetune": 1.0, "lora": 1.0, "dpo": 3.0}), None),
+    "max_steps": (Setting(
+        "Stop after this many optimizer steps (-1: run the epochs).", OPTIMISATION), None),
+    "per_device_train_batch_size": (Setting(
+        "Samples (or packed rows) per process and step.", OPTIMISATION,
+        aliases=("--batch-size",),
+        stages={"pretrain": 32, "finetune": 16, "lora": 16, "dpo": 1}), None),
+    "gradient_accumulation_steps": (Setting(
+        "Batches per optimizer step.", OPTIMISATION, stages={"dpo": 16}), None),
+    "lr_scheduler_type": (Setting(
+        "Learning-rate schedule.", OPTIMISATION,
+        stages={"pretrain": "cosine", "finetune": "cosine", "lora": "cosine",
+                "dpo": "linear"}), None),
+    "weight_decay": (Setting(
+        "AdamW weight decay.", OPTIMISATION,
+        stages={"pretrain": 0.0, "finetune": 0.0, "lora": 0.0, "dpo": 0.0}), None),
+    "seed": (Setting("Seed of the run (data order, initialisation).", OPTIMISATION), None),
+    "gradient_checkpointing": (Setting(
+        "Recompute activations in the backward pass (less memory, more time).", SPEED), None),
+    "bf16": (Setting("bfloat16 mixed precision.", SPEED), None),
+    "fp16": (Setting("float16 mixed precision (GPU only).", SPEED), None),
+    "dataloader_num_workers": (Setting(
+        "Dataloader worker processes per training process.", SPEED,
+        default_text="half the cores per process, at most 4"), None),
+    "deepspeed": (Setting(
+        "DeepSpeed JSON config (recipes/deepspeed/zero2.json, zero3.json).", SPEED), None),
+    "save_steps": (Setting("Save a checkpoint every N steps.", OUTPUT), 500),
+    "save_total_limit": (Setting("Checkpoints kept (the oldest are deleted).", OUTPUT), 2),
+    "logging_steps": (Setting("Log every N steps.", OUTPUT), 1),
+    "report_to": (Setting(
+        "Where metrics go: none, tensorboard, wandb, … (never anywhere unless asked).",
+        OUTPUT), "none"),
+    "save_strategy": (Setting("When checkpoints are saved.", OUTPUT, flag=False), "steps"),
+    "disable_tqdm": (Setting(
+        "Hide transformers' progress bar (ours replaces it).", OUTPUT, flag=False), True),
+}
 
 
 PATH_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "pretrained_projector",

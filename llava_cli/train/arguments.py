@@ -8,55 +8,40 @@ own trainer settings beside transformers' fields, so the trainer reads every set
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from typing import Any
 
 from transformers import TrainingArguments
 
 from llava_cli.artifacts.manifest import OutputKind
+from llava_cli.config.declared import declared_settings, trainer_defaults
 from llava_cli.config.run_config import RunConfig
 
-# Our defaults where transformers' do not suit LLaVA training; any of them can be overridden.
-DEFAULTS: dict[str, Any] = {
-    "report_to": "none",  # never phone home unless asked
-    "logging_steps": 1,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 2,
-    "disable_tqdm": True,  # our Rich progress replaces it
-}
+# Our settings the trainer reads from its `args` (declared once, in `config.run_config`: the
+# dataclass fields below are made from those declarations, help text included).
+CARRIED = ("projector_lr", "vision_tower_lr", "group_by_modality_length",
+           "supervised_logits_only", "vision_feature_cache", "beta", "loss_type", "rpo_alpha",
+           "eval_generate", "eval_generate_image_folder", "eval_generate_max_new_tokens",
+           "template", "image_aspect_ratio")
 
 
-@dataclass
-class LlavaTrainingArguments(TrainingArguments):
-    """transformers' TrainingArguments plus the settings `LlavaTrainer` adds."""
+def _carried_fields() -> list[tuple[str, Any, Any]]:
+    by_name = {s.name: s for s in declared_settings()}
+    out: list[tuple[str, Any, Any]] = [
+        (name, Any, field(default=by_name[name].default,
+                          metadata={"help": by_name[name].setting.help}))
+        for name in CARRIED]
+    out.append(("output_kind", OutputKind, field(
+        default=OutputKind.FULL, metadata={"help": "What checkpoints hold: projector|full|lora."})))
+    return out
 
-    projector_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the projector (default: the LLM's)."})
-    vision_tower_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the vision tower (default: the LLM's)."})
-    group_by_modality_length: bool = field(
-        default=False, metadata={"help": "Batches of one modality and similar lengths."})
-    supervised_logits_only: bool = field(
-        default=False, metadata={"help": "LM head and loss only at supervised positions."})
-    vision_feature_cache: str | None = field(
-        default=None, metadata={"help": "Directory caching the frozen vision tower's outputs."})
-    beta: float = field(default=0.1, metadata={"help": "DPO/IPO: the KL strength."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "Preference loss: sigmoid|ipo."})
-    rpo_alpha: float | None = field(
-        default=None, metadata={"help": "Preference: weight of the chosen replies' NLL."})
-    output_kind: OutputKind = field(
-        default=OutputKind.FULL, metadata={"help": "What checkpoints hold: projector|full|lora."})
-    eval_generate: str | None = field(
-        default=None, metadata={"help": "A QA file answered at each evaluation: eval_accuracy."})
-    eval_generate_image_folder: str | None = field(
-        default=None, metadata={"help": "The QA file's images (default: its folder)."})
-    eval_generate_max_new_tokens: int = field(
-        default=64, metadata={"help": "Most tokens of each answer at evaluation."})
-    template: str | None = field(
-        default=None, metadata={"help": "The training template: where an answer's turn ends."})
-    image_aspect_ratio: str = field(
-        default="square", metadata={"help": "The training image policy, for answered images."})
+
+# transformers' TrainingArguments plus the settings `LlavaTrainer` reads (a module-level name:
+# the Trainer pickles its args into every checkpoint).
+LlavaTrainingArguments = make_dataclass(
+    "LlavaTrainingArguments", _carried_fields(), bases=(TrainingArguments,),
+    namespace={"__module__": __name__,
+               "__doc__": "transformers' TrainingArguments plus the settings LlavaTrainer adds."})
 
 
 def to_training_arguments(config: RunConfig, output_dir: str) -> LlavaTrainingArguments:
@@ -79,7 +64,7 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
     gradient checkpointing (works with frozen inputs and LoRA), `use_cpu` without CUDA (else
     torchrun's ranks would each train the whole job, silently). Pure: reads nothing else.
     """
-    values = {**DEFAULTS, **config.training_args}
+    values = {**trainer_defaults(), **config.training_args}
     values.update(output_dir=output_dir, remove_unused_columns=False)
     if config.warmup_ratio is not None:  # transformers 5: a warmup_steps below 1 is a ratio
         values.setdefault("warmup_steps", config.warmup_ratio)
@@ -107,16 +92,8 @@ def argument_values(config: RunConfig, output_dir: str, *, on_cpu: bool, workers
                          "the first step; use --group-by-modality-length, or "
                          "train_sampling_strategy group_by_length: both take the lengths from "
                          "the record index")
-    values.update(projector_lr=config.projector_lr, vision_tower_lr=config.vision_tower_lr,
-                  group_by_modality_length=config.group_by_modality_length,
-                  supervised_logits_only=config.supervised_logits_only,
-                  vision_feature_cache=config.vision_feature_cache,
-                  output_kind=config.output_kind, beta=config.beta,
-                  loss_type=config.loss_type, rpo_alpha=config.rpo_alpha,
-                  eval_generate=config.eval_generate,
-                  eval_generate_image_folder=config.eval_generate_image_folder,
-                  eval_generate_max_new_tokens=config.eval_generate_max_new_tokens,
-                  template=config.template, image_aspect_ratio=config.image_aspect_ratio)
+    values.update({name: getattr(config, name) for name in CARRIED},
+                  output_kind=config.output_kind)
     return values
 
 
