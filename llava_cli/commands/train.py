@@ -16,6 +16,7 @@ from llava_cli.commands.common import (
     show_config,
 )
 from llava_cli.config.declared import DeclaredSetting, declared_settings
+from llava_cli.config.input_paths import refuse_missing_inputs
 from llava_cli.config.setting import TRAINABLE
 
 PRETRAIN_HELP = ("Stage 1: align the projector (vision tower and LLM frozen, template plain); "
@@ -115,6 +116,7 @@ def _make_command(stage: str) -> Any:
             _notes(sets, comment=True)
             return
         _notes(sets, comment=False)
+        refuse_missing_inputs(config)  # before torch: a typo in a path answers at once
         if stage == "pretrain" and config.train_llm == "lora":
             raise typer.BadParameter("pretrain trains the projector; use finetune --lora")
         run_or_exit(stage, config)

@@ -242,8 +242,16 @@ def _examples(records: list[dict[str, Any]], scores: dict[str, Any], n: int
 
 def run_demo(output_dir: str | Path, quick: bool = False, overwrite: bool = False,
              console: Any = None) -> DemoResult:
-    """Run the whole demo into `output_dir`; write eval.json and loss.png; return the result."""
+    """Run the whole demo into `output_dir`; write eval.json and loss.png; return the result.
+    The demo sets its own CPU threads: one per process (what its figures were measured with),
+    unless OMP_NUM_THREADS says otherwise."""
+    import os
+
+    import torch
     from rich.console import Console
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     from llava_cli.demo.preference_score import cpu_seconds
 

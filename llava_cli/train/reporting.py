@@ -27,7 +27,8 @@ class Reporter:
 
     def summary(self, config: Any, kind: str, counts: dict[str, int], dataset: Any,
                 args: Any, held_out: Any = None, weights: str | None = None,
-                lora_layers: list[str] | None = None, started: str | None = None) -> None:
+                lora_layers: list[str] | None = None, started: str | None = None,
+                threads: str | None = None) -> None:
         """Trainable parameters per component, data counts, effective batch, output kind,
         the dtype the weights are in (`weights`), the layers given LoRA adapters and, when it
         needs saying, what the starting model was converted from (`started`)."""
@@ -66,6 +67,8 @@ class Reporter:
         table.add_row("template / tokenization", f"{config.template} / {config.tokenization}")
         if config.vision_feature_cache:
             table.add_row("vision feature cache", config.vision_feature_cache)
+        if threads:
+            table.add_row("CPU threads", threads)
         table.add_row("output", f"{kind} → {args.output_dir}")
         self.console.print(table)
 

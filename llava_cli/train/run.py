@@ -91,7 +91,11 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     from llava_cli.train.eval_generate import check_qa_set
     from llava_cli.train.feature_cache import cache_metrics
     from llava_cli.train.outputs import resume_checkpoint, write_outputs
-    from llava_cli.train.process import prepare_environment, start_deepspeed_comm
+    from llava_cli.train.process import (
+        choose_cpu_threads,
+        prepare_environment,
+        start_deepspeed_comm,
+    )
     from llava_cli.train.reporting import report_dropped
 
     resume_from = resume_checkpoint(config, output_dir)  # fail before building a model
@@ -104,6 +108,7 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
     start_deepspeed_comm(args)
     set_seed(args.seed)  # before building: random-init parts and new rows are reproducible
     loaded = load_starting_model(config)
+    threads = choose_cpu_threads(_hidden_size(loaded.model), args.dataloader_num_workers)
     model, counts = prepare_model(config, loaded.model, args)
     attach_chat_template(loaded.processor, config.template, config.mm_use_im_start_end)
     set_generation_stops(loaded.model.generation_config, loaded.processor.tokenizer,
@@ -126,7 +131,8 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
         trainer.remove_callback(PrinterCallback)  # our Rich callback prints the logs
         weights = str(next(model.parameters()).dtype).removeprefix("torch.")
         reporter.summary(config, config.output_kind, counts, dataset, args, held_out, weights,
-                         _lora_layers(model), started=_converted_note(loaded.base))
+                         _lora_layers(model), started=_converted_note(loaded.base),
+                         threads=threads)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**result.metrics, "dropped_records": report_dropped(trainer),
                **cache_metrics(trainer.feature_cache)}
@@ -134,6 +140,11 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
         metrics["samples_per_row"] = round(dataset.records / max(len(dataset), 1), 3)
     write_outputs(trainer, loaded, config, output_dir, metrics)
     return RunResult(output_dir, config.output_kind, metrics, trainer)
+
+
+def _hidden_size(model: Any) -> int:
+    config = model.config
+    return int(getattr(getattr(config, "text_config", config), "hidden_size", 1024))
 
 
 def _converted_note(base: Any) -> str | None:
