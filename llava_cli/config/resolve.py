@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from llava_cli.config.declared import stage_layer
 from llava_cli.config.original_args import in_original_order, original_names
 from llava_cli.config.run_config import ConfigError, RunConfig
+from llava_cli.config.starting_model import own_feature_settings
 from llava_cli.config.trainer_fields import trainer_fields
 from llava_cli.config.training_checks import refuse_missing_reporters
 from llava_cli.config.values import read_yaml_text, typed
@@ -140,7 +141,7 @@ def resolve_config(command: str, recipe: str | Path | None = None,
         merged.update(placed)
         merged["training_args"] = args
     try:
-        config = RunConfig.model_validate(merged)
+        config = _with_model_features(RunConfig.model_validate(merged))
         # Here, not in the model: a saved configuration read back elsewhere (merge-lora on
         # another machine) need not have the reporter installed.
         refuse_missing_reporters(config.training_args.get("report_to"))
@@ -149,6 +150,19 @@ def resolve_config(command: str, recipe: str | Path | None = None,
     except ValueError as err:
         raise ConfigError(f"invalid configuration:\n  {err}") from None
     return config
+
+
+def _with_model_features(config: RunConfig) -> RunConfig:
+    """`config` showing the starting model's own feature settings where none was given (a
+    checkpoint keeps its own: `model.start`); what was given stays marked as given."""
+    given = set(config.model_fields_set)
+    own = {key: value for key, value in own_feature_settings(config.model_name_or_path).items()
+           if key not in given}
+    if not own:
+        return config
+    values = {**dict(config), **own}
+    RunConfig.model_validate(values)  # the model's values are valid settings too
+    return RunConfig.model_construct(_fields_set=given, **values)
 
 
 def _explain(err: ValidationError) -> str:
