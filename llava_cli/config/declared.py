@@ -68,7 +68,9 @@ class DeclaredSetting:
     def shown_default(self, command: str) -> str:
         """The default as `--help` and the settings reference word it."""
         value = self.default_for(command)
-        if value is None or value is NO_DEFAULT:
+        computed = self.trainer and TRAINER_SETTINGS[self.name][1] is None \
+            and command not in self.setting.stages and self.setting.default_text
+        if value is None or value is NO_DEFAULT or computed:
             return self.setting.default_text or "none"
         return format_value(value)
 

@@ -397,7 +397,7 @@ TRAINER_SETTINGS: dict[str, tuple[Setting, Any]] = {  # name: (declaration, our 
         stages={"pretrain": 0.0, "finetune": 0.0, "lora": 0.0, "dpo": 0.0}), None),
     "seed": (Setting("Seed of the run (data order, initialisation).", OPTIMISATION), None),
     "gradient_checkpointing": (Setting(
-        "Recompute activations in the backward pass (less memory, more time).", SPEED), None),
+        "Recompute activations in the backward pass (less memory, more time).", SPEED), False),
     "bf16": (Setting("bfloat16 mixed precision.", SPEED), None),
     "fp16": (Setting("float16 mixed precision (GPU only).", SPEED), None),
     "dataloader_num_workers": (Setting(
@@ -409,8 +409,8 @@ TRAINER_SETTINGS: dict[str, tuple[Setting, Any]] = {  # name: (declaration, our 
     "save_total_limit": (Setting("Checkpoints kept (the oldest are deleted).", OUTPUT), 2),
     "logging_steps": (Setting("Log every N steps.", OUTPUT), 1),
     "report_to": (Setting(
-        "Where metrics go: none, tensorboard, wandb, … (never anywhere unless asked).",
-        OUTPUT), "none"),
+        "Where metrics go: none, tensorboard, wandb or another integration (nowhere unless "
+        "asked).", OUTPUT), "none"),
     "save_strategy": (Setting("When checkpoints are saved.", OUTPUT, flag=False), "steps"),
     "disable_tqdm": (Setting(
         "Hide transformers' progress bar (ours replaces it).", OUTPUT, flag=False), True),
