@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from llava_cli.config.declared import DeclaredSetting
     from llava_cli.config.run_config import RunConfig
 
 CONFIG_PANEL = "Configuration"
@@ -21,6 +22,53 @@ SetOption = Annotated[list[str] | None, typer.Option(
 PrintConfig = Annotated[bool, typer.Option(
     "--print-config", rich_help_panel=CONFIG_PANEL,
     help="Print the resolved configuration and exit.")]
+
+
+def setting_option(declared: DeclaredSetting, command: str, offered: bool = True) -> Any:
+    """The Typer option of a declared setting, as a parameter annotation: its names, help
+    ending with `command`'s default, panel, and choices (an Enum: Typer lists its values).
+    `None` is its default: "not given", so a recipe or `--set` below it still counts."""
+    import enum
+
+    help_text = f"{declared.setting.help} [default: {declared.shown_default(command)}]"
+    choices = declared.choices
+    if choices and len(choices) > 4:
+        help_text += f" [choices: {', '.join(choices)}]"
+    names = declared.option_names
+    if declared.is_switch:
+        dashed = names[0][2:]
+        names = (f"--{dashed}/--no-{dashed}", *names[1:])
+    option = typer.Option(
+        *names, help=help_text, rich_help_panel=declared.setting.panel, show_default=False,
+        hidden=not offered, metavar=_metavar(declared, choices))
+    kind: Any = declared.value_type
+    if choices and not declared.is_switch:
+        kind = enum.Enum(declared.name, {choice: choice for choice in choices}, type=str)
+    return Annotated[kind | None, option]
+
+
+def option_for(name: str, command: str) -> Any:
+    """`setting_option` of the declared setting `name` (for commands with a few of them)."""
+    from llava_cli.config.declared import declared_settings
+
+    declared = next(s for s in declared_settings() if s.name == name)
+    return setting_option(declared, command)
+
+
+def given_values(given: dict[str, Any]) -> dict[str, Any]:
+    """Option values as the configuration reads them (a choice's Enum member as its text)."""
+    import enum
+
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in given.items()}
+
+
+def _metavar(declared: DeclaredSetting, choices: tuple[str, ...] | None) -> str | None:
+    """N, X, TEXT, or the choices (a long list of them is named in the help instead)."""
+    if declared.is_switch:
+        return None
+    if choices:
+        return "[" + "|".join(choices) + "]" if len(choices) <= 4 else "NAME"
+    return {int: "N", float: "X"}.get(declared.value_type, "TEXT")
 
 
 def config_or_exit(command: str, recipe: Path | None, sets: list[str] | None,

@@ -7,10 +7,27 @@ from typing import Annotated
 
 import typer
 
-from llava_cli.commands.common import PrintConfig, SetOption, config_or_exit, show_config
+from llava_cli.commands.common import (
+    PrintConfig,
+    SetOption,
+    config_or_exit,
+    given_values,
+    option_for,
+    show_config,
+)
 
 VIEW = "What to show"
 DATA = "Data and tokenizer"
+COMMAND = "inspect-data"
+
+# The run settings inspect-data reads, declared once (`config.run_config`) as training's are.
+ImageFolder = option_for("image_folder", COMMAND)
+Tokenizer = option_for("tokenizer", COMMAND)
+Template = option_for("template", COMMAND)
+Tokenization = option_for("tokenization", COMMAND)
+ModelMaxLength = option_for("model_max_length", COMMAND)
+ImageAspectRatio = option_for("image_aspect_ratio", COMMAND)
+AllowOutside = option_for("allow_images_outside_folder", COMMAND)
 
 
 def inspect_data(
@@ -25,18 +42,15 @@ def inspect_data(
     demo: Annotated[bool, typer.Option(
         "--demo", help="Use the bundled sample records and the built-in demo tokenizer.",
         rich_help_panel=DATA)] = False,
-    image_folder: Annotated[str | None, typer.Option(rich_help_panel=DATA)] = None,
-    tokenizer: Annotated[str | None, typer.Option(
-        help="Tokenizer folder or hub id ('demo': built-in).", rich_help_panel=DATA)] = None,
+    image_folder: ImageFolder = None,
+    tokenizer: Tokenizer = None,
     model: Annotated[str | None, typer.Option(
         help="A LLaVA model folder: its tokenizer and image-token count.",
         rich_help_panel=DATA)] = None,
-    template: Annotated[str | None, typer.Option(rich_help_panel=DATA)] = None,
-    tokenization: Annotated[str | None, typer.Option(
-        help="hf (as the saved processor) | llava (as the original code).",
-        rich_help_panel=DATA)] = None,
-    model_max_length: Annotated[int | None, typer.Option(rich_help_panel=DATA)] = None,
-    image_aspect_ratio: Annotated[str | None, typer.Option(rich_help_panel=DATA)] = None,
+    template: Template = None,
+    tokenization: Tokenization = None,
+    model_max_length: ModelMaxLength = None,
+    image_aspect_ratio: ImageAspectRatio = None,
     image_tokens: Annotated[int | None, typer.Option(
         help="Tokens per image (default: from --model, else 576).", rich_help_panel=DATA)] = None,
     index: Annotated[int | None, typer.Option(
@@ -51,9 +65,7 @@ def inspect_data(
     full_decode: Annotated[bool, typer.Option(
         "--full-decode", help="--check decodes every image (default: header, pixel limit and "
         "the file's end).", rich_help_panel=VIEW)] = False,
-    allow_outside: Annotated[bool, typer.Option(
-        "--allow-images-outside-folder", help="Accept image paths that leave --image-folder "
-        "('../', absolute).", rich_help_panel=DATA)] = False,
+    allow_images_outside_folder: AllowOutside = None,
     output_format: Annotated[str, typer.Option(
         "--format", help="rich | json | jsonl.", rich_help_panel=VIEW)] = "rich",
     show_ids: Annotated[bool, typer.Option(
@@ -77,7 +89,8 @@ def inspect_data(
              "image_aspect_ratio": image_aspect_ratio,
              # Off means "not given": a recipe or --set may still turn them on.
              "image_check": "full" if full_decode else None,
-             "allow_images_outside_folder": True if allow_outside else None}
+             "allow_images_outside_folder": allow_images_outside_folder}
+    flags = given_values(flags)
     if demo:
         records, folder = demo_data()
         flags = {"data_path": records, "image_folder": folder, "tokenizer": "demo",

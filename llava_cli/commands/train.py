@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import inspect
 from typing import Annotated, Any, NamedTuple
 
@@ -13,6 +12,8 @@ from llava_cli.commands.common import (
     Recipe,
     SetOption,
     config_or_exit,
+    given_values,
+    setting_option,
     show_config,
 )
 from llava_cli.config.declared import DeclaredSetting, declared_settings
@@ -52,34 +53,11 @@ SWITCHES = (
 
 
 def _option(declared: DeclaredSetting, stage: str) -> inspect.Parameter:
-    """The Typer option of one declared setting, its help ending with `stage`'s default;
-    hidden on commands that do not offer it (given anyway, it is refused)."""
-    offered = stage in declared.setting.commands
-    help_text = f"{declared.setting.help} [default: {declared.shown_default(stage)}]"
-    choices = declared.choices
-    if choices and len(choices) > 4:
-        help_text += f" [choices: {', '.join(choices)}]"
-    names = declared.option_names
-    if declared.is_switch:
-        dashed = names[0][2:]
-        names = (f"--{dashed}/--no-{dashed}", *names[1:])
-    option = typer.Option(
-        *names, help=help_text, rich_help_panel=declared.setting.panel, show_default=False,
-        hidden=not offered, metavar=_metavar(declared, choices))
-    kind: Any = declared.value_type
-    if choices and not declared.is_switch:  # Typer lists an Enum's values as the choices
-        kind = enum.Enum(declared.name, {choice: choice for choice in choices}, type=str)
+    """The parameter of one declared setting's option; hidden on commands that do not offer
+    it (given anyway, it is refused)."""
+    annotation = setting_option(declared, stage, offered=stage in declared.setting.commands)
     return inspect.Parameter(declared.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[kind | None, option])
-
-
-def _metavar(declared: DeclaredSetting, choices: tuple[str, ...] | None) -> str | None:
-    """N, X, TEXT, or the choices (a long list of them is named in the help instead)."""
-    if declared.is_switch:
-        return None
-    if choices:
-        return "[" + "|".join(choices) + "]" if len(choices) <= 4 else "NAME"
-    return {int: "N", float: "X"}.get(declared.value_type, "TEXT")
+                             annotation=annotation)
 
 
 def _switch_option(switch: Switch, stage: str, defaults: dict[str, str]) -> inspect.Parameter:
@@ -108,7 +86,7 @@ def _make_command(stage: str) -> Any:
             raise typer.BadParameter(f"{name.option_names[0]} is a "
                                      f"{' and '.join(name.setting.commands)} option: use "
                                      f"llava {name.setting.commands[0]}")
-        given = {k: v.value if isinstance(v, enum.Enum) else v for k, v in given.items()}
+        given = given_values(given)
         given.update(_switched(given))
         config = config_or_exit(stage, recipe, sets, given)
         if print_config:
