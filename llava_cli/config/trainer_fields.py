@@ -54,24 +54,73 @@ def _classes(path: Path) -> dict[str, ast.ClassDef]:
     return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
+SOURCES = ("training_args.py", "trainer_utils.py", "debug_utils.py")
+CACHE_VERSION = 1
+
+
 def _from_source() -> dict[str, TrainerField]:
+    """The fields, rebuilt from what `_extract` read (cached on disk by the source files'
+    sizes and mtimes: parsing them costs a third of a second, the cache a millisecond)."""
     package = _package_dir()
-    classes = _classes(package / "training_args.py")
-    enums = {name: _enum_from(node) for path in ("trainer_utils.py", "debug_utils.py")
-             for name, node in _classes(package / path).items() if _is_enum(node)}
-    enums.update({name: _enum_from(node) for name, node in classes.items() if _is_enum(node)})
+    extracted = _cached_extract(package)
+    enums = {name: enum.Enum(name, members)  # type: ignore[misc]
+             for name, members in extracted["enums"].items()}
     names = {**enums, "Any": Any, "Literal": Literal, "None": None}
     fields: dict[str, TrainerField] = {}
+    for name, source, default, has_default in extracted["fields"]:
+        annotation = _annotation(ast.parse(source, mode="eval").body, names)
+        fields[name] = TrainerField(annotation, default if has_default else NO_DEFAULT)
+    if len(fields) < 50 or "learning_rate" not in fields:
+        raise ValueError("TrainingArguments not found in the expected layout")
+    return fields
+
+
+def _cached_extract(package: Path) -> dict[str, Any]:
+    import json
+    import os
+
+    from llava_cli.artifacts.files import write_text_atomically
+    from llava_cli.data.records import default_cache_dir
+
+    stats = [[name, os.stat(package / name).st_size, os.stat(package / name).st_mtime_ns]
+             for name in SOURCES]
+    key = [CACHE_VERSION, str(package), stats]
+    file = Path(default_cache_dir()) / "trainer_fields.json"
+    try:
+        cached = json.loads(file.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or unreadable: read the source again
+    extracted = {"key": key, **_extract(package)}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(file, json.dumps(extracted))
+    except (OSError, TypeError, ValueError):
+        pass  # an unwritable cache (or a default JSON cannot hold) costs the next start
+    return extracted
+
+
+def _extract(package: Path) -> dict[str, Any]:
+    """From transformers' source: each enum's members, and each init field of
+    TrainingArguments as (name, annotation source, default, whether it has one)."""
+    classes = _classes(package / "training_args.py")
+    enum_nodes = {name: node for path in SOURCES[1:]
+                  for name, node in _classes(package / path).items() if _is_enum(node)}
+    enum_nodes.update({name: node for name, node in classes.items() if _is_enum(node)})
+    members = {name: _members(node) for name, node in enum_nodes.items()}
+    enums = {name: enum.Enum(name, values)  # type: ignore[misc]
+             for name, values in members.items()}
+    fields = []
     for statement in classes["TrainingArguments"].body:
         if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
             continue
         default, init = _default_of(statement.value, enums)
         if init:
-            annotation = _annotation(statement.annotation, names)
-            fields[statement.target.id] = TrainerField(annotation, default)
-    if len(fields) < 50 or "learning_rate" not in fields:
-        raise ValueError("TrainingArguments not found in the expected layout")
-    return fields
+            has_default = default is not NO_DEFAULT
+            fields.append([statement.target.id, ast.unparse(statement.annotation),
+                           default if has_default else None, has_default])
+    return {"enums": members, "fields": fields}
 
 
 def _is_enum(node: ast.ClassDef) -> bool:
@@ -79,14 +128,14 @@ def _is_enum(node: ast.ClassDef) -> bool:
                for base in node.bases) and any(isinstance(s, ast.Assign) for s in node.body)
 
 
-def _enum_from(node: ast.ClassDef) -> type[enum.Enum]:
+def _members(node: ast.ClassDef) -> dict[str, Any]:
     members = {}
     for statement in node.body:
         if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
                 and isinstance(statement.targets[0], ast.Name)
                 and isinstance(statement.value, ast.Constant)):
             members[statement.targets[0].id] = statement.value.value
-    return enum.Enum(node.name, members)  # type: ignore[return-value]
+    return members
 
 
 def _default_of(value: ast.expr | None, enums: dict[str, type[enum.Enum]]
