@@ -21,6 +21,18 @@ def plain(text: str) -> str:
     return _MARKUP.sub("", text).replace("\\[", "[")
 
 
+def with_default(param: click.Parameter, help_text: str) -> str:
+    """`help_text` ending with the option's default when it does not state one already: a
+    switch's on/off, or none for an option that is not required."""
+    said = "[default:" in help_text or "default:" in help_text.lower() \
+        or "(default" in help_text.lower() or "[required]" in help_text
+    if said or "--help" in getattr(param, "opts", ()):
+        return help_text
+    if getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
+        return f"{help_text} [default: {'on' if param.default else 'off'}]"
+    return f"{help_text} [default: none]"
+
+
 class PanelledCommand(TyperCommand):
     """A Typer command whose `--help` is click's layout, grouped by help panel."""
 
@@ -48,7 +60,8 @@ class PanelledCommand(TyperCommand):
                 section = "Arguments"
             else:
                 section = getattr(param, "rich_help_panel", None) or "Options"
-            sections.setdefault(section, []).append((names, plain(help_text)))
+                help_text = with_default(param, plain(help_text))
+            sections.setdefault(section, []).append((names, help_text))
         for section, rows in sections.items():
             with formatter.section(section):
                 formatter.write_dl(rows, col_max=34)
