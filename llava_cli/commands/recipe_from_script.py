@@ -20,7 +20,8 @@ def recipe_from_script(
     """Print the recipe YAML that the script's train.py arguments mean (the script is read,
     never run).
 
-    The same arguments also run as written: llava finetune --model_name_or_path M --bf16 True (and the rest of the script).
+    The same arguments also run as written: llava finetune --model_name_or_path M
+    --bf16 True (and the rest of the script).
     """
     from llava_cli.config.original_script import recipe_from_arguments, script_arguments
     from llava_cli.config.run_config import ConfigError
