@@ -62,6 +62,9 @@ def read_qa_set(data: str | Path, image_folder: str | Path | None = None,
     from llava_cli.data.records import RecordIndex
 
     check_metric(metric)
+    if image_folder is not None and not Path(image_folder).expanduser().is_dir():
+        raise ValueError(f"image folder {str(image_folder)!r} is not a folder; give the folder "
+                         "the records' image paths start from (default: the data file's)")
     index = RecordIndex.open(data)
     raw = [index.read(i) for i in range(len(index))]
     if not raw:

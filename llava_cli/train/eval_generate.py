@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from transformers.trainer_utils import speed_metrics
@@ -45,13 +44,8 @@ def check_qa_set(config: RunConfig) -> QASet | None:
     field). Images follow the run's `allow_images_outside_folder`, as the training records."""
     if not config.eval_generate:
         return None
-    folder = config.eval_generate_image_folder
-    if folder is not None and not Path(folder).expanduser().is_dir():
-        raise ValueError(f"--eval-generate {config.eval_generate}: eval_generate_image_folder "
-                         f"{folder!r} is not a folder; give the folder of its images (default: "
-                         "the QA file's folder)")
     try:
-        return read_qa_set(config.eval_generate, folder,
+        return read_qa_set(config.eval_generate, config.eval_generate_image_folder,
                            allow_outside=config.allow_images_outside_folder,
                            allow_hint="--set allow_images_outside_folder=true")
     except ValueError as err:

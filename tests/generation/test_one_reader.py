@@ -158,6 +158,17 @@ def test_dev_stdin_is_refused_not_read(qa, tmp_path, command):
         "with images allowed outside the folder)"]
 
 
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+def test_an_image_folder_that_is_not_there_is_named(qa, tmp_path, command):
+    wrong = tmp_path / "not-there"
+    result = runner.invoke(app, [command, str(tmp_path / "never-loaded"), "--data", str(qa),
+                                 "--image-folder", str(wrong), "--output",
+                                 str(tmp_path / "o.jsonl")])
+    assert _one_line(result, command) == (
+        f"image folder '{wrong}' is not a folder; give the folder the records' image paths "
+        "start from (default: the data file's)")
+
+
 def test_evaluate_checks_every_record_before_the_model(qa, tmp_path):
     records = [{"id": f"q{n}", "image": "pics/cat.webp", "question": "Q?", "answer": "a"}
                for n in range(12)]

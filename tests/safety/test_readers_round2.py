@@ -145,8 +145,8 @@ def test_eval_generate_is_checked_whole_before_the_model(layout, tmp_path):
                                           "--set", f"eval_generate_image_folder={wrong}")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        f"llava pretrain: --eval-generate {qa}: eval_generate_image_folder '{wrong}' is not a "
-        "folder; give the folder of its images (default: the QA file's folder)")
+        f"llava pretrain: --eval-generate {qa}: image folder '{wrong}' is not a folder; give "
+        "the folder the records' image paths start from (default: the data file's)")
 
 
 def test_eval_generate_images_are_confined_as_the_training_records(layout, tmp_path):
