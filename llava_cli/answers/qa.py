@@ -4,9 +4,13 @@ Two layouts, record by record:
 
 - LLaVA records: `image` (or `images`) and `conversations`; the first human turn is the
   question (its `<image>` placeholder removed), the gpt turn after it the reference;
-- QA records: `question`, `answer` (one reference) or `answers` (several: strings, or VQA's
+- QA records: `question`, `answer` (one reference) or `answers` (several: texts, or VQA's
   `{"answer": ...}` objects), `image`, and optionally `id`, `question_type`, `hint` and the
   options of a multiple-choice question (see `scoring.record_options`).
+
+A reference is text (a number is read as its text); anything else (a list inside `answers`,
+a mapping without `answer`) could never match an answer and is refused, naming the record and
+the field. `llava generate --data` reads the same layouts, the reference then optional.
 
 Fields win over the conversation: a LLaVA record with `answer`/`answers` is scored against
 those, a record with `question` is asked that. A multiple-choice question is asked as
@@ -42,12 +46,13 @@ class QARecord:
 
 
 def read_qa_record(record: Any, position: int, source: str, metric: str | None = None,
-                   group_by: str | None = None) -> QARecord:
+                   group_by: str | None = None, need_reference: bool = True) -> QARecord:
     """The question, images and references of one record (`position`: its index in `source`,
-    for the messages); raises ValueError naming the record, the field and what to do."""
+    for the messages); raises ValueError naming the record, the field and what to do.
+    `need_reference=False` (`generate --data`): a record without a reference is asked too."""
     from llava_cli.data.conversation import record_id_of
 
-    where = f"record {record_id_of(record, position)!r} (number {position} in {source})"
+    where = record_place(record_id_of(record, position), position, source)
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object, not "
                          f"{type(record).__name__}")
@@ -56,13 +61,17 @@ def read_qa_record(record: Any, position: int, source: str, metric: str | None =
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: no question; give it a `question` field or a first human "
                          "turn in `conversations`")
-    references = _references(record, replied, where)
-    options = record_options(record)
+    references = _references(record, replied, where, need_reference)
+    try:
+        options = record_options(record)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     chosen = metric_for(references, options, metric)
-    if chosen == "choice" and not options:
+    if chosen == "choice" and not options and need_reference:
         raise ValueError(f"{where}: --metric choice needs options; give it `options` "
                          "({\"A\": ..., \"B\": ...} or a list) or fields A, B, C, D")
-    if chosen == "choice" and reference_letter(references[0], options) is None:
+    if chosen == "choice" and references and \
+            reference_letter(references[0], options) is None:
         raise ValueError(f"{where}: the reference {references[0]!r} names none of the options "
                          f"{', '.join(options)}; give the right option's letter or text")
     images = _images(record, where)
@@ -70,6 +79,11 @@ def read_qa_record(record: Any, position: int, source: str, metric: str | None =
         else question.strip()
     group = None if group_by is None else _group(record, group_by)
     return QARecord(rid, prompt, images, references, options, chosen, group)
+
+
+def record_place(record_id: str, position: int, source: str) -> str:
+    """How messages name a record: its id, and its number in its file."""
+    return f"record {record_id!r} (number {position} in {source})"
 
 
 def choice_prompt(question: str, options: dict[str, str], hint: Any = None) -> str:
@@ -125,21 +139,39 @@ def record_prompt(record: dict[str, Any], position: int) -> tuple[str, str, list
     return conv.record_id, first, conv.images, reference
 
 
-def _references(record: dict[str, Any], replied: str | None, where: str) -> list[str]:
+def _references(record: dict[str, Any], replied: str | None, where: str,
+                need_reference: bool = True) -> list[str]:
     if "answers" in record:
         given = record["answers"]
         if not isinstance(given, list):
-            raise ValueError(f"{where}: `answers` must be a list of reference answers")
-        refs = [a.get("answer") if isinstance(a, dict) else a for a in given]
+            raise ValueError(f"{where}: `answers` must be a list of reference answers (texts)")
+        refs = []
+        for n, one in enumerate(given):
+            if isinstance(one, dict) and "answer" not in one:
+                raise ValueError(f"{where}: `answers[{n}]` is an object without `answer`; "
+                                 "give texts, or {\"answer\": text} objects")
+            refs.append(_reference(one["answer"], f"answers[{n}].answer", where)
+                        if isinstance(one, dict) else _reference(one, f"answers[{n}]", where))
     elif "answer" in record:
-        refs = [record["answer"]]
+        refs = [_reference(record["answer"], "answer", where)]
     else:
         refs = [replied] if replied is not None else []
-    refs = [str(r) for r in refs if r is not None and str(r).strip()]
-    if not refs:
+    refs = [r for r in refs if r is not None and r.strip()]
+    if not refs and need_reference:
         raise ValueError(f"{where}: no reference answer; give it `answer`, `answers` or a gpt "
                          "turn after the question in `conversations`")
     return refs
+
+
+def _reference(value: Any, name: str, where: str) -> str | None:
+    """One reference as text (None: left out), or ValueError naming its field."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: `{name}` is a {type(value).__name__}, which can never match "
+                     "an answer; a reference must be text (`answers`: a list of texts, or of "
+                     "{\"answer\": text} objects)")
 
 
 def _images(record: dict[str, Any], where: str) -> list[str]:

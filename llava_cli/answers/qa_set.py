@@ -2,8 +2,11 @@
 `llava evaluate` and of training's evaluation (`--eval-generate`), so both give the same
 answers and the same accuracy for the same model.
 
-Every record is read and checked before any model is needed (`read_qa_set`), so bad input
-fails in a second, naming the record and the field. Answers come `batch_size` records per
+Every record is read and checked before any model is needed (`read_qa_set`): its fields, and
+every image resolved by the one path rule (`data.image_paths`: the image folder given, else
+the QA file's folder), kept inside that folder unless allowed, a regular file that opens as an
+image. So bad input fails in a second, naming the record and the field, not at the 13th
+answer or after a training run's steps. Answers come `batch_size` records per
 generate call (`answer_questions`), left-padded: the same answers as one at a time.
 """
 
@@ -12,16 +15,23 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from llava_cli.answers.generator import DEFAULT_MAX_NEW_TOKENS, Generator
-from llava_cli.answers.qa import QARecord, check_group_field, check_metric, read_qa_record
+from llava_cli.answers.qa import (
+    QARecord,
+    check_group_field,
+    check_metric,
+    read_qa_record,
+    record_place,
+)
 from llava_cli.answers.scoring import Tally, score_answer
 
 DEFAULT_GROUP = "question_type"
 DEFAULT_BATCH_SIZE = 8
+ALLOW_OUTSIDE = "--allow-images-outside-folder"  # how `generate`/`evaluate` allow such paths
 
 
 @dataclass(frozen=True)
@@ -39,13 +49,22 @@ class QASet:
 
 
 def read_qa_set(data: str | Path, image_folder: str | Path | None = None,
-                metric: str | None = None, group_by: str | None = None) -> QASet:
+                metric: str | None = None, group_by: str | None = None, *,
+                allow_outside: bool = False, allow_hint: str = ALLOW_OUTSIDE,
+                need_reference: bool = True, check_images: bool = True) -> QASet:
     """Every record of `data` as a `QARecord` (ValueError naming the first bad one), the field
     grouped by (an explicit `group_by` no record has is refused; by default `question_type`,
-    when any record has it) and the image folder (default: the data file's folder)."""
+    when any record has it) and the image folder (`data.image_paths.image_root`: the one given,
+    else the data file's folder). Each record's images are absolute paths, confined to that
+    folder unless `allow_outside` (`allow_hint`: how the user allows it) and, unless
+    `check_images` is False, checked (`data.images.check_image`: a regular image file)."""
+    from llava_cli.data.image_paths import image_root
     from llava_cli.data.records import RecordIndex
 
     check_metric(metric)
+    if image_folder is not None and not Path(image_folder).expanduser().is_dir():
+        raise ValueError(f"image folder {str(image_folder)!r} is not a folder; give the folder "
+                         "the records' image paths start from (default: the data file's)")
     index = RecordIndex.open(data)
     raw = [index.read(i) for i in range(len(index))]
     if not raw:
@@ -54,9 +73,40 @@ def read_qa_set(data: str | Path, image_folder: str | Path | None = None,
         check_group_field(raw, group_by, str(data))
     elif any(isinstance(r, dict) and DEFAULT_GROUP in r for r in raw):
         group_by = DEFAULT_GROUP
-    records = [read_qa_record(r, i, str(data), metric, group_by) for i, r in enumerate(raw)]
-    folder = Path(image_folder) if image_folder is not None else Path(data).resolve().parent
-    return QASet(records, group_by, folder, str(data))
+    root = image_root(image_folder, data)
+    images = _ImageCheck(root, allow_outside, allow_hint, check_images)
+    records = []
+    for i, one in enumerate(raw):
+        record = read_qa_record(one, i, str(data), metric, group_by, need_reference)
+        where = record_place(record.record_id, i, str(data))
+        records.append(replace(record, images=[images.path(p, where) for p in record.images]))
+    return QASet(records, group_by, Path(root), str(data))
+
+
+class _ImageCheck:
+    """A QA file's image paths resolved, confined and checked, each file once."""
+
+    def __init__(self, root: str, allow_outside: bool, allow_hint: str, check: bool) -> None:
+        self.root, self.allow_outside, self.allow_hint, self.check = \
+            root, allow_outside, allow_hint, check
+        self.seen: set[str] = set()
+
+    def path(self, relative: str, where: str) -> str:
+        """The absolute path of `relative`, or ValueError naming `where` and the field."""
+        from llava_cli.data.image_paths import ImageOutsideFolder, confine
+        from llava_cli.data.images import ImageError, check_image
+
+        try:
+            path = confine(self.root, relative, self.allow_outside)
+            if self.check and path not in self.seen:
+                check_image(path, label=relative)
+                self.seen.add(path)
+        except ImageOutsideFolder as err:
+            raise ValueError(f"{where}: `image`: {err}; allow such paths with "
+                             f"{self.allow_hint}") from None
+        except ImageError as err:
+            raise ValueError(f"{where}: `image`: {err}") from None
+        return path
 
 
 def answer_questions(generator: Generator, records: Sequence[QARecord], image_folder: Path,

@@ -92,18 +92,45 @@ _BARE = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
 def record_options(record: Mapping[str, object]) -> dict[str, str]:
     """The options of a multiple-choice record, letter → text ({} when it has none).
 
-    Accepted layouts: `options` (or `choices`) as a mapping {"A": "cat", ...} or as a list
-    (lettered A, B, … in order), or top-level fields "A", "B", … (MMBench's columns; empty,
-    null or NaN ones are left out, as MMBench's questions have two to four options).
+    Accepted layouts: `options` (or `choices`) as a mapping {"A": "cat", ...}, as a list
+    (lettered A, B, … in order) or as text with one lettered option a line ("A. cat\nB. dog";
+    "A)" and "(A)" too), or top-level fields "A", "B", … (MMBench's columns; empty, null or
+    NaN ones are left out, as MMBench's questions have two to four options). Anything else
+    (text that is not lettered lines, a number, an option that is a list or mapping) is a
+    ValueError naming the field: ignored options would score a choice question as free text.
     """
-    given = record.get("options", record.get("choices"))
+    key = "options" if "options" in record else "choices"
+    given = record.get(key)
     if isinstance(given, Mapping):
         pairs = [(str(k).strip().upper(), v) for k, v in given.items()]
     elif isinstance(given, list):
         pairs = list(zip(_LETTERS, given, strict=False))
+    elif isinstance(given, str):
+        pairs = _lettered_lines(given, key)
+    elif given is not None:
+        raise ValueError(f"`{key}` is {type(given).__name__}; give a list of options, a "
+                         "mapping {\"A\": ..., \"B\": ...} or one \"A. text\" line per option")
     else:
         pairs = [(letter, record.get(letter)) for letter in _LETTERS if letter in record]
+    for letter, value in pairs:
+        if isinstance(value, (Mapping, list)):
+            raise ValueError(f"option {letter} of `{key}` is a {type(value).__name__}; "
+                             "each option must be text")
     return {k: str(v).strip() for k, v in pairs if _present(v)}
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.*?)\s*$")
+
+
+def _lettered_lines(text: str, key: str) -> list[tuple[str, str]]:
+    """The options of a text `options` field: one "A. cat" line each (blank lines skipped)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    found = [_OPTION_LINE.match(line) for line in lines]
+    if not all(found):  # no lines (empty text): no options
+        bad = next((line for line, m in zip(lines, found, strict=True) if not m), text)
+        raise ValueError(f"`{key}` is text, but {bad.strip()!r} is not a lettered option "
+                         "line; give one \"A. text\" line per option, or a list of options")
+    return [(m.group(1), m.group(2)) for m in found if m]
 
 
 def _present(value: object) -> bool:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llava_cli.commands.generate import Adapter, MaxNewTokens, Overwrite
+from llava_cli.commands.generate import Adapter, AllowOutside, MaxNewTokens, Overwrite
 
 if TYPE_CHECKING:
     from llava_cli.generation.qa_evaluation import EvalReport
@@ -43,8 +43,8 @@ def evaluate(
         "--output", "-o", help="Predictions, JSON lines: id, prediction, score, references, "
         "group, metric.", show_default=False)],
     image_folder: Annotated[Path | None, typer.Option(
-        "--image-folder", help="Where the records' images are (default: the data file's "
-        "folder).")] = None,
+        "--image-folder", help="Where the records' relative image paths start (default: the "
+        "data file's folder).")] = None,
     metric: Annotated[Metric | None, typer.Option(
         "--metric", help="Score every record this way (default per record: choice with "
         "options, vqa with several references, else exact).", rich_help_panel=SCORING)] = None,
@@ -63,14 +63,15 @@ def evaluate(
         "answers as one at a time).")] = 8,
     overwrite: Overwrite = False,
     adapter: Adapter = None,
+    allow_outside: AllowOutside = False,
 ) -> None:
     """Answer every question of a QA file (greedy, the saved chat template) and score the
     answers: exact match, VQA soft accuracy, multiple-choice letters; overall and per group."""
-    from llava_cli.artifacts.output_dir import refuse_existing_file
-
     if not data.is_file():
         raise ValueError(f"--data {data}: no such file; give the QA file (.json or .jsonl)")
-    refuse_existing_file(output, overwrite)
+    from llava_cli.artifacts.output_dir import refuse_existing_file
+
+    refuse_existing_file(output, overwrite)  # the quickest check first; the rest: `evaluate`
     from llava_cli.commands.common import quiet_libraries
     from llava_cli.generation.qa_evaluation import EvalRequest
     from llava_cli.generation.qa_evaluation import evaluate as run_evaluation
@@ -78,7 +79,8 @@ def evaluate(
     quiet_libraries()
     report = run_evaluation(EvalRequest(
         checkpoint, data, output, image_folder, adapter, max_new_tokens,
-        metric.value if metric else None, group_by, not vqa_simple, batch_size=batch_size))
+        metric.value if metric else None, group_by, not vqa_simple, batch_size=batch_size,
+        allow_outside=allow_outside, overwrite=overwrite))
     _show(report, output_format)
 
 

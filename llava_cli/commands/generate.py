@@ -4,15 +4,12 @@ The generation options declared here are `llava evaluate`'s too."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-if TYPE_CHECKING:
-    pass
-
 SINGLE = "Single prompt"
-BATCH = "Batch (a LLaVA .json/.jsonl file)"
+BATCH = "Batch (a LLaVA or QA .json/.jsonl file)"
 
 
 # The options `generate` and `evaluate` share, declared once.
@@ -21,11 +18,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite",
                                          help="Replace an existing --output file.")]
 Adapter = Annotated[Path | None, typer.Option(
     "--adapter", help="A LoRA run directory to apply to CHECKPOINT.")]
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"llava generate: {message}", err=True)
-    return typer.Exit(code)
+AllowOutside = Annotated[bool, typer.Option(
+    "--allow-images-outside-folder", help="Accept image paths that leave the image folder "
+    "(../x.jpg, /abs/x.jpg); only regular files are ever read.")]
 
 
 def generate(
@@ -38,49 +33,64 @@ def generate(
     prompt: Annotated[str | None, typer.Option(
         "--prompt", "-p", help="The question.", rich_help_panel=SINGLE)] = None,
     data: Annotated[Path | None, typer.Option(
-        "--data", help="Answer the first human turn of every record.",
-        rich_help_panel=BATCH)] = None,
+        "--data", help="Answer every record: a LLaVA record's first human turn, or a QA "
+        "record's question (as `llava evaluate` reads them).", rich_help_panel=BATCH)] = None,
     image_folder: Annotated[Path | None, typer.Option(
-        "--image-folder", help="Where the records' images are (default: the data file's "
-        "folder).", rich_help_panel=BATCH)] = None,
+        "--image-folder", help="Where the records' relative image paths start (default: the "
+        "data file's folder).", rich_help_panel=BATCH)] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="JSON lines: id, prompt, answer, reference.",
         rich_help_panel=BATCH)] = None,
     max_new_tokens: MaxNewTokens = 64,
     overwrite: Overwrite = False,
     adapter: Adapter = None,
+    allow_outside: AllowOutside = False,
 ) -> None:
     """Answer a prompt with a trained model (greedy decoding, the training prompt format)."""
     if data is None and prompt is None:
-        raise _fail("pass --prompt TEXT (single mode) or --data FILE --output OUT (batch mode)", 2)
+        raise ValueError("pass --prompt TEXT (single mode) or --data FILE --output OUT (batch "
+                         "mode)")
     if data is not None and (prompt is not None or image is not None):
-        raise _fail("--data (batch mode) cannot be combined with --prompt/--image", 2)
+        raise ValueError("--data (batch mode) cannot be combined with --prompt/--image")
     if data is not None and output is None:
-        raise _fail("batch mode needs --output OUT.jsonl", 2)
+        raise ValueError("batch mode needs --output OUT.jsonl")
     if data is None and output is not None:
-        raise _fail("--output is for batch mode (--data FILE); a single answer is printed "
-                    "(redirect it to keep it)", 2)
+        raise ValueError("--output is for batch mode (--data FILE); a single answer is "
+                         "printed (redirect it to keep it)")
+    if data is not None and not data.is_file():
+        raise ValueError(f"--data {data}: no such file; give a .json or .jsonl file")
     if output is not None:
         from llava_cli.artifacts.output_dir import refuse_existing_file
 
-        try:
-            refuse_existing_file(output, overwrite)
-        except ValueError as err:
-            raise _fail(str(err), 2) from None
-    for path in (image, data):
-        if path is not None and not path.is_file():
-            raise _fail(f"{path}: no such file", 2)
+        refuse_existing_file(output, overwrite)  # the quickest check first
     from llava_cli.commands.common import quiet_libraries
     from llava_cli.generation.answering_model import load_for_generation
-    from llava_cli.generation.batch import answer_records
 
     quiet_libraries()
-    try:
+    if data is None:
+        image_file = None if image is None else _checked_image(image)
         generator = load_for_generation(checkpoint, adapter)
-        if data is not None:
-            count = answer_records(generator, data, output, image_folder, max_new_tokens)
-            typer.echo(f"wrote {count} answers to {output}", err=True)
-            return
-        generator.answer(image, prompt, max_new_tokens, stream=True)  # None: text only
-    except ValueError as err:  # our load/record/image errors are ValueErrors with a message
-        raise _fail(str(err), 1) from None
+        generator.answer(image_file, prompt, max_new_tokens, stream=True)  # None: text only
+        return
+    assert output is not None
+    from llava_cli.generation.answering_model import model_folders
+    from llava_cli.generation.batch import answer_records, read_prompts
+    from llava_cli.generation.output_file import check_output_file
+
+    prompts = read_prompts(data, image_folder, allow_outside)  # every record, before the model
+    base, lora = model_folders(checkpoint, adapter)
+    check_output_file(output, overwrite, {"checkpoint": base, "adapter": lora,
+                                          "checkpoint given": checkpoint},
+                      {"data file": data}, (p for r in prompts.records for p in r.images))
+    generator = load_for_generation(checkpoint, adapter)
+    count = answer_records(generator, prompts, output, max_new_tokens)
+    typer.echo(f"wrote {count} answers to {output}", err=True)
+
+
+def _checked_image(image: Path) -> str:
+    """--image, checked before the model loads: a regular file that opens as an image (the
+    user named it on the command line: no folder to stay in)."""
+    from llava_cli.data.images import check_image
+
+    check_image(image)
+    return str(image)

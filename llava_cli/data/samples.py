@@ -13,15 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llava_cli.data.conversation import Conversation, RecordError, llava_normalize, parse_record
-from llava_cli.data.images import (
-    ImageError,
-    ImageLoader,
-    check_image,
-    image_base,
-    join_image_path,
-)
+from llava_cli.data.image_paths import ImageOutsideFolder, confine, image_base, join_image_path
+from llava_cli.data.images import ImageError, ImageLoader, check_image
 from llava_cli.data.problems import Problem
-from llava_cli.data.sources.embedded import check_image_bytes
 from llava_cli.data.sources.record import SourceRecord
 from llava_cli.data.text.encoding import Encoded, TextEncoder, TokenizationMode
 from llava_cli.data.text.templates import (
@@ -49,7 +43,7 @@ class DataOptions:
 
     template: str = "v1"
     tokenization: TokenizationMode = "hf"
-    image_folder: str | None = None
+    image_folder: str | None = None  # `image_paths.image_root`: given, else the data's folder
     image_aspect_ratio: str = "pad"
     model_max_length: int | None = 2048
     image_check: ImageCheck = "fast"  # what the data checks read of each image: `check_image`
@@ -100,10 +94,10 @@ class SampleBuilder:
         self.tokenizer = spec.tokenizer
         self.count_image_tokens = spec.count_image_tokens
         self.images = ImageLoader(options.image_aspect_ratio, tuple(spec.image_mean))
-        # Folder → (base, base with a trailing "/", confined): the run's and each mix
-        # source's, worked out once each.
-        self._folders: dict[str | None, tuple[str, str, bool]] = {}
-        self._folder(None)  # the run's folder resolves against the cwd of now, as before
+        # Folder → (base, base with a trailing "/"): the run's and each mix source's, worked
+        # out once each.
+        self._folders: dict[str | None, tuple[str, str]] = {}
+        self._folder(None)  # absolute now: the builder is the same in every worker
         self.encoder = TextEncoder(spec.tokenizer, spec.image_token_id, options.tokenization,
                                    options.model_max_length)
 
@@ -128,32 +122,31 @@ class SampleBuilder:
 
     def image_path(self, relative: str, folder: str | None = None) -> str:
         """Where a record's image lives: relative paths resolve against `folder` (a mix
-        source's image folder) or else the run's `image_folder`."""
+        source's image folder) or else the run's `image_folder` (`image_paths`' rule)."""
         return join_image_path(self._folder(folder)[0], relative)
 
-    def _folder(self, folder: str | None) -> tuple[str, str, bool]:
+    def _folder(self, folder: str | None) -> tuple[str, str]:
         if folder not in self._folders:
-            chosen = folder if folder is not None else self.options.image_folder
-            base = image_base(chosen)
-            # Without an image folder there is none to leave: paths resolve against the cwd.
-            confined = chosen is not None and not self.options.allow_images_outside_folder
-            self._folders[folder] = (base, os.path.join(base, ""), confined)
+            base = image_base(folder if folder is not None else self.options.image_folder)
+            self._folders[folder] = (base, os.path.join(base, ""))
         return self._folders[folder]
 
     def confined_image_path(self, record_id: str, relative: str,
                             folder: str | None = None) -> str:
         """`image_path`, refused (`RecordError`, before the file is touched) when it leaves
-        the image folder (the source's, else the run's) and that is not allowed. By name:
-        `..` and absolute paths count, a symlink inside the folder is followed, as image
-        folders are often links to a data disk and a record cannot make one."""
-        base, inside, confined = self._folder(folder)
-        path = join_image_path(base, relative)
-        if confined and not path.startswith(inside):
+        the image folder (the source's, else the run's) and that is not allowed
+        (`image_paths.confine`)."""
+        base, inside = self._folder(folder)
+        # Commands always give a folder (`model.inputs.sample_builder`); a builder made
+        # without one (records in memory) has none to leave.
+        free = self.options.allow_images_outside_folder or (
+            folder is None and self.options.image_folder is None)
+        try:
+            return confine(base, relative, free, inside)
+        except ImageOutsideFolder as err:
             raise RecordError(record_id, Problem.IMAGE_OUTSIDE_FOLDER,
-                              f"image {relative!r} resolves to {path}, outside the image folder "
-                              f"{base} (allow such paths with --set "
-                              "allow_images_outside_folder=true)")
-        return path
+                              f"{err} (allow such paths with --set "
+                              "allow_images_outside_folder=true)") from None
 
     def build(self, record: Any, position: int = 0, load_images: bool = True,
               header_only: bool = False, last_reply_only: bool = False) -> Sample:
@@ -197,8 +190,8 @@ class SampleBuilder:
                 if data is None else io.BytesIO(data)
             try:
                 if header_only:
-                    sizes.append(check_image(path, label=relative, full=full) if data is None
-                                 else check_image_bytes(data, label=relative, full=full))
+                    sizes.append(check_image(path if data is None else data, label=relative,
+                                             full=full))
                     continue
                 decoded = self.images.decode(path, label=relative)
             except ImageError as err:

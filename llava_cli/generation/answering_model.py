@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.answers.generator import Generator
-from llava_cli.artifacts.manifest import CheckpointBase, OutputKind, RunManifest, read_manifest
+from llava_cli.artifacts.lora_base import fingerprinted
+from llava_cli.artifacts.manifest import (
+    Base,
+    CheckpointBase,
+    OutputKind,
+    RunManifest,
+    read_manifest,
+)
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG
 
 _TEMPLATE_MARKER = re.compile(r"llava_cli template: ([\w-]+)")
@@ -29,13 +36,14 @@ def load_for_generation(checkpoint: str | Path, adapter: str | Path | None = Non
             f"{checkpoint} is a pretrain output (manifest kind 'projector'): it has a trained "
             "projector but no trained LLM, so it cannot answer prompts; generate with the "
             "output of `llava finetune` (or `llava lora`) instead")
-    if adapter is None and (manifest is None or manifest.kind == OutputKind.LORA) and (
-            checkpoint / ADAPTER_CONFIG).is_file():
-        adapter, checkpoint = checkpoint, _adapter_base(checkpoint, manifest)
+    given_adapter = adapter is not None
+    checkpoint, adapter = model_folders(checkpoint, adapter)
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"{checkpoint}: not a model checkpoint (no config.json)")
-    model = _load_model(checkpoint, device)
     settings = read_manifest(adapter) if adapter is not None else manifest
+    if adapter is not None and settings is not None and settings.kind == OutputKind.LORA:
+        _check_base(adapter, settings.base, checkpoint, given_adapter)
+    model = _load_model(checkpoint, device)
     processor_dir = adapter if adapter is not None and _has_processor(Path(adapter)) else checkpoint
     if adapter is not None:
         from peft import PeftModel
@@ -46,6 +54,32 @@ def load_for_generation(checkpoint: str | Path, adapter: str | Path | None = Non
     template = settings.template if settings else template_of(processor)
     ratio = settings.image_aspect_ratio if settings else "square"
     return Generator(model, processor, template, ratio)
+
+
+def model_folders(checkpoint: str | Path, adapter: str | Path | None = None
+                  ) -> tuple[Path, Path | None]:
+    """(the checkpoint to load, the adapter to apply): a LoRA run given as `checkpoint` is
+    its recorded base plus itself. Reads manifests only: outputs are checked against these
+    folders before anything loads."""
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint) if checkpoint.is_dir() else None
+    if adapter is None and (manifest is None or manifest.kind == OutputKind.LORA) and (
+            checkpoint / ADAPTER_CONFIG).is_file():
+        return _adapter_base(checkpoint, manifest), checkpoint
+    return checkpoint, None if adapter is None else Path(adapter)
+
+
+def _check_base(adapter: Path, recorded: Base, checkpoint: Path, given: bool) -> None:
+    """Refuse a base whose weights differ from those the LoRA run at `adapter` recorded
+    (`artifacts.lora_base`, as merge-lora checks). A base composed at training time (LLM +
+    vision tower) is never a checkpoint to compare: nothing to check here."""
+    if not isinstance(recorded, CheckpointBase):
+        return
+    loaded = recorded.model_copy(update={"path": str(checkpoint.resolve())})
+    flag = "CHECKPOINT" if given and recorded.pretrained_projector is None else "the base"
+    fingerprinted(adapter, recorded, loaded, explicit=flag == "CHECKPOINT", flag=flag,
+                  remedy="pass the base it was trained on as CHECKPOINT with --adapter "
+                  f"{adapter}, or train the LoRA run again on this base")
 
 
 def template_of(processor: Any) -> str | None:

@@ -1,4 +1,6 @@
-"""Answering a whole LLaVA file: the first human turn of every record, as JSON lines."""
+"""Answering a whole file of records (`llava generate --data`): LLaVA conversations or QA
+records, read and checked by the reader `llava evaluate` uses (`answers.qa_set`), answered
+one at a time and written as JSON lines at the end."""
 
 from __future__ import annotations
 
@@ -7,39 +9,36 @@ from pathlib import Path
 from typing import Any
 
 from llava_cli.answers.generator import DEFAULT_MAX_NEW_TOKENS, Generator
-from llava_cli.answers.qa import record_prompt
-from llava_cli.artifacts.files import atomic_path
+from llava_cli.answers.qa_set import QASet, read_qa_set
+from llava_cli.generation.output_file import write_lines
 
 
-def answer_records(generator: Generator, data: str | Path, output: str | Path,
-                   image_folder: str | Path | None = None,
+def read_prompts(data: str | Path, image_folder: str | Path | None = None,
+                 allow_outside: bool = False) -> QASet:
+    """Every record of `data` checked whole before a model loads: LLaVA records (the first
+    human turn, its gpt reply the reference) or QA records (`question`, `answer(s)`,
+    `image`); a reference is optional. Images follow `data.image_paths`' rule."""
+    return read_qa_set(data, image_folder, allow_outside=allow_outside, need_reference=False)
+
+
+def answer_records(generator: Generator, prompts: QASet, output: str | Path,
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True) -> int:
-    """Answer the first human turn of every record of `data`; write JSON lines to `output`.
+    """Answer every record of `prompts`; write JSON lines to `output` when all are answered.
 
-    Each line: `{"id", "prompt", "answer", "reference"}` (reference: the first gpt turn, or
-    null). Images are resolved against `image_folder` (default: the data file's folder).
+    Each line: `{"id", "prompt", "answer", "reference"}` (reference: the first one, or null).
     Returns the number of records answered.
     """
-    from llava_cli.data.images import resolve_image_path
-    from llava_cli.data.records import RecordIndex
-
-    index = RecordIndex.open(data)
-    folder = image_folder if image_folder is not None else Path(data).resolve().parent
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # OUT appears only when complete.
-    with atomic_path(output) as partial, open(partial, "w") as out, \
-            progress_bar(progress, len(index)) as advance:
-        for i in range(len(index)):
-            rid, prompt, paths, reference = record_prompt(index.read(i), i)
-            images = [generator.images.decode(resolve_image_path(folder, p), label=p)
-                      for p in paths]
-            reply = generator.answer(images or None, prompt, max_new_tokens)
-            out.write(json.dumps({"id": rid, "prompt": prompt, "answer": reply,
-                                  "reference": reference}) + "\n")
-            out.flush()
+    lines = []
+    with progress_bar(progress, len(prompts)) as advance:
+        for record in prompts.records:
+            images = [generator.images.decode(path, label=path) for path in record.images]
+            reply = generator.answer(images or None, record.question, max_new_tokens)
+            reference = record.references[0] if record.references else None
+            lines.append(json.dumps({"id": record.record_id, "prompt": record.question,
+                                     "answer": reply, "reference": reference}) + "\n")
             advance()
-    return len(index)
+    write_lines(Path(output), lines)
+    return len(lines)
 
 
 class progress_bar:  # noqa: N801 - used like a function

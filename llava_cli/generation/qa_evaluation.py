@@ -4,8 +4,11 @@ answers against the references (`answers.scoring`), overall and per group.
 The answers are `llava generate`'s: the model's saved chat template, the training image
 policy, greedy decoding cut at the template's end of turn, several records per generate call
 (`answers.qa_set`, which training's `--eval-generate` evaluation answers with too). Every
-record is read and checked before the model is loaded, so bad input fails in a second, not
-after the load. The predictions file is written atomically: it appears only complete.
+record and image is read and checked, and the predictions file's place too
+(`output_file.check_output_file`: not an input, writable), before the model is loaded, so bad
+input fails in a second, not after the load or after the answers. The predictions are written
+in one atomic step when every answer is in: they appear only complete, and a killed run
+leaves no file behind.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class EvalRequest:
     official_vqa: bool = True
     progress: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE  # records per generate call (same answers as one)
+    allow_outside: bool = False  # image paths may leave the image folder (../, /abs)
+    overwrite: bool = False  # replace an existing predictions file
 
 
 @dataclass
@@ -65,23 +70,31 @@ def evaluate(request: EvalRequest, generator: Any = None) -> EvalReport:
     line per record: id, prediction, score, references, group, metric, and for a
     multiple-choice record the letter read from the prediction). `generator`: an already
     loaded `Generator` (default: load `request.checkpoint`)."""
-    qa = read_qa_set(request.data, request.image_folder, request.metric, request.group_by)
-    if generator is None:
-        from llava_cli.generation.answering_model import load_for_generation
+    from llava_cli.generation.answering_model import load_for_generation, model_folders
+    from llava_cli.generation.output_file import check_output_file, write_lines
 
+    qa = read_qa_set(request.data, request.image_folder, request.metric, request.group_by,
+                     allow_outside=request.allow_outside)
+    checkpoint, adapter = model_folders(request.checkpoint, request.adapter)
+    check_output_file(Path(request.output), request.overwrite,
+                      {"checkpoint": checkpoint, "adapter": adapter,
+                       "checkpoint given": Path(request.checkpoint)},
+                      {"data file": Path(request.data)},
+                      (path for record in qa.records for path in record.images))
+    if generator is None:
         generator = load_for_generation(request.checkpoint, request.adapter)
     report = EvalReport(Tally(), qa.group_by, Path(request.output))
-    report.output.parent.mkdir(parents=True, exist_ok=True)
-    _answer_all(generator, qa, request, report)
+    write_lines(report.output, _answer_all(generator, qa, request, report))
     return report
 
 
-def _answer_all(generator: Any, qa: QASet, request: EvalRequest, report: EvalReport) -> None:
-    from llava_cli.artifacts.files import atomic_path
+def _answer_all(generator: Any, qa: QASet, request: EvalRequest, report: EvalReport
+                ) -> list[str]:
+    """The predictions file's lines, the report tallied on the way."""
     from llava_cli.generation.batch import progress_bar
 
-    with atomic_path(report.output) as partial, open(partial, "w", encoding="utf-8") as out, \
-            progress_bar(request.progress, len(qa), "evaluating") as advance:
+    lines = []
+    with progress_bar(request.progress, len(qa), "evaluating") as advance:
         replies = answer_questions(generator, qa.records, qa.image_folder,
                                    request.max_new_tokens, request.batch_size,
                                    advance)
@@ -94,7 +107,8 @@ def _answer_all(generator: Any, qa: QASet, request: EvalRequest, report: EvalRep
                     "metric": record.metric}
             if record.metric == "choice":
                 line["choice"] = extract_choice(reply, record.options)
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+    return lines
 
 
 def metrics_table(report: EvalReport) -> Any:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava_cli.artifacts.lora_base import fingerprinted as checked_base
 from llava_cli.artifacts.manifest import (
     MANIFEST_NAME,
     Base,
@@ -13,7 +14,6 @@ from llava_cli.artifacts.manifest import (
     OutputKind,
     PartsBase,
     RunManifest,
-    base_fingerprint,
     read_manifest,
 )
 from llava_cli.artifacts.original_layout import find_original
@@ -89,51 +89,9 @@ def _local_or_hub(name: str) -> str:
 
 
 def fingerprinted(run: LoraRun, base: Base, explicit: bool) -> Base:
-    """`base` with the fingerprint of its weight files, refused when the run recorded another:
-    the adapter belongs to the weights it was trained on (a base retrained or overwritten
-    since, even by `merge-lora -o BASE --overwrite`, would get the delta a second time).
-    `explicit`: `base` is the user's --base. Without a recorded fingerprint (older runs,
-    hub ids) there is nothing to check."""
-    recorded = run.manifest.base
-    expected = getattr(recorded, "fingerprint", None)
-    if explicit and expected and _composed(recorded):
-        raise ValueError(f"--base {base.path}: {run.root} was trained on a base composed at "
-                         f"training time ({_describe(recorded)}), which no single checkpoint "
-                         "can be checked against; drop --base (the recorded parts are rebuilt "
-                         "and checked)")
-    if not (expected or explicit):
-        return base
-    found = base_fingerprint(base)
-    if expected and found != expected:
-        raise ValueError(_changed(run, base, explicit, gone=found is None))
-    return base.model_copy(update={"fingerprint": found})
-
-
-def _composed(base: Base) -> bool:
-    """A base built at training time, not loaded from one checkpoint folder as it is."""
-    return isinstance(base, PartsBase) or getattr(base, "pretrained_projector", None) is not None
-
-
-def _describe(base: Base) -> str:
-    if isinstance(base, PartsBase):
-        where = f"LLM {base.llm} + vision tower {base.vision_tower}"
-    else:
-        where = getattr(base, "path", str(base))
-    projector = getattr(base, "pretrained_projector", None)
-    return f"{where} + projector {projector}" if projector else where
-
-
-def _changed(run: LoraRun, base: Base, explicit: bool, gone: bool) -> str:
-    what = f"--base {_describe(base)}" if explicit else f"the base {_describe(base)}"
-    if gone:
-        problem = "has no weight files to check against"
-    elif explicit:
-        problem = "is not the base the run was trained on: its weight files differ from"
-    else:
-        problem = "has changed since the run was trained: its weight files differ from"
-    return (f"{what} {problem} the fingerprint in {run.root / MANIFEST_NAME}, so the adapter "
-            "would be applied to other weights; pass the original base with --base, or "
-            "re-train the LoRA run on this one")
+    """`base` with its weights' fingerprint, refused when `run` recorded another
+    (`artifacts.lora_base.fingerprinted`: `llava generate`/`evaluate` check the same way)."""
+    return checked_base(run.root, run.manifest.base, base, explicit)
 
 
 def load_processor(run: LoraRun) -> Any:

@@ -9,9 +9,11 @@ with `sample_builder`, so what inspect shows is by construction what trains.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llava_cli.data.image_paths import image_root
 from llava_cli.data.images import CLIP_MEAN
 from llava_cli.data.samples import InputSpec, SampleBuilder, TokenCounter
 from llava_cli.data.text.tokenizer import IMAGE_TOKEN, add_llava_tokens, load_tokenizer
@@ -92,8 +94,13 @@ def input_spec_from_paths(tokenizer_path: str, model_path: str | None = None,
 
 def sample_builder(config: RunConfig, spec: InputSpec, held_out: bool = False) -> SampleBuilder:
     """The sample builder of a run: its data options (training or `held_out` records) with
-    the model's input spec. Training and `inspect-data` both build theirs here."""
-    return SampleBuilder(config.data_options(held_out), spec)
+    the model's input spec. Training, `dpo` and `inspect-data` all build theirs here, so
+    relative image paths follow `data.image_paths`' one rule: the image folder given for the
+    records, else the data file's folder."""
+    options = config.data_options(held_out)
+    data = (config.eval_data_path or config.data_path) if held_out else config.data_path
+    return SampleBuilder(replace(options, image_folder=image_root(options.image_folder, data)),
+                         spec)
 
 
 def _image_mean(folder: Path) -> tuple[float, ...]:

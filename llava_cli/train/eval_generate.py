@@ -37,12 +37,19 @@ from llava_cli.train.trainer import LlavaTrainer
 
 
 def check_qa_set(config: RunConfig) -> QASet | None:
-    """The run's QA file read and checked (None without `eval_generate`): called before the
-    model loads, so a bad record fails the run in a second (ValueError naming record and
-    field, as `llava evaluate` says it)."""
+    """The run's QA file read and checked whole, every image included (None without
+    `eval_generate`): called with the data checks, before the model loads, so a bad record, a
+    missing image or a wrong `eval_generate_image_folder` fails the run in a second, not at
+    its first evaluation (ValueError naming --eval-generate, the file, the record and the
+    field). Images follow the run's `allow_images_outside_folder`, as the training records."""
     if not config.eval_generate:
         return None
-    return read_qa_set(config.eval_generate, config.eval_generate_image_folder)
+    try:
+        return read_qa_set(config.eval_generate, config.eval_generate_image_folder,
+                           allow_outside=config.allow_images_outside_folder,
+                           allow_hint="--set allow_images_outside_folder=true")
+    except ValueError as err:
+        raise ValueError(f"--eval-generate {config.eval_generate}: {err}") from None
 
 
 def shard(records: Sequence[QARecord], rank: int, world: int) -> list[tuple[int, bool]]:
@@ -69,8 +76,13 @@ class EvaluatingTrainer(LlavaTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         given = self._setting("eval_generate", None)
-        self.qa_set = read_qa_set(given, self._setting("eval_generate_image_folder", None)) \
-            if given else None
+        # Checked whole before the model loaded (`check_qa_set`, with the run's own
+        # allow_images_outside_folder); the QA set given as the evaluation dataset is that one.
+        if isinstance(self.eval_dataset, QASet) or not given:
+            self.qa_set = self.eval_dataset if given else None
+        else:
+            self.qa_set = read_qa_set(given, self._setting("eval_generate_image_folder", None),
+                                      allow_outside=True, check_images=False)
         self.qa_answers: list[str] = []  # the last evaluation's answers, in record order
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,

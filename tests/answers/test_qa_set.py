@@ -18,6 +18,7 @@ def test_a_qa_set_is_read_whole_with_its_folder_and_groups(tmp_path):
          "question_type": "where is it"}]))
     qa = read_qa_set(data)
     assert (len(qa), qa.group_by, qa.image_folder) == (2, "question_type", tmp_path)
+    (tmp_path / "pics").mkdir()  # a folder given must be there (its absence is refused)
     assert read_qa_set(data, tmp_path / "pics").image_folder == tmp_path / "pics"
     metrics = accuracy_metrics(tally_answers(qa.records, ["Red.", "right"]))
     # "right" against left, left, right: the official VQA average, (1/3 + 1/3 + 0) / 3 = 2/9.

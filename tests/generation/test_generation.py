@@ -106,7 +106,7 @@ def test_pretrain_output_is_refused_clearly(runs):
     with pytest.raises(ValueError, match="pretrain output .*no trained LLM.*finetune"):
         load_for_generation(runs["pretrain"])
     result = CliRunner().invoke(app, ["generate", str(runs["pretrain"]), "--prompt", "Hi"])
-    assert result.exit_code == 1 and "no trained LLM" in result.stderr
+    assert result.exit_code == 2 and "no trained LLM" in result.stderr  # bad input: 2
 
 
 def test_cli_single_mode_streams_the_answer(runs, generator, picture):
