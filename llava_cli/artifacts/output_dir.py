@@ -248,12 +248,12 @@ def _move_into(item: Path, target: Path) -> None:
 def refuse_existing_file(target: Path, overwrite: bool,
                          inputs: Mapping[str, str | None] | None = None,
                          may_hold_output: Mapping[str, str | None] | None = None) -> None:
-    """The one rule for every file a command writes: never over or inside one of the
-    command's `inputs` (label → path: `refuse_output_over_inputs`, whatever `overwrite`
-    says), never onto a directory, never over an existing file unless the user passed
+    """The one rule for every file a command writes: never onto a directory, never over or
+    inside one of the command's `inputs` (label → path: `refuse_output_over_inputs`,
+    whatever `overwrite` says), never over an existing file unless the user passed
     --overwrite."""
-    refuse_output_over_inputs(target, inputs or {}, may_hold_output)
     if target.is_dir():
         raise ValueError(f"{str(target)!r} is a directory; give a file name to write")
+    refuse_output_over_inputs(target, inputs or {}, may_hold_output)
     if target.exists() and not overwrite:
         raise ValueError(f"{str(target)!r} exists; pass --overwrite to replace it")
