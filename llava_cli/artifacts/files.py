@@ -98,9 +98,11 @@ def weight_file_named(file: str | os.PathLike[str]) -> Iterator[None]:
         if type(err).__name__ != "SafetensorError":
             raise
         lines = str(err).strip().splitlines()
-        raise ValueError(f"{file}: a damaged or truncated weight file "
-                         f"({lines[0] if lines else 'unreadable'}); restore it (re-save or "
-                         "re-download it) or point at a complete copy") from err
+        raise ValueError(
+            f"{file}: a damaged or truncated weight file "
+            f"({lines[0] if lines else 'unreadable'}); restore it (re-save or "
+            "re-download it) or point at a complete copy"
+        ) from err
 
 
 NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write is taken for a full disk
