@@ -70,10 +70,9 @@ def load_pretrained(cls: Any, path: str, what: str, remedy: str = RESTORE,
                                               ignore_mismatched_sizes=True, **kwargs)
     except (OSError, SafetensorError) as err:
         damaged = _damaged_file(path) if isinstance(err, SafetensorError) else None
-        where = f"{what} {path!r}" + (f": {str(damaged)!r} is damaged or truncated"
-                                      if damaged else "")
-        raise WeightsError(f"{where}: its weights could not be loaded "
-                           f"({_first_line(err)}); {remedy}") from err
+        named = f"{str(damaged)!r} is damaged or truncated: " if damaged else ""
+        raise WeightsError(f"{what} {path!r}: its weights could not be loaded "
+                           f"({named}{_first_line(err)}); {remedy}") from err
     except RuntimeError as err:
         # transformers raises these two for weights it could not load or convert.
         if not any(sign in str(err) for sign in _LOAD_FAILURES):
