@@ -61,10 +61,11 @@ def export_projector(checkpoint: str | Path, output: str | Path,
     """Write the projector of `checkpoint` to `output` in `fmt` (see `resolve_format`); an
     existing file (or its safetensors description) is replaced only with `overwrite`."""
     output = Path(output)
-    refuse_existing_file(output, overwrite)
+    inputs = {"checkpoint": str(checkpoint)}  # never written over, whatever --overwrite says
+    refuse_existing_file(output, overwrite, inputs)
     fmt = resolve_format(output, fmt)
     if fmt == SAFETENSORS_FORMAT:
-        refuse_existing_file(Path(f"{output}.json"), overwrite)
+        refuse_existing_file(Path(f"{output}.json"), overwrite, inputs)
     state, source = projector_from_checkpoint(checkpoint)
     _check_mlp2x(state, source)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -24,14 +24,56 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     every rank building the same record-index cache) and hidden (a leading dot).
     """
     target = Path(target)
-    # Not mkstemp: its files are private (0600); the writer creates this one with the
-    # process's usual permissions, as a plain write would.
+    # Not mkstemp: its files are private (0600). Some writers make theirs private too
+    # (safetensors' save_file), so the file gets the mode a plain write would give before it
+    # moves in: readable by others wherever the umask allows.
     temporary = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield temporary
+        if temporary.is_file() and not temporary.is_symlink():
+            os.chmod(temporary, usual_mode())
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The mode a plain `open(..., "w")` (0666) or `mkdir` (0777) gives under the process's
+    umask: 0644 and 0755 under the usual umask 022."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)  # set and put back at once: the only portable way to read it
+    os.umask(current)
+    return current
+
+
+def give_usual_modes(root: str | os.PathLike[str]) -> None:
+    """`root` and everything under it get the modes a plain write and mkdir would give
+    (`usual_mode`): what libraries create private (safetensors' writer: 0600 files;
+    `tempfile.mkdtemp`: 0700 folders) becomes readable as any other output. Links are left
+    alone (never followed)."""
+    root = Path(root)
+    if root.is_symlink() or not root.exists():
+        return
+    if root.is_dir():
+        for folder, folders, files in os.walk(root):
+            for name in files:
+                path = Path(folder) / name
+                if not path.is_symlink():
+                    os.chmod(path, usual_mode())
+            for name in folders:
+                if not (Path(folder) / name).is_symlink():
+                    os.chmod(Path(folder) / name, usual_mode(directory=True))
+    os.chmod(root, usual_mode(directory=root.is_dir()))
 
 
 def write_atomically(target: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
@@ -44,6 +86,23 @@ def write_atomically(target: str | os.PathLike[str], write: Callable[[Path], obj
 def write_text_atomically(target: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to `target` atomically (UTF-8)."""
     return write_atomically(target, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def weight_file_named(file: str | os.PathLike[str]) -> Iterator[None]:
+    """safetensors reports a damaged or truncated file without naming it ("incomplete
+    metadata, file not fully covered"): raise that as a ValueError naming `file`."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        lines = str(err).strip().splitlines()
+        raise ValueError(
+            f"{file}: a damaged or truncated weight file "
+            f"({lines[0] if lines else 'unreadable'}); restore it (re-save or "
+            "re-download it) or point at a complete copy"
+        ) from err
 
 
 NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write is taken for a full disk

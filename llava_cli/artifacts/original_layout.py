@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava_cli.artifacts.files import weight_file_named
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE, FROM_LLAVA, TO_LLAVA
 
 ORIGINAL_MODEL_TYPE = "llava_llama"
@@ -151,7 +152,8 @@ def read_state(folder: Path, name: str | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            state.update(load_file(str(file)))
+            with weight_file_named(file):
+                state.update(load_file(str(file)))
             continue
         try:
             loaded = torch.load(file, map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@ left there that would shadow or mix with the new one."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from llava_cli.artifacts.files import give_usual_modes, write_text_atomically
 from llava_cli.artifacts.manifest import MANIFEST_NAME
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, PROJECTOR_FILE
 
@@ -41,19 +43,34 @@ def refuse_unsafe_output_dir(out: Path, allow_non_empty: bool,
 
 
 def refuse_overlap(out: Path, inputs: Mapping[str, str | None],
-                   may_hold_output: Mapping[str, str | None] | None = None) -> None:
+                   may_hold_output: Mapping[str, str | None] | None = None,
+                   what: str = "output directory") -> None:
     """An output directory that is, contains or lies inside one of the command's `inputs`
     (label → path; hub ids and missing paths are skipped) is refused: writing or clearing it
     could destroy what the command reads, and outputs inside a model folder would become part
     of it. `may_hold_output` are inputs an output may lie inside (an image folder: `-o` under
-    `--image-folder .` touches no image), but not be or contain."""
+    `--image-folder .` touches no image), but not be or contain. `what` names the output in
+    the error (a vision feature cache is an output directory too)."""
+    _refuse_relations(out, what, f"{'an' if what[0] in 'aeiou' else 'a'} {what}", inputs,
+                      may_hold_output)
+
+
+def refuse_output_over_inputs(target: Path, inputs: Mapping[str, str | None],
+                              may_hold_output: Mapping[str, str | None] | None = None) -> None:
+    """The same rule for an output FILE: one that is an input file (also through a link, also
+    with --overwrite) or lies inside an input folder is refused (`refuse_overlap`)."""
+    _refuse_relations(target, "output file", "an output file", inputs, may_hold_output)
+
+
+def _refuse_relations(out: Path, what: str, choose: str, inputs: Mapping[str, str | None],
+                      may_hold_output: Mapping[str, str | None] | None) -> None:
     for label, given in {**inputs, **(may_hold_output or {})}.items():
         relation = _relation(out, given)
         if relation == "lies inside" and label in (may_hold_output or {}):
             continue
         if relation:
-            raise ValueError(f"output directory {str(out)!r} {relation} the {label} "
-                             f"{given!r}; choose an output directory apart from every input")
+            raise ValueError(f"{what} {str(out)!r} {relation} the {label} {given!r}; "
+                             f"choose {choose} apart from every input")
 
 
 def _relation(out: Path, given: str | None) -> str | None:
@@ -134,6 +151,59 @@ def _write_holder(handle: IO[str]) -> None:
     handle.flush()
 
 
+@contextmanager
+def publishing(out: Path, stale: tuple[str, ...], inputs: Mapping[str, str | None] | None = None,
+               may_hold_output: Mapping[str, str | None] | None = None,
+               overwrite: bool = False, remedy: str = "pass --overwrite to write into it",
+               held: bool = True) -> Iterator[Path]:
+    """The one way a command writes an output directory; yields the staging folder to write
+    the new outputs into.
+
+    In order: refuse an `out` that is, contains or lies inside one of `inputs`
+    (`refuse_overlap`; before anything is created), lock `out` (`output_lock`), refuse a
+    non-empty `out` unless `overwrite` (`remedy` says how to allow it), empty the staging
+    folder a killed command left. When the block ends without an error the staged outputs are
+    published (`publish_staged`: `stale` files of an earlier output go once the new ones are
+    in, the manifest comes last); on an error the staging folder is removed and `out` keeps
+    what it held. `held=False` (the other ranks of a distributed run: rank 0 holds the lock
+    and publishes) only yields the staging folder's path and cleans up after an error.
+    """
+    refuse_overlap(out, inputs or {}, may_hold_output)
+    with output_lock(out, held=held):
+        refuse_unsafe_output_dir(out, overwrite, remedy)
+        staging = fresh_staging(out) if held else out / STAGING_NAME
+        try:
+            yield staging
+            if held:
+                publish_staged(staging, out, stale)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk: free what it took
+            raise
+
+
+def drop_custom_code(folder: Path) -> None:
+    """Our outputs are stock transformers classes: the `auto_map` entries an input's config
+    carried (references to custom code shipped with it, at any depth: a text or vision config
+    too) are dropped from every `config.json` under `folder`."""
+    for file in sorted(folder.rglob("config.json")):
+        config = json.loads(file.read_text(encoding="utf-8"))
+        if _without_auto_map(config):
+            write_text_atomically(file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _without_auto_map(value: object) -> bool:
+    """Remove every `auto_map` key from the JSON `value` in place; whether any was there."""
+    found = False
+    if isinstance(value, dict):
+        found = value.pop("auto_map", None) is not None
+        for inner in value.values():
+            found = _without_auto_map(inner) or found
+    elif isinstance(value, list):
+        for inner in value:
+            found = _without_auto_map(inner) or found
+    return found
+
+
 def fresh_staging(out: Path) -> Path:
     """The one staging folder of the (locked) `out`, emptied of what a killed command left:
     new outputs are complete there before `publish_staged` moves them in."""
@@ -147,7 +217,9 @@ def publish_staged(staging: Path, out: Path, stale: tuple[str, ...]) -> None:
     """Move a command's complete new outputs from `staging` into `out`, then delete what a
     previous output left there matching `stale` (so nothing is deleted before the new work
     exists). The old manifest goes first and the new one comes last: a folder with a
-    manifest is always a complete output."""
+    manifest is always a complete output. Everything published is readable as a plain write
+    would make it (`give_usual_modes`: safetensors writes its files private)."""
+    give_usual_modes(staging)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     new = {item.name for item in staging.iterdir()}
     for item in staging.iterdir():
@@ -173,10 +245,15 @@ def _move_into(item: Path, target: Path) -> None:
         os.replace(item, target)
 
 
-def refuse_existing_file(target: Path, overwrite: bool) -> None:
-    """The one rule for every file a command writes: never onto a directory, never over an
-    existing file unless the user passed --overwrite."""
+def refuse_existing_file(target: Path, overwrite: bool,
+                         inputs: Mapping[str, str | None] | None = None,
+                         may_hold_output: Mapping[str, str | None] | None = None) -> None:
+    """The one rule for every file a command writes: never onto a directory, never over or
+    inside one of the command's `inputs` (label → path: `refuse_output_over_inputs`,
+    whatever `overwrite` says), never over an existing file unless the user passed
+    --overwrite."""
     if target.is_dir():
         raise ValueError(f"{str(target)!r} is a directory; give a file name to write")
+    refuse_output_over_inputs(target, inputs or {}, may_hold_output)
     if target.exists() and not overwrite:
         raise ValueError(f"{str(target)!r} exists; pass --overwrite to replace it")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from llava_cli.artifacts.files import write_atomically
+from llava_cli.artifacts.files import weight_file_named, write_atomically
 
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_PREFIX = "multi_modal_projector."  # the stock llava-hf key prefix on disk
@@ -100,7 +100,8 @@ def _read_tensors(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"projector file {str(file)!r} not found")
     if file.suffix == ".safetensors":
-        state = load_file(str(file))
+        with weight_file_named(file):
+            state = load_file(str(file))
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -156,7 +157,7 @@ def read_adapter_projector(file: str | Path) -> dict[str, Any]:
     """The projector trained alongside a LoRA adapter (PEFT `modules_to_save`)."""
     from safetensors import safe_open
 
-    with safe_open(str(file), "pt") as handle:
+    with weight_file_named(file), safe_open(str(file), "pt") as handle:
         state = _pick(handle, list(handle.keys()), _ADAPTER_PREFIXES)
     if not state:
         raise ValueError(f"{file}: this LoRA adapter holds no projector (it was trained with "
@@ -175,7 +176,7 @@ def read_model_projector(folder: Path, name: str) -> dict[str, Any]:
         files = [name]
     state: dict[str, Any] = {}
     for file in files:
-        with safe_open(str(folder / file), "pt") as handle:
+        with weight_file_named(folder / file), safe_open(str(folder / file), "pt") as handle:
             state.update(_pick(handle, list(handle.keys()), _MODEL_PREFIXES))
     if not state:
         raise ValueError(f"{folder / name}: no multi_modal_projector.* tensors (not a LLaVA "

@@ -2,8 +2,10 @@
 
 Known kinds of bad input (our ValueErrors, a path that is not there, a full disk, a damaged
 weight file, input nested too deeply) print `llava COMMAND: what, where, what to do` and exit 2.
-Anything else is a defect of ours: one line naming it and a file holding the full traceback,
-exit 1. Ctrl-C prints "interrupted" and exits 130. Typer's own exits pass through untouched.
+An output that failed its verification (merge-lora, convert: nothing was published) prints
+its checks and exits 1. Anything else is a defect of ours: one line naming it and a file
+holding the full traceback, exit 1. Ctrl-C prints "interrupted" and exits 130. Typer's own
+exits pass through untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typer.exceptions import TyperException
 
 BAD_INPUT = 2
 DEFECT = 1
+FAILED_CHECK = 1  # a written output did not reproduce its source: nothing was published
 INTERRUPTED = 130
 
 
@@ -41,6 +44,9 @@ def guarded(command: str, function: Callable[..., Any]) -> Callable[..., Any]:
             _say(command, "interrupted")
             raise typer.Exit(INTERRUPTED) from None
         except BaseException as err:  # noqa: BLE001 — the boundary: nothing passes as a traceback
+            if _is_failed_check(err):
+                _say(command, str(err))
+                raise typer.Exit(FAILED_CHECK) from None
             known = known_error_message(err)
             if known is not None:
                 _say(command, known)
@@ -75,6 +81,14 @@ def known_error_message(err: BaseException) -> str | None:
         ours = type(err).__module__.startswith("llava_cli")
         return (str(err) if ours else "") or _first_line(err)
     return None
+
+
+def _is_failed_check(err: BaseException) -> bool:
+    if not isinstance(err, RuntimeError):
+        return False
+    from llava_cli.merge.verify import VerificationError
+
+    return isinstance(err, VerificationError)
 
 
 def _is_safetensors(err: BaseException) -> bool:

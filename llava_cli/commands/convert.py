@@ -45,15 +45,11 @@ def convert(
     "lora" for a LoRA run given with --model-base). Verified by logits both ways.
     """
     from llava_cli.commands.common import quiet_libraries
-    from llava_cli.convert.original_forward import ConversionError
 
     quiet_libraries()
-    try:
-        _convert(source, output_dir, to, vision_tower, base, template, tower_name, overwrite,
-                 verify)
-    except ConversionError as err:  # a check that failed: nothing was written
-        typer.echo(f"llava convert: {err}", err=True)
-        raise typer.Exit(1) from None
+    # Bad input exits 2, a failed check 1 (nothing written): the command boundary.
+    _convert(source, output_dir, to, vision_tower, base, template, tower_name, overwrite,
+             verify)
 
 
 def _convert(source: Path, output_dir: Path, to: str, vision_tower: str | None,

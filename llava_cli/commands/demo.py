@@ -37,11 +37,7 @@ def demo(
     from llava_cli.demo.pipeline import run_demo
 
     console = Console()
-    try:
-        result = run_demo(output_dir, quick=quick, overwrite=overwrite, console=console)
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"llava demo: {err}", err=True)
-        raise typer.Exit(2) from None
+    result = run_demo(output_dir, quick=quick, overwrite=overwrite, console=console)
     print_summary(console, result)
 
 

@@ -28,11 +28,7 @@ def export_projector(
     """
     from llava_cli.artifacts.export import export_projector as run
 
-    try:
-        result = run(checkpoint, output, output_format, overwrite=overwrite)
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"llava export-projector: {err}", err=True)
-        raise typer.Exit(2) from None
+    result = run(checkpoint, output, output_format, overwrite=overwrite)
     typer.echo(f"projector from {result.source} written to {result.output} "
                f"({result.format}: {', '.join(result.keys)})")
     if result.sidecar:

@@ -102,9 +102,4 @@ def inspect_data(
         return
     request = InspectRequest(index, record_id, limit, check, output_format,  # type: ignore[arg-type]
                              show_ids, workers, image_tokens, preference)
-    try:
-        status = run(config, request)
-    except (ValueError, OSError, IndexError) as err:
-        typer.echo(f"llava inspect-data: {err}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(status)
+    raise typer.Exit(run(config, request))  # 1: --check found problems

@@ -42,7 +42,7 @@ def merge_lora(
     files changed since the run was trained (its fingerprint in the manifest) is refused.
     """
     from llava_cli.commands.common import quiet_libraries
-    from llava_cli.merge.merge import VerificationError, describe
+    from llava_cli.merge.merge import describe
     from llava_cli.merge.merge import merge_lora as run
 
     quiet_libraries()
@@ -61,16 +61,10 @@ def merge_lora(
                                               overwrite=overwrite, verify=verify,
                                               log=typer.echo)))
         return
-    try:
-        result = run(run_dir, output_dir, base=base, dtype=dtype, overwrite=overwrite,
-                     verify=verify, max_shard_size=max_shard_size, log=typer.echo,
-                     trust_remote_code=trust_remote_code)
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"llava merge-lora: {err}", err=True)
-        raise typer.Exit(2) from None
-    except VerificationError as err:
-        typer.echo(f"llava merge-lora: {err}", err=True)
-        raise typer.Exit(1) from None
+    # Bad input exits 2, a failed verification 1 (nothing written): the command boundary.
+    result = run(run_dir, output_dir, base=base, dtype=dtype, overwrite=overwrite,
+                 verify=verify, max_shard_size=max_shard_size, log=typer.echo,
+                 trust_remote_code=trust_remote_code)
     if result.bits != 16 and len(result.checks) > 1:  # the quantized check ran
         typer.echo(f"QLoRA: merged into the unquantized base; the {result.bits}-bit check has a "
                    "looser tolerance (it measures quantization error, not the merge)")

@@ -24,22 +24,17 @@ def recipe_from_script(
     --bf16 True (and the rest of the script).
     """
     from llava_cli.config.original_script import recipe_from_arguments, script_arguments
-    from llava_cli.config.run_config import ConfigError
 
     if stage not in (None, "pretrain", "finetune", "lora"):
         raise typer.BadParameter(f"{stage!r}: choose pretrain, finetune or lora",
                                  param_hint="--stage")
     try:
         text = script.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        typer.echo(f"llava recipe-from-script: cannot read {str(script)!r}: {err}", err=True)
-        raise typer.Exit(2) from None
-    try:
-        arguments = script_arguments(text, str(script))
-        chosen, recipe = recipe_from_arguments(arguments, stage, str(script))
-    except ConfigError as err:
-        typer.echo(f"llava recipe-from-script: {err}", err=True)
-        raise typer.Exit(2) from None
+    except (OSError, UnicodeDecodeError) as err:  # the boundary prints it: exit 2
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise ValueError(f"cannot read {str(script)!r}: {reason}") from None
+    arguments = script_arguments(text, str(script))
+    chosen, recipe = recipe_from_arguments(arguments, stage, str(script))
     for warning in arguments.warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(recipe, nl=False)

@@ -13,7 +13,6 @@ transformers → compare → publish, manifest last. Nothing is published that f
 from __future__ import annotations
 
 import gc
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,8 @@ from llava_cli.artifacts.manifest import (
 from llava_cli.artifacts.original_layout import OriginalCheckpoint, require_original
 from llava_cli.artifacts.output_dir import (
     STALE_RUN_OUTPUTS,
-    fresh_staging,
-    output_lock,
-    publish_staged,
-    refuse_overlap,
-    refuse_unsafe_output_dir,
+    drop_custom_code,
+    publishing,
 )
 from llava_cli.artifacts.projector_file import PROJECTOR_FILE, PROJECTOR_PREFIX
 from llava_cli.convert.original_forward import (
@@ -69,22 +65,15 @@ def convert_original(source: str | Path, output_dir: str | Path,
     original = require_original(source)
     tower, llm = tower_of(original, vision_tower), base_of(original, base)
     out = Path(output_dir)
-    refuse_overlap(out, {"checkpoint": str(original.folder), "vision tower": tower,
-                         "base LLM": llm})
-    refuse_unsafe_output_dir(out, overwrite)
     kind = OutputKind.PROJECTOR if original.kind == "projector" else OutputKind.FULL
     result = ConvertResult(out, original, kind)
-    with output_lock(out):
-        staging = fresh_staging(out)
-        try:
-            if kind == OutputKind.PROJECTOR:
-                _write_projector_run(original, tower, llm, template, staging)
-            else:
-                result.checks = _write_full(original, tower, llm, template, verify, staging,
-                                            log)
-            publish_staged(staging, out, STALE_RUN_OUTPUTS)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    inputs = {"checkpoint": str(original.folder), "vision tower": tower, "base LLM": llm}
+    with publishing(out, STALE_RUN_OUTPUTS, inputs=inputs, overwrite=overwrite) as staging:
+        if kind == OutputKind.PROJECTOR:
+            _write_projector_run(original, tower, llm, template, staging)
+        else:
+            result.checks = _write_full(original, tower, llm, template, verify, staging, log)
+        drop_custom_code(staging)  # stock classes: no custom code the input referred to
     return result
 
 

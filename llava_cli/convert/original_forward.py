@@ -25,12 +25,13 @@ from llava_cli.artifacts.original_layout import (
     read_state,
     text_config,
 )
+from llava_cli.merge.verify import VerificationError
 from llava_cli.model.load import TWO_TOWER_EXTRAS, load_pretrained
 from llava_cli.model.vision import vision_config_of, vision_model_class
 
 
-class ConversionError(RuntimeError):
-    """The converted model does not compute the original's logits."""
+class ConversionError(VerificationError):
+    """The converted model does not compute the original's logits (the boundary exits 1)."""
 
 
 def checked_logits(against: str, logits: Any, reference: Any, log: Any, failure: str) -> Any:

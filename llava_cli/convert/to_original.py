@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_cli.artifacts.files import write_atomically, write_text_atomically
+from llava_cli.artifacts.files import (
+    weight_file_named,
+    write_atomically,
+    write_text_atomically,
+)
 from llava_cli.artifacts.manifest import OutputKind, read_manifest
 from llava_cli.artifacts.original_layout import (
     NON_LORA_FILE,
@@ -36,11 +39,8 @@ from llava_cli.artifacts.original_layout import (
 )
 from llava_cli.artifacts.output_dir import (
     STALE_RUN_OUTPUTS,
-    fresh_staging,
-    output_lock,
-    publish_staged,
-    refuse_overlap,
-    refuse_unsafe_output_dir,
+    drop_custom_code,
+    publishing,
 )
 from llava_cli.artifacts.projector_file import ADAPTER_CONFIG, ADAPTER_FILE
 from llava_cli.convert.original_files import (
@@ -89,21 +89,15 @@ def convert_to_original(run: str | Path, output_dir: str | Path, tower_name: str
         raise ValueError(f"{source} is a pretrain (projector) output: write its projector "
                          "with `llava export-projector RUN -o mm_projector.bin` instead")
     _refuse_name(out, kind)
-    refuse_overlap(out, {"run": str(source)})
-    refuse_unsafe_output_dir(out, overwrite)
     tower = tower_name or str((out / TOWER_FOLDER).resolve())
     result = ToOriginalResult(out, kind, tower)
-    with output_lock(out):
-        staging = fresh_staging(out)
-        try:
-            if kind == "full":
-                result.checks = _full(source, manifest, staging, tower, out, verify, log)
-            else:
-                result.model_base, result.checks = _lora(source, staging, tower, out, verify,
-                                                         log)
-            publish_staged(staging, out, STALE_RUN_OUTPUTS + (NON_LORA_FILE, TOWER_FOLDER))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    stale = (*STALE_RUN_OUTPUTS, NON_LORA_FILE, TOWER_FOLDER)
+    with publishing(out, stale, inputs={"run": str(source)}, overwrite=overwrite) as staging:
+        if kind == "full":
+            result.checks = _full(source, manifest, staging, tower, out, verify, log)
+        else:
+            result.model_base, result.checks = _lora(source, staging, tower, out, verify, log)
+        drop_custom_code(staging)  # the original's classes: no custom code of the input's
     return result
 
 
@@ -158,7 +152,8 @@ def _lora(source: Path, staging: Path, tower: str, out: Path, verify: bool,
 
     run = find_lora_run(source)
     llm = _plain_llm(run)
-    adapter = load_file(str(run.adapter / ADAPTER_FILE))
+    with weight_file_named(run.adapter / ADAPTER_FILE):
+        adapter = load_file(str(run.adapter / ADAPTER_FILE))
     lora = {adapter_key_to_original(k): v.contiguous() for k, v in adapter.items()
             if ".lora_A." in k or ".lora_B." in k}
     others = [k for k in adapter if ".lora_" not in k and "multi_modal_projector" not in k]

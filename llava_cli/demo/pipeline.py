@@ -277,10 +277,10 @@ def run_demo(output_dir: str | Path, quick: bool = False, overwrite: bool = Fals
 
 def write_result(result: DemoResult, quick: bool) -> Path:
     """OUT/eval.json: accuracies per model and question, examples, timings, stock check."""
-    target = result.output_dir / "eval.json"
-    target.write_text(json.dumps({
+    from llava_cli.artifacts.files import write_text_atomically
+
+    return write_text_atomically(result.output_dir / "eval.json", json.dumps({
         "mode": "quick" if quick else "full", "accuracy": result.accuracy,
         "examples": result.examples, "stock_check": result.stock_check,
         "preference_accuracy": result.preference, "seconds": result.seconds,
         "cpu_seconds": result.cpu_seconds}, indent=2) + "\n")
-    return target

@@ -81,6 +81,9 @@ def _first_record(index: Records, tries: int = 100) -> Any:
 
 def _selected(index: Records, request: InspectRequest) -> Iterator[tuple[int, Any]]:
     if request.index is not None:
+        if not 0 <= request.index < len(index):
+            raise ValueError(f"--index {request.index}: record out of range, {index.path} has "
+                             f"{len(index)} records (0 to {len(index) - 1})")
         yield request.index, index.read(request.index)
         return
     default_limit = None if request.output == "jsonl" else 3

@@ -29,11 +29,8 @@ from llava_cli.artifacts.manifest import (
 )
 from llava_cli.artifacts.output_dir import (
     STALE_WEIGHTS,
-    fresh_staging,
-    output_lock,
-    publish_staged,
-    refuse_overlap,
-    refuse_unsafe_output_dir,
+    drop_custom_code,
+    publishing,
 )
 from llava_cli.artifacts.projector_file import ADAPTER_FILE, read_adapter_projector
 from llava_cli.config.run_config import CONFIG_FILENAME
@@ -46,13 +43,16 @@ from llava_cli.merge.lora_run import (
     load_base,
     load_processor,
 )
-from llava_cli.merge.verify import Check, compare, probe_batch, probe_logits, tolerance
+from llava_cli.merge.verify import (
+    Check,
+    VerificationError,
+    compare,
+    probe_batch,
+    probe_logits,
+    tolerance,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class VerificationError(RuntimeError):
-    """The merged model's logits differ from base + adapter by more than the tolerance."""
 
 
 @dataclass
@@ -80,40 +80,38 @@ def merge_lora(run_dir: str | Path, output_dir: str | Path, base: str | None = N
     run = find_lora_run(run_dir, trust_remote_code)
     out = Path(output_dir)
     base_info = base_to_merge_into(run, base)
-    _check_output(out, run, base_info, overwrite)
-    base_info = fingerprinted(run, base_info, explicit=bool(base))  # before any work
-    bits = run.config.bits if run.config else 16
-    result = MergeResult(out, base_info, bits)
-    with output_lock(out):  # never two merges (or a merge and a run) into one folder
-        _merge_and_publish(run, out, base, base_info, dtype, verify, max_shard_size, bits,
-                           result, log)
+    # Old weights that would shadow or mix with the new ones go only once the verified files
+    # are in; never two merges (or a merge and a run) into one folder.
+    with publishing(out, STALE_WEIGHTS, inputs=_inputs(out, run, base_info),
+                    overwrite=overwrite) as staging:
+        base_info = fingerprinted(run, base_info, explicit=bool(base))  # before any work
+        bits = run.config.bits if run.config else 16
+        result = MergeResult(out, base_info, bits)
+        _merge(run, staging, base, base_info, dtype, verify, max_shard_size, bits, result, log)
     return result
 
 
-def _merge_and_publish(run: LoraRun, out: Path, base: str | None, base_info: Base, dtype: str,
-                       verify: bool, max_shard_size: str, bits: int, result: MergeResult,
-                       log: Callable[[str], None]) -> None:
-    staging = fresh_staging(out)
-    try:
-        processor = load_processor(run)
-        batch = probe_batch(processor) if verify else None
-        quantized_ref = None
-        if verify and bits != 16:  # the model the adapter was trained against
-            quantized_ref = _quantized_reference(run, base, bits, batch, result, log)
-        reference = _merge_into(run, base, dtype, batch, staging, max_shard_size,
-                                processor.tokenizer)
-        _save_extras(run, processor, base_info, dtype, staging)
-        if verify:
-            result.checks = _verify(staging, dtype, bits, batch, reference, quantized_ref, log)
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone after _publish; on error: cleanup
+def _merge(run: LoraRun, staging: Path, base: str | None, base_info: Base, dtype: str,
+           verify: bool, max_shard_size: str, bits: int, result: MergeResult,
+           log: Callable[[str], None]) -> None:
+    processor = load_processor(run)
+    batch = probe_batch(processor) if verify else None
+    quantized_ref = None
+    if verify and bits != 16:  # the model the adapter was trained against
+        quantized_ref = _quantized_reference(run, base, bits, batch, result, log)
+    reference = _merge_into(run, base, dtype, batch, staging, max_shard_size,
+                            processor.tokenizer)
+    _save_extras(run, processor, base_info, dtype, staging)
+    drop_custom_code(staging)  # a stock LLaVA: no custom code a base's config referred to
+    if verify:
+        result.checks = _verify(staging, dtype, bits, batch, reference, quantized_ref, log)
 
 
-def _check_output(out: Path, run: LoraRun, base: Base, overwrite: bool) -> None:
-    """Never into, around or inside the run or a folder the base is read from — except the
-    base checkpoint itself with --overwrite (allowed: its fingerprint changes, so a later
-    merge of a run trained on it is refused rather than applying the adapter twice)."""
+def _inputs(out: Path, run: LoraRun, base: Base) -> dict[str, str | None]:
+    """What the output may not be, contain or lie inside: the run and every folder the base
+    is read from — except the base checkpoint itself with --overwrite (allowed: its
+    fingerprint changes, so a later merge of a run trained on it is refused rather than
+    applying the adapter twice)."""
     inputs: dict[str, str | None] = {"LoRA run": str(run.root)}
     if isinstance(base, CheckpointBase):
         same = out.resolve() == Path(base.path).resolve()
@@ -124,8 +122,7 @@ def _check_output(out: Path, run: LoraRun, base: Base, overwrite: bool) -> None:
         inputs.update({"base original checkpoint": base.path, "base LLM": base.llm,
                        "base vision tower": base.vision_tower})
     inputs["base's projector file"] = getattr(base, "pretrained_projector", None)
-    refuse_overlap(out, inputs)
-    refuse_unsafe_output_dir(out, overwrite)
+    return inputs
 
 
 def _quantized_reference(run: LoraRun, base: str | None, bits: int, batch: Any,
@@ -231,13 +228,6 @@ def _verify(staging: Path, dtype: str, bits: int, batch: Any, reference: Any,
         raise VerificationError("merged model failed verification; nothing was written:\n  "
                                 + "\n  ".join(c.describe() for c in failed))
     return checks
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the verified files into the (locked) `out` with the one publishing rule: old
-    weights that would shadow or mix with the new ones go only once the new files are in;
-    the manifest comes last."""
-    publish_staged(staging, out, STALE_WEIGHTS)
 
 
 def describe(result: MergeResult) -> str:

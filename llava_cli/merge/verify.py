@@ -27,6 +27,12 @@ _TOLERANCES = {("float32", 16): (1e-4, 1e-5), ("bfloat16", 16): (5e-2, 3e-2),
                ("float16", 16): (5e-2, 4e-3), (4,): (1e-1, 1e-1), (8,): (2e-2, 2e-2)}
 
 
+class VerificationError(RuntimeError):
+    """A written model does not reproduce its source's logits within the tolerance: nothing
+    was published. Not bad input and not a defect: the command boundary prints the message
+    (with the failed checks) and exits 1."""
+
+
 @dataclass
 class Check:
     """One logits comparison."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -68,8 +69,10 @@ def load_pretrained(cls: Any, path: str, what: str, remedy: str = RESTORE,
             model, info = cls.from_pretrained(path, output_loading_info=True,
                                               ignore_mismatched_sizes=True, **kwargs)
     except (OSError, SafetensorError) as err:
+        damaged = _damaged_file(path) if isinstance(err, SafetensorError) else None
+        named = f"{str(damaged)!r} is damaged or truncated: " if damaged else ""
         raise WeightsError(f"{what} {path!r}: its weights could not be loaded "
-                           f"({_first_line(err)}); {remedy}") from err
+                           f"({named}{_first_line(err)}); {remedy}") from err
     except RuntimeError as err:
         # transformers raises these two for weights it could not load or convert.
         if not any(sign in str(err) for sign in _LOAD_FAILURES):
@@ -82,6 +85,21 @@ def load_pretrained(cls: Any, path: str, what: str, remedy: str = RESTORE,
                            f"({problems}); refusing to fill the gaps with random weights: "
                            f"{remedy}")
     return model
+
+
+def _damaged_file(path: str) -> Path | None:
+    """The first weight file of the folder `path` that safetensors cannot open (its errors
+    never name the file)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - safetensors' own error types
+            return file
+    return None
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llava_cli.model.parts import apply_trainability, components
+from llava_cli.model.parts import apply_trainability, base_model, components
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -47,7 +47,7 @@ def _llm_linears(model: Any) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     llm = components(model).llm
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     prefix = next(name for name, module in base.named_modules() if module is llm)
     return [f"{prefix}.{name}" for name, module in llm.named_modules()
             if isinstance(module, torch.nn.Linear | Conv1D)]
@@ -69,7 +69,7 @@ def lora_config(config: RunConfig, targets: list[str]) -> LoraConfig:
 def lora_layers(model: Any) -> list[str]:
     """The layers a PeftModel carries LoRA adapters on (names in the base model), sorted:
     what was wrapped, for the run summary and the tests."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return sorted(name for name, module in base.named_modules()
                   if hasattr(module, "lora_A") and hasattr(module, "base_layer"))
 

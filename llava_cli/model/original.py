@@ -199,6 +199,8 @@ def _merge_adapter(llm: dict[str, Any], folder: Path) -> None:
     merge_and_unload for plain LoRA; rsLoRA, DoRA and per-module ranks are refused)."""
     from safetensors.torch import load_file
 
+    from llava_cli.artifacts.files import weight_file_named
+
     settings = json.loads((folder / ADAPTER_CONFIG).read_text())
     unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
                    if settings.get(k)]
@@ -206,7 +208,8 @@ def _merge_adapter(llm: dict[str, Any], folder: Path) -> None:
         raise ValueError(f"{folder / ADAPTER_CONFIG}: {unsupported or settings['peft_type']} "
                          "is not plain LoRA; only plain LoRA runs convert")
     scale = settings["lora_alpha"] / settings["r"]
-    adapter = load_file(str(folder / ADAPTER_FILE))
+    with weight_file_named(folder / ADAPTER_FILE):
+        adapter = load_file(str(folder / ADAPTER_FILE))
     for key in sorted(k for k in adapter if ".lora_A." in k):
         ours = adapter_key_to_ours(key)  # refuses LoRA outside the LLM's layers
         target = "model." + ours.split("language_model.", 1)[1].replace(".lora_A.weight",

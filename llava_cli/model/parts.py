@@ -20,9 +20,26 @@ class Components:
     lm_head: Any
 
 
+def without_engine(model: Any) -> Any:
+    """The model a DDP wrapper or a DeepSpeed engine holds (its `.module`); `model` itself
+    when it is not wrapped. A PeftModel stays a PeftModel."""
+    import torch
+
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model inside DDP, a DeepSpeed engine and PEFT (the one unwrapping
+    rule: `without_engine`, then the PeftModel's `get_base_model()`)."""
+    model = without_engine(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def components(model: Any) -> Components:
-    """The vision tower, projector, LLM decoder and lm_head (through a PeftModel too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The vision tower, projector, LLM decoder and lm_head (through DDP, DeepSpeed and PEFT
+    wrappers too: `base_model`)."""
+    base = base_model(model)
     inner = base.model
     return Components(inner.vision_tower, inner.multi_modal_projector, inner.language_model,
                       base.lm_head)
@@ -102,7 +119,7 @@ def trains_input_embeddings(model: Any) -> bool:
 def is_single_linear(model: Any) -> bool:
     """Whether the projector is LLaVA's `linear` in the stock layout: linear_1, the identity
     activation, and linear_2 the identity matrix (`model.build` makes it so)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return getattr(base.config, "projector_hidden_act", None) == "linear"
 
 
@@ -145,7 +162,7 @@ def _own_parameters(part: Any) -> list[Any]:
 def _layers_feeding_features(model: Any, count: int) -> int:
     """How many encoder layers run before the features the projector reads:
     hidden_states[k] is the output of layer k (0 = the embeddings)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layer = base.config.vision_feature_layer
     indices = layer if isinstance(layer, list) else [layer]
     return max(k if k >= 0 else count + 1 + k for k in indices)
@@ -165,7 +182,7 @@ def trainable_counts(model: Any) -> dict[str, int]:
 
 
 def _image_newline(model: Any) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return getattr(base.model, "image_newline", None)
 
 

@@ -25,5 +25,6 @@ class FrozenPartsNoBackward(TrainerCallback):
         reentrant = kwargs_given.get("use_reentrant", True) if kwargs_given else False
         if model is None or not args.activation_checkpointing or reentrant:
             return
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.disable_input_require_grads()
+        from llava_cli.model.parts import base_model
+
+        base_model(model).disable_input_require_grads()

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from llava_cli.artifacts.files import give_usual_modes
 from llava_cli.artifacts.output_dir import CHECKPOINT_PREFIX
 
 STAGING_PREFIX = ".saving-"
@@ -30,8 +31,10 @@ def staging_root(run_dir: str | os.PathLike[str], step: int) -> Path:
 
 def publish_checkpoint(run_dir: str | os.PathLike[str], step: int) -> Path:
     """Rename the staged `checkpoint-<step>` into `run_dir` (an earlier one of that step is
-    replaced only once the new one is in place); returns the published folder."""
+    replaced only once the new one is in place); returns the published folder. Its files
+    get the modes a plain write would give (safetensors writes them private)."""
     root = staging_root(run_dir, step)
+    give_usual_modes(root / f"{CHECKPOINT_PREFIX}{step}")
     name = f"{CHECKPOINT_PREFIX}{step}"
     target = Path(run_dir) / name
     replaced = Path(run_dir) / f"{REPLACED_PREFIX}{name}"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from llava_cli.artifacts.files import write_atomically, write_text_atomically
-from llava_cli.model.parts import components
+from llava_cli.model.parts import base_model, components
 
 FORMAT = 1  # bump when what an entry holds changes: old entries then live in other folders
 TENSOR = "features"
@@ -42,7 +42,7 @@ def feature_cache_for(model: Any, args: Any) -> FeatureCache | None:
         return None
     from transformers import LlavaForConditionalGeneration
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if type(base) is not LlavaForConditionalGeneration:  # LLaVA-NeXT selects per tile
         raise ValueError(f"vision_feature_cache supports LLaVA models, not "
                          f"{type(base).__name__} (anyres is not supported yet)")
@@ -135,10 +135,8 @@ class FeatureCache:
             return inputs
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        wrapped = getattr(model, "module", None)  # DDP and DeepSpeed engines hold the model
-        base = wrapped if isinstance(wrapped, torch.nn.Module) else model
-        parts = components(base)
-        config = (base.get_base_model() if hasattr(base, "get_base_model") else base).config
+        parts = components(model)  # through DDP, DeepSpeed and PEFT
+        config = base_model(model).config
         features = self.features(parts.vision_tower, config, pixels)
         projected = parts.projector(features)
         rest = {key: value for key, value in inputs.items() if key != "pixel_values"}

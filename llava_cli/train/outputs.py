@@ -6,7 +6,7 @@ resolved config, the run manifest last)."""
 from __future__ import annotations
 
 import json
-import shutil
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,9 @@ from llava_cli.artifacts.files import full_disk_named, write_text_atomically
 from llava_cli.artifacts.manifest import MANIFEST_NAME, CheckpointBase, OutputKind, RunManifest
 from llava_cli.artifacts.output_dir import (
     BASE_DIR,
-    STAGING_NAME,
     STALE_RUN_OUTPUTS,
-    publish_staged,
+    publishing,
     refuse_overlap,
-    refuse_unsafe_output_dir,
 )
 from llava_cli.config.run_config import RunConfig, save_resolved, with_absolute_paths
 from llava_cli.model.parts import is_single_linear
@@ -62,17 +60,29 @@ def _deepspeed_file(config: RunConfig) -> str | None:
     return given if isinstance(given, str) else None
 
 
+def publishing_run(config: RunConfig, main: bool = True) -> AbstractContextManager[Path]:
+    """The run's output directory by the one publishing rule (`artifacts.output_dir.
+    publishing`): checked (never into a non-empty one unless --overwrite or --resume, never
+    overlapping an input), locked by the `main` process for the whole run; yields the
+    staging folder that `write_outputs` fills and that is published when the run ends."""
+    return publishing(output_dir_of(config), STALE_TRAINING_OUTPUTS,
+                      inputs=training_inputs(config), may_hold_output=image_folders(config),
+                      overwrite=bool(config.overwrite or config.resume),
+                      remedy="pass --overwrite to write into it or --resume to continue its run",
+                      held=main)
+
+
 def prepare_output_dir(config: RunConfig, main: bool = True) -> Path:
-    """Check the output directory; deletes nothing of value (a previous run's outputs stay
-    until this run's replace them, its checkpoints until this run is known to start). The
-    `main` process clears what a killed run left unpublished."""
+    """The (checked, locked) output directory, made; deletes nothing of value (a previous
+    run's outputs stay until this run's replace them, its checkpoints until this run is known
+    to start). The `main` process clears the checkpoints a killed run left half-written. The
+    vision feature cache is refused where it would overlap an input (`refuse_overlap`)."""
     out = output_dir_of(config)
-    refuse_unsafe_output_dir(out, bool(config.overwrite or config.resume),
-                             "pass --overwrite to write into it or --resume to continue its run")
-    refuse_overlap(out, training_inputs(config), image_folders(config))
+    if config.vision_feature_cache:  # an output too: never in, around or over an input
+        refuse_overlap(Path(config.vision_feature_cache), training_inputs(config),
+                       image_folders(config), what="vision feature cache")
     if main:
-        shutil.rmtree(out / STAGING_NAME, ignore_errors=True)  # a killed command's outputs
-        discard_staging(out)  # and its half-written checkpoints
+        discard_staging(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -99,27 +109,23 @@ def resume_checkpoint(config: RunConfig, output_dir: Path) -> str | None:
     return str(found)
 
 
-def write_outputs(trainer: Any, loaded: Any, config: RunConfig, output_dir: Path,
+def write_outputs(trainer: Any, loaded: Any, config: RunConfig, staging: Path,
                   metrics: dict[str, Any]) -> RunManifest | None:
-    """Save what the run produced into `output_dir` and describe it in `llava_run.json`.
+    """Save what the run produced into `staging` (`publishing_run`'s) and describe it in
+    `llava_run.json`.
 
     projector: `projector.safetensors` + processor (no copy of the frozen LLM — unless the LLM
     and vision tower were random-initialised, whose weights exist nowhere else: then `base/`);
     full: a complete HF checkpoint; lora: a PEFT adapter that includes the projector.
-    Everything is written into a staging folder and moved in when complete. Call on every
-    rank; only rank 0 publishes (the manifest is returned there, None elsewhere).
+    The staging folder moves in once complete, when `publishing_run`'s block ends. Call on
+    every rank; only rank 0 writes the manifest (returned there, None elsewhere).
     """
-    staging = output_dir / STAGING_NAME
-    try:
-        with full_disk_named(output_dir):
-            return _save_and_publish(trainer, loaded.base, config, output_dir, staging, metrics)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a full disk: free what it took
-        raise
+    with full_disk_named(staging.parent):
+        return _save(trainer, loaded.base, config, staging, metrics)
 
 
-def _save_and_publish(trainer: Any, base: Any, config: RunConfig, output_dir: Path,
-                      staging: Path, metrics: dict[str, Any]) -> RunManifest | None:
+def _save(trainer: Any, base: Any, config: RunConfig, staging: Path,
+          metrics: dict[str, Any]) -> RunManifest | None:
     kind = config.output_kind
     # Every rank: under ZeRO-3 the gathers behind these saves are collective.
     trainer.save_model(str(staging))  # by kind: projector file, full model, or adapter
@@ -137,7 +143,6 @@ def _save_and_publish(trainer: Any, base: Any, config: RunConfig, output_dir: Pa
         projector_type="linear" if is_single_linear(trainer.model) else config.projector_type,
         files=sorted({*(p.name for p in staging.iterdir()), MANIFEST_NAME}))
     manifest.write(staging)
-    publish_staged(staging, output_dir, STALE_TRAINING_OUTPUTS)
     return manifest
 
 

@@ -71,16 +71,16 @@ def run_training(config: RunConfig, reporter: Any = None,
     dpo). The output directory is locked for the whole run (by the launching process: rank 0).
     """
     stage = stage or (preference if config.objective == "dpo" else supervised)
-    from llava_cli.artifacts.output_dir import output_lock
     from llava_cli.artifacts.ranks import is_main_process
-    from llava_cli.train.outputs import output_dir_of, prepare_output_dir
+    from llava_cli.train.outputs import prepare_output_dir, publishing_run
 
-    output_dir, main = output_dir_of(config), is_main_process()
-    with output_lock(output_dir, held=main):
-        return _train(config, reporter, stage, prepare_output_dir(config, main))
+    main = is_main_process()
+    with publishing_run(config, main) as staging:  # published when the block ends
+        return _train(config, reporter, stage, prepare_output_dir(config, main), staging)
 
 
-def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path) -> RunResult:
+def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path,
+           staging: Path) -> RunResult:
     from transformers import set_seed
 
     from llava_cli.data.text.chat_template import attach_chat_template
@@ -138,7 +138,7 @@ def _train(config: RunConfig, reporter: Any, stage: ModuleType, output_dir: Path
                **cache_metrics(trainer.feature_cache)}
     if isinstance(dataset, PackedDataset):  # the Trainer counts rows as its "samples"
         metrics["samples_per_row"] = round(dataset.records / max(len(dataset), 1), 3)
-    write_outputs(trainer, loaded, config, output_dir, metrics)
+    write_outputs(trainer, loaded, config, staging, metrics)
     return RunResult(output_dir, config.output_kind, metrics, trainer)
 
 

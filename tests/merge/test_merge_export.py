@@ -269,13 +269,14 @@ def test_a_run_folder_never_makes_merge_execute_its_code(runs, tmp_path):
 
 def test_export_never_replaces_a_file_without_overwrite(runs, tmp_path):
     """`export-projector RUN -o RUN/model.safetensors` replaced a whole model with a projector
-    and exited 0; an existing file now needs --overwrite, and a directory is refused."""
+    and exited 0; an output inside its input is refused (even with --overwrite), an existing
+    file needs --overwrite, and a directory is refused."""
     run = tmp_path / "full"
     shutil.copytree(runs["full"], run)
     model = (run / "model.safetensors").read_bytes()
     result = runner.invoke(app, ["export-projector", str(run), "-o",
                                  str(run / "model.safetensors")])
-    assert result.exit_code == 2 and "exists; pass --overwrite" in result.stderr
+    assert result.exit_code == 2 and "lies inside the checkpoint" in result.stderr
     assert (run / "model.safetensors").read_bytes() == model
     result = runner.invoke(app, ["export-projector", str(run), "-o", str(tmp_path)])
     assert result.exit_code == 2 and "is a directory" in result.stderr

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from llava_cli.model.parts import base_model
 from llava_cli.train.dpo.objective import ReplyLogProbs, reply_log_probs
 from llava_cli.train.supervised_loss import supervised_positions
 
 
 def llava_of(model: Any) -> Any:
     """The `Llava…ForConditionalGeneration` inside DDP, a DeepSpeed engine and PEFT."""
-    inner = getattr(model, "module", None)
-    model = inner if isinstance(inner, torch.nn.Module) else model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base_model(model)
 
 
 def encode_images(model: Any, batch: dict[str, Any]) -> Any:

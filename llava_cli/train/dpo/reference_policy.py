@@ -70,7 +70,9 @@ class Reference:
         if self.kind == COPY:
             yield self.model
             return
-        peft_model = getattr(policy, "module", policy)
+        from llava_cli.model.parts import without_engine
+
+        peft_model = without_engine(policy)
         peft_model = peft_model if hasattr(peft_model, "disable_adapter") else policy
         with peft_model.disable_adapter():
             yield policy
