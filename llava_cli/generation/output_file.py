@@ -15,27 +15,22 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from llava_cli.artifacts.files import write_text_atomically
-from llava_cli.artifacts.output_dir import refuse_existing_file
+from llava_cli.artifacts.output_dir import refuse_existing_file, refuse_output_over_inputs
 
 
 def check_output_file(output: Path, overwrite: bool, folders: Mapping[str, Path | None],
                       files: Mapping[str, Path | None], images: Iterable[str] = ()) -> None:
-    """Refuse `output` (ValueError, one line) when it exists without `overwrite`, is a folder,
-    lies inside one of `folders` (label → folder read: the checkpoint, adapter, base), is one
-    of `files` (label → file read: the data file) or one of the `images` read, or cannot be
-    written. Nothing is created."""
-    refuse_existing_file(output, overwrite)
-    target = output.resolve()
-    for label, folder in folders.items():
-        if folder is not None and folder.exists() and folder.resolve() in target.parents:
-            raise ValueError(f"--output {output} lies inside the {label} {folder}: writing "
-                             "there would change what is read; write it elsewhere")
-    named = {**{str(p.resolve()): label for label, p in files.items() if p is not None},
-             **{str(Path(p).resolve()): f"image {p}" for p in images}}
-    if str(target) in named:
-        raise ValueError(f"--output {output} is the {named[str(target)]}, an input of this "
-                         "command; write it elsewhere")
-    _refuse_unwritable(output, target)
+    """Refuse `output` (ValueError, one line) by the one rule for files a command writes
+    (`artifacts.output_dir.refuse_existing_file`: a folder, over or inside an input — the
+    `folders` read (checkpoint, adapter, base), the `files` read (the data file), each of the
+    `images` read — or an existing file without `overwrite`), and when it cannot be written.
+    Nothing is created."""
+    inputs = {label: str(path) for label, path in {**folders, **files}.items()
+              if path is not None}
+    for image in images:
+        refuse_output_over_inputs(output, {"image": image})
+    refuse_existing_file(output, overwrite, inputs)
+    _refuse_unwritable(output, output.resolve())
 
 
 def _refuse_unwritable(output: Path, target: Path) -> None:

@@ -193,15 +193,15 @@ def test_outputs_that_are_inputs_or_unwritable_are_refused_before_the_model(runs
     before = _digest(model), qa.read_bytes()
     cases = [
         (["evaluate", str(model), "--data", str(qa), "-o", str(model / "model.safetensors")],
-         f"lies inside the checkpoint {model}"),
+         f"lies inside the checkpoint {str(model)!r}"),
         (["evaluate", str(model), "--data", str(qa), "-o", str(qa)], "is the data file"),
         (["evaluate", str(model), "--data", str(qa), "-o", str(qa.parent / "pics" / "cat.webp")],
-         f"is the image {qa.parent / 'pics' / 'cat.webp'}"),
+         f"is the image {str(qa.parent / 'pics' / 'cat.webp')!r}"),
         (["generate", str(model), "--data", str(qa), "--output", str(qa)], "is the data file"),
         (["evaluate", str(lora), "--data", str(qa), "-o", str(runs["base"] / "p.jsonl")],
-         f"lies inside the checkpoint {runs['base']}"),
+         f"lies inside the checkpoint {str(runs['base'])!r}"),
         (["evaluate", str(model), "--adapter", str(lora), "--data", str(qa), "-o",
-          str(lora / "p.jsonl")], f"lies inside the adapter {lora}"),
+          str(lora / "p.jsonl")], f"lies inside the adapter {str(lora)!r}"),
     ]
     for args, expected in cases:
         command = args[0]
