@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from llava_cli.data.conversation import RecordError, has_image, image_field
+from llava_cli.data.preference_pairs import PairSample, looks_like_preference
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError
 from llava_cli.data.report import EXAMPLES_PER_KIND, Report
@@ -87,13 +88,19 @@ def _scan_one(report: Report, builder: SampleBuilder, index: Records, position: 
     _warn(report, sample)
 
 
-def _warn(report: Report, sample: Sample) -> None:
-    """The warnings of a usable record: an empty reply, an image over HUGE_IMAGE_PIXELS."""
+def _warn(report: Report, sample: Sample | PairSample) -> None:
+    """The warnings of a usable record: an empty reply, an image over HUGE_IMAGE_PIXELS; of a
+    preference pair also an empty rejected reply and two replies of the same text."""
     rid = sample.record_id
+    sides = [sample.chosen, sample.rejected] if isinstance(sample, PairSample) else [sample]
     if any(m.role == "assistant" and not m.content.strip()
-           for m in sample.conversation.messages):
+           for side in sides for m in side.conversation.messages):
         report.warnings.add(Problem.EMPTY_REPLY, rid, f"record {rid!r} has an empty gpt reply: "
                             "training on it teaches the model to answer nothing")
+    if isinstance(sample, PairSample) and _reply(sample.chosen) == _reply(sample.rejected):
+        report.warnings.add(Problem.SAME_REPLIES, rid, f"record {rid!r} has the same chosen "
+                            "and rejected reply: the pair teaches nothing (its DPO gradient "
+                            "is zero); fix or remove it")
     for width, height in sample.image_sizes:
         if width * height > HUGE_IMAGE_PIXELS:
             report.warnings.add(
@@ -101,6 +108,11 @@ def _warn(report: Report, sample: Sample) -> None:
                 f"({width * height / 1e6:.0f} megapixels, over {HUGE_IMAGE_PIXELS // 10**6}): "
                 "every epoch decodes it in full; shrink such images once, beforehand")
             return
+
+
+def _reply(sample: Sample) -> str:
+    """A pair side's last reply, as the model is taught it."""
+    return sample.conversation.messages[-1].content.strip()
 
 
 def _id_hash(record_id: str) -> int:
@@ -128,13 +140,21 @@ def count_duplicate_ids(report: Report, index: Records) -> None:
 
 
 def _count_images(report: Report, record: Any) -> None:
-    if not has_image(record):
+    if not has_image(record) and not _rlaif_image(record):
         report.text_only += 1
         return
     report.image_records += 1
     image = image_field(record)
     if isinstance(image, list) and len(image) > 1:
         report.multi_image += 1
+
+
+def _rlaif_image(record: Any) -> bool:
+    """Whether a preference record shows its image by RLAIF-V's `image_path` alone (the pair
+    reads it as its image: `data.preference_pairs.preference_records`)."""
+    return (isinstance(record, dict) and looks_like_preference(record)
+            and "image" not in record and "images" not in record
+            and bool(record.get("image_path")))
 
 
 RESULT_WAIT_SECONDS = 1.0  # how often the parent looks whether a worker died
