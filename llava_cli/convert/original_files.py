@@ -72,8 +72,13 @@ def kept_rows(tokenizer: Any, vocab: int) -> int:
     keep = vocab - len(ours)
     if ours != list(range(keep, vocab)):
         raise ValueError(f"the tokens {IMAGE_TOKEN}/{PAD_TOKEN} are not the model's last "
-                         f"embedding rows (ids {ours} of {vocab}); the original layout cannot "
-                         "hold this vocabulary")
+                         f"embedding rows (ids {ours} of {vocab}): the original LLaVA adds its "
+                         "image token after the LLM's vocabulary and keeps only the rows "
+                         "before it, so this tokenizer, which holds them among its own tokens "
+                         "(as the built-in demo tokenizer of `llava demo` does), cannot be "
+                         "written in the original layout; convert a model trained from an LLM "
+                         "with its own tokenizer (llava pretrain adds the tokens at the end), "
+                         "or serve this one as it is (stock transformers loads it)")
     if len(tokenizer) - len(ours) != keep:
         raise ValueError(f"the tokenizer has {len(tokenizer) - len(ours) - keep} added tokens "
                          "besides ours; the original's slow tokenizer would not know them")

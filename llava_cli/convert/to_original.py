@@ -200,9 +200,17 @@ def _plain_llm(run: Any) -> str:
     base = run.manifest.base
     llm = getattr(base, "llm", None)
     if not llm or getattr(base, "kind", "projector") != "projector":
-        raise ValueError(f"{run.root}: its base ({base.type}) is a whole LLaVA checkpoint, but "
-                         "the original loads a LoRA run onto a plain LLM (--model-base); merge "
-                         "it (`llava merge-lora`) and convert the merged output instead")
+        where = getattr(base, "path", None)
+        named = f" {where}" if where else ""
+        original = (f"`--model-base {where}`" if base.type == "original"
+                    else "--model-base naming it in the original layout (`llava convert "
+                    f"{where or 'BASE'} --to llava -o DIR` writes that)")
+        raise ValueError(
+            f"{run.root}: its base ({base.type}{named}) is a whole LLaVA checkpoint, not a "
+            f"plain LLM; the original serves such a LoRA run with {original} (as "
+            "finetune_task_lora.sh runs are served), a layout `convert --to llava` does not "
+            f"write yet. Merge it (`llava merge-lora {run.root} -o MERGED`) and convert the "
+            "merged output (`llava convert MERGED --to llava -o OUT`) instead")
     return llm
 
 

@@ -254,6 +254,10 @@ class _Scanner:
         has = np.zeros(len(s), bool)
         images_at, images_set = self.key_in_records(q, instr, s, e, b"images")
         image_at, image_set = self.key_in_records(q, instr, s, e, b"image")
+        _, path_set = self.key_in_records(q, instr, s, e, b"image_path")
+        # RLAIF-V's "image_path" (its preference records' image) counts only without the others
+        has[path_set] = True
+        has[images_at] = False
         has[images_set] = True
         has[image_at] = False  # "image" decides, "images" is the fallback (conversation.has_image)
         has[image_set] = True

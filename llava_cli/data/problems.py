@@ -30,10 +30,11 @@ class Problem:
     EMPTY_REPLY = "empty-reply"  # a gpt turn with no text: it teaches answering nothing
     DUPLICATE_ID = "duplicate-id"  # a record with the id of an earlier one
     HUGE_IMAGE = "huge-image"  # under Pillow's limit, yet slow to decode every epoch
+    SAME_REPLIES = "same-replies"  # a preference pair whose two replies are one text
 
     ERRORS = (BAD_JSON, BAD_FIELD, ROLE_ERROR, NEEDS_IMAGE, IMAGE_TOKEN_MISMATCH, BAD_IMAGE,
               IMAGE_OUTSIDE_FOLDER, NO_RECORDS)
-    WARNINGS = (EMPTY_REPLY, DUPLICATE_ID, HUGE_IMAGE)
+    WARNINGS = (EMPTY_REPLY, DUPLICATE_ID, HUGE_IMAGE, SAME_REPLIES)
 
 
 class Dropped(NamedTuple):

@@ -30,7 +30,9 @@ from llava_cli.data.json_scan import (
 )
 
 __all__ = ["RecordFormatError", "RecordIndex", "default_cache_dir"]
-FORMAT_VERSION = 3  # 2: has_image also reads the "images" key; 3: an object on top is refused
+# 2: has_image also reads the "images" key; 3: an object on top is refused; 4: and RLAIF-V's
+# "image_path" (where neither "image" nor "images" is there)
+FORMAT_VERSION = 4
 def default_cache_dir() -> Path:
     """``$LLAVA_CLI_CACHE/index`` if that variable is set, else ``~/.cache/llava_cli/index``."""
     root = os.environ.get("LLAVA_CLI_CACHE")

@@ -47,6 +47,17 @@ class Report:
         for name in ("problems", "notes", "truncations", "warnings"):
             getattr(self, name).merge(getattr(other, name))
 
+    def repeated(self, copies: int) -> Report:
+        """This report of one record counted as `copies` positions (a mix's repeats show the
+        record that often; its examples and messages once)."""
+        for name in ("records", "image_records", "text_only", "multi_image"):
+            setattr(self, name, getattr(self, name) * copies)
+        for name in ("problems", "notes", "truncations", "warnings"):
+            counter = getattr(self, name)
+            for kind in counter.counts:
+                counter.counts[kind] *= copies
+        return self
+
     @property
     def failed(self) -> bool:
         """True when any record would fail or train on nothing (or there is no record)."""

@@ -23,28 +23,38 @@ from typing import Any
 import numpy as np
 
 from llava_cli.data.conversation import RecordError, has_image, image_field
+from llava_cli.data.preference_pairs import PairSample, looks_like_preference
 from llava_cli.data.problems import Problem
 from llava_cli.data.records import RecordFormatError
 from llava_cli.data.report import EXAMPLES_PER_KIND, Report
 from llava_cli.data.samples import Sample, SampleBuilder
-from llava_cli.data.sources.mix import Records
+from llava_cli.data.sources.mix import Distinct, MixIndex, Records
 
 # Above this an image is a warning: decoded in RGB it takes 192 MB, and every epoch decodes it
 # again (about half a second a worker) for a tower that sees a few hundred pixels.
 HUGE_IMAGE_PIXELS = 64_000_000
 
 
-def scan_records(builder: SampleBuilder, index: Records, start: int, stop: int) -> Report:
+def scan_records(builder: SampleBuilder, index: Records, start: int, stop: int,
+                 distinct: Distinct | None = None) -> Report:
     """Scan records [start, stop) of `index` into a `Report`; an index without records is a
-    `no-records` problem."""
+    `no-records` problem. With `distinct` (a mix that repeats records), [start, stop) numbers
+    its distinct records: each is read once and counted once per position that shows it."""
     report = Report()
     if len(index) == 0:
         report.problems.add(Problem.NO_RECORDS, os.path.basename(index.path),
                             f"{index.path} holds no records: there is nothing to train on")
     lengths: list[tuple[int, int]] = []
     ids: list[tuple[int, int]] = []
-    for position in range(start, stop):
-        _scan_one(report, builder, index, position, lengths, ids)
+    for n in range(start, stop):
+        if distinct is None:
+            _scan_one(report, builder, index, n, lengths, ids)
+            continue
+        position, copies = int(distinct.firsts[n]), int(distinct.copies[n])
+        one = Report() if copies > 1 else report
+        _scan_one(one, builder, index, position, lengths, ids)
+        if copies > 1:
+            report.merge(one.repeated(copies))
     report.lengths.append(np.asarray(lengths, dtype=np.int64).reshape(-1, 2))
     report.ids.append(np.asarray(ids, dtype=np.int64).reshape(-1, 2))
     return report
@@ -78,13 +88,19 @@ def _scan_one(report: Report, builder: SampleBuilder, index: Records, position: 
     _warn(report, sample)
 
 
-def _warn(report: Report, sample: Sample) -> None:
-    """The warnings of a usable record: an empty reply, an image over HUGE_IMAGE_PIXELS."""
+def _warn(report: Report, sample: Sample | PairSample) -> None:
+    """The warnings of a usable record: an empty reply, an image over HUGE_IMAGE_PIXELS; of a
+    preference pair also an empty rejected reply and two replies of the same text."""
     rid = sample.record_id
+    sides = [sample.chosen, sample.rejected] if isinstance(sample, PairSample) else [sample]
     if any(m.role == "assistant" and not m.content.strip()
-           for m in sample.conversation.messages):
+           for side in sides for m in side.conversation.messages):
         report.warnings.add(Problem.EMPTY_REPLY, rid, f"record {rid!r} has an empty gpt reply: "
                             "training on it teaches the model to answer nothing")
+    if isinstance(sample, PairSample) and _reply(sample.chosen) == _reply(sample.rejected):
+        report.warnings.add(Problem.SAME_REPLIES, rid, f"record {rid!r} has the same chosen "
+                            "and rejected reply: the pair teaches nothing (its DPO gradient "
+                            "is zero); fix or remove it")
     for width, height in sample.image_sizes:
         if width * height > HUGE_IMAGE_PIXELS:
             report.warnings.add(
@@ -92,6 +108,11 @@ def _warn(report: Report, sample: Sample) -> None:
                 f"({width * height / 1e6:.0f} megapixels, over {HUGE_IMAGE_PIXELS // 10**6}): "
                 "every epoch decodes it in full; shrink such images once, beforehand")
             return
+
+
+def _reply(sample: Sample) -> str:
+    """A pair side's last reply, as the model is taught it."""
+    return sample.conversation.messages[-1].content.strip()
 
 
 def _id_hash(record_id: str) -> int:
@@ -119,13 +140,21 @@ def count_duplicate_ids(report: Report, index: Records) -> None:
 
 
 def _count_images(report: Report, record: Any) -> None:
-    if not has_image(record):
+    if not has_image(record) and not _rlaif_image(record):
         report.text_only += 1
         return
     report.image_records += 1
     image = image_field(record)
     if isinstance(image, list) and len(image) > 1:
         report.multi_image += 1
+
+
+def _rlaif_image(record: Any) -> bool:
+    """Whether a preference record shows its image by RLAIF-V's `image_path` alone (the pair
+    reads it as its image: `data.preference_pairs.preference_records`)."""
+    return (isinstance(record, dict) and looks_like_preference(record)
+            and "image" not in record and "images" not in record
+            and bool(record.get("image_path")))
 
 
 RESULT_WAIT_SECONDS = 1.0  # how often the parent looks whether a worker died
@@ -139,23 +168,29 @@ def check_dataset(make_builder: Callable[[], SampleBuilder], index: Records,
     workers = workers or _usable_cores()
     report = Report()
     builder = make_builder()  # once, before forking: workers start scanning at once
+    # A mix's repeats show some records many times: each is scanned once.
+    distinct = index.distinct() if isinstance(index, MixIndex) else None
+    total = len(index) if distinct is None else len(distinct.firsts)
     # An empty index still gets its one scan: it reports that there is no record.
-    slices = list(_slices(len(index), slice_size)) or [(0, 0)]
+    slices = list(_slices(total, slice_size)) or [(0, 0)]
     if workers <= 1 or len(slices) <= 1:
         for bounds in slices:
-            report.merge(scan_records(builder, index, *bounds))
+            part = scan_records(builder, index, *bounds, distinct)
+            report.merge(part)
             if on_progress:
-                on_progress(bounds[1] - bounds[0])
-        count_duplicate_ids(report, index)
-        return report
-    parts: dict[int, Report] = {}
-    for number, part in _scan_in_processes(builder, index, slices, min(workers, len(slices))):
-        parts[number] = part
-        if on_progress:
-            on_progress(part.records)
-    for number in sorted(parts):  # in file order: the examples do not depend on timing
-        report.merge(parts[number])
-    count_duplicate_ids(report, index)
+                on_progress(part.records)
+    else:
+        parts: dict[int, Report] = {}
+        for number, part in _scan_in_processes(builder, index, slices,
+                                               min(workers, len(slices)), distinct):
+            parts[number] = part
+            if on_progress:
+                on_progress(part.records)
+        for number in sorted(parts):  # in file order: the examples do not depend on timing
+            report.merge(parts[number])
+    if distinct is not None and report.lengths:
+        report.lengths = [distinct.spread(np.concatenate(report.lengths))]
+    count_duplicate_ids(report, index)  # ids of distinct records: a repeat is no duplicate
     return report
 
 
@@ -172,8 +207,8 @@ def _slices(total: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _scan_in_processes(builder: SampleBuilder, index: Records,
-                       slices: list[tuple[int, int]], workers: int
-                       ) -> Iterator[tuple[int, Report]]:
+                       slices: list[tuple[int, int]], workers: int,
+                       distinct: Distinct | None = None) -> Iterator[tuple[int, Report]]:
     """(slice number, report) of `slices`, scanned by `workers` forked processes, as they
     finish."""
     import multiprocessing
@@ -187,7 +222,7 @@ def _scan_in_processes(builder: SampleBuilder, index: Records,
         tasks.put(None)  # one stop sign per worker
     # Slices left unread when the scan stops early must not keep this process from exiting.
     tasks.cancel_join_thread()
-    processes = [context.Process(target=_work, args=(builder, index, tasks, results),
+    processes = [context.Process(target=_work, args=(builder, index, tasks, results, distinct),
                                  daemon=True) for _ in range(workers)]
     for process in processes:
         process.start()
@@ -201,12 +236,13 @@ def _scan_in_processes(builder: SampleBuilder, index: Records,
             process.join()
 
 
-def _work(builder: SampleBuilder, index: Records, tasks: Any, results: Any) -> None:
+def _work(builder: SampleBuilder, index: Records, tasks: Any, results: Any,
+          distinct: Distinct | None) -> None:
     """A worker's loop: scan slices until the stop sign; a failure is sent back, not lost."""
     while (task := tasks.get()) is not None:
         number, bounds = task
         try:
-            results.put((number, scan_records(builder, index, *bounds)))
+            results.put((number, scan_records(builder, index, *bounds, distinct)))
         except Exception as err:  # noqa: BLE001 - re-raised in the parent
             results.put(_sendable(err))
             return

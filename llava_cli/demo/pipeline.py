@@ -104,6 +104,11 @@ class Demo:
         from llava_cli.demo.shapes import generate_split
 
         def work() -> None:
+            from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
+
+            # The built-in tokenizer saved as a folder: the bare name `demo` would be read as
+            # a path wherever one of that name exists (`llava demo -o demo` makes one).
+            build_demo_tokenizer().save_pretrained(str(self.out / "data" / "tokenizer"))
             for kind, n in self.plan.pictures.items():
                 generate_split(self.out / "data" / kind, n, SEEDS[kind],
                                SPLIT_KINDS.get(kind, kind),  # type: ignore[arg-type]
@@ -122,10 +127,12 @@ class Demo:
                 f"output_dir={_rel(self.out / stage)}"]
         if stage in STARTS_FROM:
             sets.append(f"model_name_or_path={_rel(self.out / STARTS_FROM[stage])}")
-        elif RECIPES.resolve() != (Path.cwd() / REPO_RECIPES).resolve():
-            # Recipe paths are relative to the repository root; elsewhere, name the parts.
-            sets += [f"model_name_or_path={_rel(RECIPES / 'llm')}",
-                     f"vision_tower={_rel(RECIPES / 'vision')}"]
+        else:  # a new model: the demo tokenizer, from its folder (see `generate_data`)
+            sets.append(f"tokenizer={_rel(self.out / 'data' / 'tokenizer')}")
+            if RECIPES.resolve() != (Path.cwd() / REPO_RECIPES).resolve():
+                # Recipe paths are relative to the repository root; elsewhere, name the parts.
+                sets += [f"model_name_or_path={_rel(RECIPES / 'llm')}",
+                         f"vision_tower={_rel(RECIPES / 'vision')}"]
         if self.plan.steps.get(stage) is not None:
             sets.append(f"max_steps={self.plan.steps[stage]}")
         return sets + list(self.plan.sets.get(stage, ()))

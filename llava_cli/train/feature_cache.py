@@ -10,16 +10,19 @@ the model called without pixels. Nothing in transformers is patched.
 
 Layout: `DIR/<tower fingerprint>/<ab>/<image key>.safetensors`, each written atomically
 (`artifacts.files`), so concurrent ranks and a kill never leave half an entry; an entry that
-does not read back whole is computed again and overwritten. The image key hashes the processed
-pixel tensor (a different processor setting gives other pixels, so other keys); the tower
-fingerprint hashes the tower's weights, config, feature layer, select strategy, dtype,
-attention, device and autocast (`tower_description`). Deleting the directory is always safe.
+does not read back whole, or holds features of another shape or dtype than the tower makes
+(measured once on one image, recorded in the folder's `features.json`), is computed again and
+overwritten, with one warning. The image key hashes the processed pixel tensor (a different
+processor setting gives other pixels, so other keys); the tower fingerprint hashes the
+tower's weights, config, feature layer, select strategy, dtype, attention, device and
+autocast (`tower_description`). Deleting the directory is always safe.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from llava_cli.model.parts import base_model, components
 
 FORMAT = 1  # bump when what an entry holds changes: old entries then live in other folders
 TENSOR = "features"
+SHAPE_FILE = "features.json"  # the shape and dtype of one image's features, beside the entries
 # Tower config entries that name, not define, the tower: they must not change its fingerprint.
 NAMING_KEYS = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype")
 
@@ -126,6 +130,8 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self._folders: dict[tuple[str, str | None], Path] = {}  # per (device, autocast)
+        self._shapes: dict[Path, tuple[tuple[int, ...], torch.dtype]] = {}  # per folder
+        self._warned = False
 
     def model_inputs(self, model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         """`inputs` with `pixel_values` replaced by `mm_encoder_outputs` (the projector's
@@ -148,9 +154,14 @@ class FeatureCache:
         """The selected features of each image in `pixels` (N, C, H, W): read where cached,
         else computed under no_grad (all misses of the batch in one forward) and stored."""
         folder = self._folder(tower, config, pixels.device)
+        shape, dtype = self._expected(folder, tower, config, pixels)
         keys = [image_key(image) for image in pixels]
         found: list[torch.Tensor | None] = [read_entry(entry_path(folder, key), key)
                                             for key in keys]
+        for i, feature in enumerate(found):
+            if feature is not None and (tuple(feature.shape) != shape or feature.dtype != dtype):
+                found[i] = None  # not what this tower makes: damaged, computed again
+                self._say_damaged(entry_path(folder, keys[i]), feature, shape, dtype)
         missing = [i for i, feature in enumerate(found) if feature is None]
         if missing:
             with torch.no_grad():
@@ -161,6 +172,33 @@ class FeatureCache:
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         return torch.stack([feature.to(pixels.device) for feature in found])  # type: ignore
+
+    def _expected(self, folder: Path, tower: Any, config: Any, pixels: torch.Tensor
+                  ) -> tuple[tuple[int, ...], torch.dtype]:
+        """The (shape, dtype) of one image's features from this tower set-up (an entry of any
+        other is damaged): from the folder's `features.json`, else measured on the batch's
+        first image and written there, so a warm run never runs the tower."""
+        if folder not in self._shapes:
+            expected = read_feature_shape(folder / SHAPE_FILE)
+            if expected is None:
+                with torch.no_grad():
+                    feature = select_features(tower, config, pixels[:1])[0]
+                expected = (tuple(feature.shape), feature.dtype)
+                write_text_atomically(folder / SHAPE_FILE, json.dumps(
+                    {"shape": list(expected[0]), "dtype": str(expected[1])}) + "\n")
+            self._shapes[folder] = expected
+        return self._shapes[folder]
+
+    def _say_damaged(self, path: Path, feature: torch.Tensor, shape: tuple[int, ...],
+                     dtype: torch.dtype) -> None:
+        """Warn once per run that mismatched entries are computed again."""
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(f"vision_feature_cache: entry {path} holds {tuple(feature.shape)} "
+                      f"{feature.dtype} features where this tower makes {shape} {dtype}; "
+                      "such entries are treated as damaged and computed again",
+                      UserWarning, stacklevel=2)
 
     def _folder(self, tower: Any, config: Any, device: torch.device) -> Path:
         """The fingerprint folder (hashing the weights once per run and autocast setting),
@@ -175,6 +213,17 @@ class FeatureCache:
                                       json.dumps(description, indent=1, default=str) + "\n")
             self._folders[setting] = folder
         return self._folders[setting]
+
+
+def read_feature_shape(path: Path) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The (shape, dtype) a `features.json` records; None when missing or not readable."""
+    try:
+        recorded = json.loads(path.read_text())
+        dtype = getattr(torch, str(recorded["dtype"]).removeprefix("torch."))
+        shape = tuple(int(size) for size in recorded["shape"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (shape, dtype) if isinstance(dtype, torch.dtype) else None
 
 
 def entry_path(folder: Path, key: str) -> Path:

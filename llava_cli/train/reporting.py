@@ -37,6 +37,8 @@ class Reporter:
         table = Table(title="llava training run", title_justify="left", show_header=False)
         if started:
             table.add_row("starting model", started)
+        if config.resume:
+            table.add_row("resumed from", resumed_from(config, args.output_dir))
         for part, n in counts.items():
             table.add_row(f"trainable {part}", f"{n:,}")
         if lora_layers:
@@ -77,6 +79,23 @@ class Reporter:
         return _RichCallback(self)
 
 
+def resumed_from(config: Any, output_dir: str) -> str:
+    """'/out/checkpoint-4 (step 4 of --resume latest)': the checkpoint a resumed run continues."""
+    import json
+    from pathlib import Path
+
+    from llava_cli.train.outputs import resume_checkpoint
+
+    checkpoint = resume_checkpoint(config, Path(output_dir))
+    try:
+        step = json.loads((Path(str(checkpoint)) / "trainer_state.json").read_text())
+        at = f"step {int(step['global_step'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        at = "step unknown"
+    how = "--resume latest" if config.resume == "latest" else "--resume"
+    return f"{checkpoint} ({at}, {how})"
+
+
 def _preference_line(config: Any) -> str:
     """'dpo: sigmoid, beta 0.1 (+ rpo_alpha 0.5); reference: disabled-adapter, precomputed'."""
     rpo = f" + rpo_alpha {config.rpo_alpha}" if config.rpo_alpha is not None else ""
@@ -106,6 +125,11 @@ def lora_summary(layers: list[str]) -> str:
         f"{kind} ×{count}" for kind, count in sorted(kinds.items()))
 
 
+# dpo's statistics worth a console line (training and held-out): how far apart the rewards
+# of chosen and rejected replies are, and how often the chosen one wins.
+SHOWN_REWARDS = ("rewards/margins", "rewards/accuracies")
+
+
 class _RichCallback(TrainerCallback):
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
@@ -132,7 +156,8 @@ class _RichCallback(TrainerCallback):
             return
         shown = {k: v for k, v in logs.items()
                  if k in ("loss", "learning_rate", "grad_norm", "train_loss", "eval_loss", "epoch")
-                 or k.startswith(("learning_rate_", "eval_accuracy"))}
+                 or k.startswith(("learning_rate_", "eval_accuracy"))
+                 or k.endswith(SHOWN_REWARDS)}
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in shown.items())
         self.progress.console.print(f"step {state.global_step}: {text}", highlight=False)

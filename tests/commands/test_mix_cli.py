@@ -45,7 +45,7 @@ def test_check_scans_a_mix_and_names_records_by_source(tmp_path: Path) -> None:
     assert report["problems"] == {"bad-image": 2, "image-outside-folder": 1}
     assert report["examples"]["bad-image"] == ["shards#1"]  # no id: source and position
     assert report["examples"]["image-outside-folder"] == ["esc-0"]
-    assert "duplicate-id" in report["warnings"]  # the shard is repeated: b-0 twice
+    assert "duplicate-id" not in report["warnings"]  # b-0 twice by repeat: one record
 
 
 def test_check_of_a_mix_on_two_processes_matches_one(tmp_path: Path) -> None:

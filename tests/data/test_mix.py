@@ -116,7 +116,7 @@ def test_resumed_order_equals_the_uninterrupted_one(two: Path) -> None:
 
 @pytest.mark.parametrize(("entry", "message"), [
     ({"path": "nope.jsonl"}, "source '#0': path 'nope.jsonl' not found"),
-    ({"path": "a.jsonl", "repeat": 0}, "source '#0': repeat must be a number > 0"),
+    ({"path": "a.jsonl", "repeat": 0}, "source '#0': repeat 0 would drop the source"),
     ({"path": "a.jsonl", "repeat": "twice"}, "source '#0': repeat must be a number > 0"),
     ({"path": "a.jsonl", "weight": -1}, "source '#0': weight must be a number > 0"),
     ({"path": "a.jsonl", "repeats": 2}, "source '#0': unknown key 'repeats'"),

@@ -16,6 +16,7 @@ from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.parts import components
 from llava_cli.model.start import load_starting_model
 from llava_cli.train.run import run_training
+from llava_cli.train.stages.supervised import check_command
 from tests.helpers import TINY_LLM, TINY_VISION
 from tests.helpers import eval_logits as _logits
 from tests.helpers import probe_batch as _probe
@@ -477,14 +478,15 @@ def test_held_out_records_are_checked_before_training(finetuned, tmp_path, caplo
     held_out.write_text(json.dumps(records))
     keys = {"model_name_or_path": str(finetuned[0].output_dir), "max_steps": 2,
             "save_steps": 2, "eval_data_path": str(held_out), "dataloader_num_workers": 0}
+    config = _config("finetune", tmp_path / "refused", **keys)
     with pytest.raises(ValueError) as refused:
-        run_training(_config("finetune", tmp_path / "refused", **keys))
+        run_training(config)
     missing = Path(RECORDS).resolve().parent / "images" / "nowhere.png"
     assert str(refused.value) == (
         f"held-out data {held_out}: 1 of 6 record(s) cannot be evaluated (bad-image: 1 (e.g. "
         f"gone)); fix them or pass --skip-bad-records. The first: record 'gone': image "
-        f"'images/nowhere.png' (resolved to {missing}): file not found. `llava inspect-data "
-        f"{held_out} --check` lists them all")
+        f"'images/nowhere.png' (resolved to {missing}): file not found. "
+        f"`{check_command(config, str(held_out), held_out=True)}` lists them all")
     assert not list((tmp_path / "refused").glob("checkpoint-*"))
 
     with caplog.at_level("WARNING", logger="llava_cli"):

@@ -18,8 +18,15 @@ from llava_cli.data.records import RecordFormatError
 from llava_cli.data.sources.cache import cached_arrays, files_key
 from llava_cli.data.sources.rows import image_column, llava_record
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TEXT_COLUMNS = ("conversations", "conversation", "messages")
+# Preference tables (`data.preference_pairs`' layouts): ours and LLaVA-NeXT's, TRL's, RLAIF-V's
+# (a prompt and chosen/rejected replies) and LLaVA-RLHF's (two outputs and a preference).
+PROMPT_COLUMNS = ("conversations", "prompt", "question")
+REPLY_COLUMNS = (("chosen", "rejected"), ("output_1", "output_2"))
+LAYOUTS = ("LLaVA's `conversations` or chat `messages`, or a preference layout: a prompt "
+           "(`conversations`, `prompt` or `question`) with `chosen` and `rejected`, or "
+           "`output_1`, `output_2` and `preference`")
 
 
 class ArrowSource:
@@ -103,18 +110,17 @@ def _build(files: list[str], kind: str) -> dict[str, np.ndarray]:
         handle = _open_file(file, kind)
         groups = range(handle.num_row_groups) if kind == "parquet" else [0]
         names = handle.schema_arrow.names if kind == "parquet" else handle.schema.names
-        text = next((n for n in TEXT_COLUMNS if n in names), None)
-        if text is None:
-            raise RecordFormatError(f"{file}: no conversations column (columns: "
-                                    f"{', '.join(names)}); give LLaVA's `conversations` or "
-                                    "chat `messages`")
-        image = image_column(names)
+        texts, images = _columns(file, names)
         for group in groups:
-            columns = [text] + ([image] if image else [])
+            columns = [*texts, *images]
             table = handle.read_row_group(group, columns=columns) if kind == "parquet" \
                 else handle.select(columns)
-            text_bytes.append(_leaves(table.column(text), _text_size, sum))
-            has_image.append(_leaves(table.column(image), _present, max) > 0 if image
+            sizes = [_leaves(table.column(name), _text_size, sum) for name in texts]
+            # A pair's longer row: the prompt and the longer reply (one text: its size).
+            longer_reply = np.maximum(sizes[1], sizes[2]) if len(sizes) == 3 else 0
+            text_bytes.append(sizes[0] + longer_reply)
+            flags = [_leaves(table.column(name), _present, max) > 0 for name in images]
+            has_image.append(np.logical_or.reduce(flags) if flags
                              else np.zeros(table.num_rows, dtype=bool))
             bounds.append(bounds[-1] + table.num_rows)
             pieces.append((number, group))
@@ -123,6 +129,26 @@ def _build(files: list[str], kind: str) -> dict[str, np.ndarray]:
             "has_image": np.concatenate(has_image) if has_image else np.zeros(0, bool),
             "text_bytes": np.concatenate(text_bytes).astype(np.int64) if text_bytes
             else np.zeros(0, np.int64)}
+
+
+def _columns(file: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """(text columns, image columns) of a table: its conversation column, or a preference
+    table's prompt column then its two reply columns; the image column and RLAIF-V's
+    `image_path` (a path kept beside the image bytes)."""
+    images = [name for name in (image_column(names), "image_path") if name in names]
+    replies = next((pair for pair in REPLY_COLUMNS if set(pair) <= set(names)), None)
+    if replies is not None:
+        prompt = next((n for n in PROMPT_COLUMNS if n in names), None)
+        if prompt is None:
+            raise RecordFormatError(f"{file}: preference columns {' and '.join(replies)} but "
+                                    f"no prompt column (columns: {', '.join(names)}); give "
+                                    "`conversations`, `prompt` or `question`")
+        return [prompt, *replies], images
+    text = next((n for n in TEXT_COLUMNS if n in names), None)
+    if text is None:
+        raise RecordFormatError(f"{file}: no conversations or preference columns (columns: "
+                                f"{', '.join(names)}); give {LAYOUTS}")
+    return [text], images
 
 
 def _leaves(column: Any, leaf: Any, combine: Any) -> np.ndarray:

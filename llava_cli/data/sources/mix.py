@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from llava_cli.data.records import RecordIndex
-from llava_cli.data.sources.mixfile import MixSpec, SourceSpec, is_mix_file, read_mix
+from llava_cli.data.sources.mixfile import (
+    MixError,
+    MixSpec,
+    SourceSpec,
+    is_mix_file,
+    read_mix,
+)
 from llava_cli.data.sources.open import open_source
 from llava_cli.data.sources.record import SourceRecord
 
@@ -63,7 +70,13 @@ class MixIndex:
             chosen = np.sort(rng.choice(size, size=take, replace=False)) if take else \
                 np.zeros(0, dtype=np.int64)
             self.extra.append(chosen.astype(np.int32 if size < 2**31 else np.int64))
-            self.counts[n] = whole * size + take
+            count = whole * size + take  # a Python int: a huge repeat is named, not overflowed
+            if count > MAX_POSITIONS or count + int(self.counts.sum()) > MAX_POSITIONS:
+                raise MixError(f"{spec.path}: source {spec.sources[n].name!r} makes the mix "
+                               f"{count + int(self.counts.sum()):,} positions ({size:,} records "
+                               f"x repeat {repeat:g}), above the limit of {MAX_POSITIONS:,}; "
+                               "lower its repeat or weight")
+            self.counts[n] = count
         self.bounds = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     @classmethod
@@ -110,13 +123,39 @@ class MixIndex:
 
     __getitem__ = read
 
+    def _whole(self, n: int) -> int:
+        """How many whole copies of source `n` the mix holds."""
+        return (int(self.counts[n]) - len(self.extra[n])) // max(len(self.sources[n]), 1)
+
     def _gather(self, field: str) -> np.ndarray:
         parts = []
         for n, source in enumerate(self.sources):
             values = np.asarray(getattr(source, field))
-            whole = (int(self.counts[n]) - len(self.extra[n])) // max(len(source), 1)
-            parts += [values] * whole + [values[self.extra[n]]]
+            parts += [np.tile(values, self._whole(n)), values[self.extra[n]]]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def distinct(self) -> Distinct | None:
+        """The mix's distinct records (`Distinct`), so that a scan reads each record once
+        however often its repeats show it; None when every position is its own record."""
+        if all(int(c) <= len(s) for c, s in zip(self.counts, self.sources, strict=True)):
+            return None
+        firsts, copies, of, seen = [], [], [], 0
+        for n, source in enumerate(self.sources):
+            size, extra, whole = len(source), self.extra[n].astype(np.int64), self._whole(n)
+            base = int(self.bounds[n])
+            if whole >= 1:
+                count = np.full(size, whole, dtype=np.int64)
+                count[extra] += 1  # the fractional part shows these once more
+                firsts.append(base + np.arange(size, dtype=np.int64))
+                copies.append(count)
+                of.append(seen + np.concatenate([np.tile(np.arange(size), whole), extra]))
+            else:  # a subsample: each chosen record shows once
+                firsts.append(base + np.arange(len(extra), dtype=np.int64))
+                copies.append(np.ones(len(extra), dtype=np.int64))
+                of.append(seen + np.arange(len(extra), dtype=np.int64))
+            seen += len(firsts[-1])
+        return Distinct(np.concatenate(firsts), np.concatenate(copies),
+                        np.concatenate(of).astype(np.int64))
 
     @property
     def has_image(self) -> np.ndarray:
@@ -141,6 +180,29 @@ def _repeats(spec: MixSpec, sizes: list[int]) -> list[float]:
         return [w / sum(weights) * total / size if size else 0.0
                 for w, size in zip(weights, sizes, strict=True)]
     return [1.0 if s.repeat is None else s.repeat for s in spec.sources]
+
+
+MAX_POSITIONS = 10**9  # positions a mix may have: beyond, a repeat is a typo, not a plan
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """A mix's distinct records, where repeats show some more than once: the first position of
+    each (`firsts`), how many positions show it (`copies`), and for each position the number
+    of its distinct record (`of`, an index into `firsts`)."""
+
+    firsts: np.ndarray
+    copies: np.ndarray
+    of: np.ndarray
+
+    def spread(self, lengths: np.ndarray) -> np.ndarray:
+        """(first position, tokens) rows → (position, tokens) rows of every position that
+        shows one of those records."""
+        tokens = np.full(len(self.firsts), -1, dtype=np.int64)
+        tokens[np.searchsorted(self.firsts, lengths[:, 0])] = lengths[:, 1]
+        shown = tokens[self.of]
+        positions = np.flatnonzero(shown >= 0)
+        return np.stack([positions, shown[positions]], axis=1)
 
 
 Records = RecordIndex | MixIndex  # what `open_records` returns

@@ -20,6 +20,7 @@ import yaml
 
 DEFAULT_SEED = 0  # a fixed default: the same mix file always selects the same records
 MIX_SUFFIXES = (".yaml", ".yml")
+MAX_AMOUNT = 1e9  # a repeat or weight above this is a typo, not a plan
 PEEK_LIMIT = 64 << 20  # a .json object larger than this is data, not a mix file
 SOURCE_KEYS = ("path", "name", "image_folder", "repeat", "weight")
 TOP_KEYS = ("sources", "seed")
@@ -177,9 +178,17 @@ def _amount(where: str, entry: dict[str, Any], field: str) -> float | None:
         return None
     value = entry[field]
     number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise MixError(f"{where}: {field} must be a number > 0 (below 1 takes a seeded "
-                       f"subsample), got {value!r}")
+    meaning = ("a source's share of the mix, relative to the other sources' weights"
+               if field == "weight" else "how often the source's records are used; below 1 "
+               "takes a seeded subsample")
+    if number == 0:
+        raise MixError(f"{where}: {field} 0 would drop the source; remove it from the mix "
+                       f"instead ({field} is {meaning})")
+    if number is None or not math.isfinite(number) or number < 0:
+        raise MixError(f"{where}: {field} must be a number > 0 ({meaning}), got {value!r}")
+    if number > MAX_AMOUNT:
+        raise MixError(f"{where}: {field} {value!r} is above the limit of {MAX_AMOUNT:.0e}; "
+                       f"give a smaller {field} ({meaning})")
     return float(number)
 
 

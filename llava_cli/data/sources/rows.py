@@ -2,7 +2,11 @@
 `image`, `conversations`) or the chat layout (`messages` with roles user/assistant/system and
 content a string holding `<image>` or a list of {type: text|image} parts, plus `images`).
 Images are paths (resolved as a JSON record's) or embedded bytes (`{"bytes", "path"}` as
-`datasets.Image` stores them, or raw bytes), which travel beside the record."""
+`datasets.Image` stores them, or raw bytes), which travel beside the record.
+
+Preference rows (RLAIF-V's `question`/`chosen`/`rejected`/`image`/`image_path`, TRL's
+`prompt`/`chosen`/`rejected` as text or message lists plus `images`) keep their fields as
+they are: `data.preference_pairs` reads those layouts, as it does in a JSON file."""
 
 from __future__ import annotations
 

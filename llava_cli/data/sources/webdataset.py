@@ -16,7 +16,7 @@ from llava_cli.data.records import RecordFormatError
 from llava_cli.data.sources.cache import cached_arrays, files_key
 from llava_cli.data.sources.record import SourceRecord
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 FIELDS = ("shard", "json_offset", "json_size", "image_offset", "image_size", "image_ext")
 
@@ -94,9 +94,21 @@ def _build(files: list[str]) -> dict[str, np.ndarray]:
                                                 "file; write the shard without --sparse")
                     if member.isfile():
                         _add(samples, number, member, file)
+                    elif not member.isdir():  # a link's or a device's data is not in the shard
+                        raise RecordFormatError(
+                            f"{file}: member {member.name!r} is a {_kind(member)}, not a "
+                            "regular file; write the shard with the files themselves "
+                            "(tar --dereference)")
+                end = tar.offset  # where tarfile stopped: the end blocks, or a bad header
         except (OSError, tarfile.TarError) as err:
+            if str(err) == "unexpected end of data":  # a member's data runs past the end
+                raise RecordFormatError(f"{file}: the shard is cut short inside a member's "
+                                        f"data (it ends at byte offset "
+                                        f"{os.path.getsize(file)}); write the shard again"
+                                        ) from None
             raise RecordFormatError(f"{file}: not a readable (uncompressed) tar shard "
                                     f"({err})") from None
+        _check_end(file, end, samples)
         for key, row in samples.items():
             if row[1] < 0:
                 raise RecordFormatError(f"{file}: sample {key!r} has no {key}.json member; "
@@ -118,9 +130,45 @@ def _add(samples: dict[str, list[int]], number: int, member: tarfile.TarInfo,
     row = samples.setdefault(key, [number, -1, 0, -1, 0, -1])
     ext = ext.lower()
     if ext == "json":
+        if row[1] >= 0:
+            raise RecordFormatError(f"{file}: sample key {key!r} has two .json members (the "
+                                    "second would replace the first record); give each "
+                                    "sample its own key")
         row[1:3] = [member.offset_data, member.size]
     elif ext in IMAGE_EXTENSIONS:
         if row[3] >= 0:
-            raise RecordFormatError(f"{file}: sample {stem!r} has several images; a "
+            raise RecordFormatError(f"{file}: sample {key!r} has several images; a "
                                     "WebDataset sample here holds one")
         row[3:6] = [member.offset_data, member.size, IMAGE_EXTENSIONS.index(ext)]
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    """What a non-regular member is, in words."""
+    if member.issym():
+        return f"symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"hard link (to {member.linkname!r})"
+    return "device or fifo" if member.isdev() else "special member"
+
+
+def _check_end(file: str, end: int, samples: dict[str, list[int]]) -> None:
+    """Refuse a shard that does not end as a whole tar does: tarfile stops quietly at a
+    header it cannot read (a shard cut inside a header) or past the file's end (cut inside
+    a member's data), which would drop the records after the cut without a word."""
+    size = os.path.getsize(file)
+    reach = max((max(row[1] + row[2], row[3] + row[4]) for row in samples.values()),
+                default=0)
+    if reach > size:
+        raise RecordFormatError(f"{file}: the shard is cut short inside a member's data "
+                                f"(it ends at byte offset {size}); write the shard again")
+    with open(file, "rb") as f:
+        f.seek(end)
+        tail = f.read(1024)
+        if len(tail) < 1024 or tail.strip(b"\0"):
+            raise RecordFormatError(f"{file}: no tar member header or end-of-archive blocks "
+                                    f"at byte offset {end} (the shard is cut short or "
+                                    "damaged there); write the shard again")
+        while block := f.read(1 << 20):  # after the end blocks: only padding
+            if block.strip(b"\0"):
+                raise RecordFormatError(f"{file}: data after the end-of-archive blocks at "
+                                        f"byte offset {end}; write the shard again")

@@ -56,13 +56,15 @@ def check_image_markers(tokenizer: Any, im_start_end: bool, source: str) -> None
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """A tokenizer from a local folder or hub id (`trust_remote_code` off unless asked);
-    `demo` is the tokenizer this project builds itself (`demo_tokenizer`)."""
+    `demo` is the tokenizer this project builds itself (`demo_tokenizer`), unless a local
+    path of that name exists: a path that exists is always read as that path (every other
+    check, the output-directory overlap rule among them, reads it so too)."""
     import os
 
     from transformers import AutoTokenizer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork workers ourselves
-    if path == "demo":
+    if path == "demo" and not os.path.exists(path):
         from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer
 
         return build_demo_tokenizer()
@@ -70,6 +72,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:  # transformers' ways of "no tokenizer"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"tokenizer {path!r} could not be loaded ({first}); point --tokenizer "
-                         "(or --model-name-or-path) at a folder with tokenizer files, or a "
-                         "model that has them") from err
+        shadow = (f" (the local path {os.path.abspath(path)!r} is read as that path, not as "
+                  "the built-in demo tokenizer; run from another directory or rename it)"
+                  if path == "demo" else "")
+        raise ValueError(f"tokenizer {path!r} could not be loaded ({first}){shadow}; point "
+                         "--tokenizer (or --model-name-or-path) at a folder with tokenizer "
+                         "files, or a model that has them") from err

@@ -8,6 +8,7 @@ named before anything heavy loads.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,9 @@ from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.pair_batches import PairCollator
 from llava_cli.data.dataset import PreferenceDataset
 from llava_cli.data.preference_pairs import KindGuard, PairBuilder
+from llava_cli.data.problems import Problem
 from llava_cli.data.samples import SampleBuilder
+from llava_cli.data.scan import Report
 from llava_cli.train.stages import supervised
 
 
@@ -28,8 +31,31 @@ def pairs_only(builder: SampleBuilder) -> KindGuard:
 
 
 def check_data(config: RunConfig) -> np.ndarray | None:
-    """`supervised.check_data` on preference pairs."""
-    return supervised.check_data(config, wrap=pairs_only)
+    """`supervised.check_data` on preference pairs, then a warning for each kind of pair that
+    trains on little or nothing (they are trained on, as `inspect-data --check` says)."""
+    return supervised.check_data(config, wrap=pairs_only,
+                                 after=lambda report: warn_weak_pairs(report, config))
+
+
+WEAK_PAIRS = {
+    Problem.SAME_REPLIES: "have the same chosen and rejected reply (the pair teaches nothing: "
+                          "its DPO gradient is zero)",
+    Problem.EMPTY_REPLY: "have an empty chosen or rejected reply",
+    Problem.TRUNCATED: "are cut to model_max_length (a reply cut short is scored as if whole)",
+}
+
+
+def warn_weak_pairs(report: Report, config: RunConfig) -> None:
+    """One warning per kind of weak pair: how many, and the first."""
+    logger = logging.getLogger("llava_cli")
+    for kind, what in WEAK_PAIRS.items():
+        counter = report.truncations if kind == Problem.TRUNCATED else report.warnings
+        count = counter.counts.get(kind, 0)
+        if count:
+            first = (counter.examples.get(kind) or ["?"])[0]
+            logger.warning("dpo data %s: %d pair(s) %s; the first: record %r. `%s` lists them.",
+                           config.data_path, count, what, first,
+                           supervised.check_command(config, config.data_path))
 
 
 def datasets(config: RunConfig, model: Any, processor: Any, lengths: np.ndarray | None = None

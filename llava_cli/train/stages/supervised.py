@@ -77,8 +77,16 @@ def packed(dataset: LazySupervisedDataset, config: RunConfig,
         raise ValueError("packing needs every record's token length from the data check")
     index = dataset.index
     modalities = index.has_image if config.group_by_modality_length else None
-    packs = pack_by_budget(lengths, config.packing_budget or config.model_max_length,
-                           int(config.training_args.get("seed", 42)), modalities)
+    budget = config.packing_budget or config.model_max_length
+    over = np.flatnonzero(lengths > budget)
+    if len(over) and is_main_process():
+        logging.getLogger("llava_cli").warning(
+            "packing: %d record(s) are longer than the packing budget of %d tokens (the "
+            "longest: %d tokens, record #%d); each is a pack of its own. Raise "
+            "--packing-budget to at least %d to pack them with others.", len(over), budget,
+            int(lengths.max()), int(over[np.argmax(lengths[over])]), int(lengths.max()))
+    packs = pack_by_budget(lengths, budget, int(config.training_args.get("seed", 42)),
+                           modalities)
     return PackedDataset(dataset, packs, lengths, index.has_image)
 
 
@@ -107,8 +115,8 @@ def from_main_process(value: Any) -> Any:
     return box[0]
 
 
-def check_data(config: RunConfig, wrap: Callable[[SampleBuilder], Any] | None = None
-               ) -> np.ndarray | None:
+def check_data(config: RunConfig, wrap: Callable[[SampleBuilder], Any] | None = None,
+               after: Callable[[Report], None] | None = None) -> np.ndarray | None:
     """Scan the training records before anything heavy loads, as `inspect-data --check` does
     (on every core, images by header): a missing or corrupt image, a wrong --image-folder or a
     malformed record is one short error naming the records (a warning with
@@ -131,7 +139,9 @@ def check_data(config: RunConfig, wrap: Callable[[SampleBuilder], Any] | None = 
     builder = (wrap or supervised_only)(sample_builder(config, spec))
     report = check_dataset(lambda: builder, index)
     judge(report, len(index), config.data_path, "trained on", config.skip_bad_records,
-           errors_only=True)
+          errors_only=True, config=config)
+    if after is not None:
+        after(report)
     return report.token_lengths(len(index))
 
 
@@ -140,11 +150,37 @@ def check_held_out(dataset: LazySupervisedDataset, config: RunConfig) -> None:
     run at its first evaluation, which comes before that step's checkpoint is written: the
     training up to there would be lost."""
     report = scan_records(dataset.builder, dataset.index, 0, len(dataset))
-    judge(report, len(dataset), config.eval_data_path, "evaluated", config.skip_bad_records)
+    judge(report, len(dataset), config.eval_data_path, "evaluated", config.skip_bad_records,
+          config=config)
+
+
+def check_command(config: RunConfig | None, path: str | None, held_out: bool = False) -> str:
+    """The `llava inspect-data … --check` command that checks `path` as this run reads it
+    (tokenizer, image folder, template and lengths), ready to paste."""
+    import shlex
+
+    argv = ["llava", "inspect-data", str(path), "--check"]
+    if config is not None:
+        folder = (config.eval_image_folder or config.image_folder) if held_out \
+            else config.image_folder
+        options = {"--tokenizer": config.tokenizer or config.model_name_or_path,
+                   "--image-folder": folder, "--template": config.template,
+                   "--tokenization": config.tokenization,
+                   "--model-max-length": config.model_max_length,
+                   "--image-aspect-ratio": config.image_aspect_ratio}
+        argv += [part for option, value in options.items() if value is not None
+                 for part in (option, str(value))]
+        if config.mm_use_im_start_end:
+            argv += ["--set", "mm_use_im_start_end=true"]
+        if config.image_check == "full":
+            argv.append("--full-decode")
+        if config.allow_images_outside_folder:
+            argv.append("--allow-images-outside-folder")
+    return shlex.join(argv)
 
 
 def judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool,
-           errors_only: bool = False) -> None:
+          errors_only: bool = False, config: RunConfig | None = None) -> None:
     """Raise for records that cannot be used (unless `skip_bad`: then warn on rank 0)."""
     what = "held-out" if use == "evaluated" else "training"
     if not total:
@@ -156,7 +192,7 @@ def judge(report: Report, total: int, path: str | None, use: str, skip_bad: bool
     if not bad:
         return
     found = report.problems.summary(errors if errors_only else None)
-    advice = f"`llava inspect-data {path} --check` lists them all"
+    advice = f"`{check_command(config, path, use == 'evaluated')}` lists them all"
     if bad >= total or (errors and not skip_bad):
         more = "" if skip_bad else "; fix them or pass --skip-bad-records"
         kinds = [kind for kind, _ in report.problems.counts.most_common()
