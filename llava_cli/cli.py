@@ -11,6 +11,7 @@ import typer
 
 from llava_cli import __version__
 from llava_cli.commands import (
+    chat,
     convert,
     demo,
     evaluate,
@@ -59,6 +60,7 @@ COMMANDS = {
     "export-projector": (export_projector.export_projector, None),
     "convert": (convert.convert, None),
     "generate": (generate.generate, None),
+    "chat": (chat.chat, None),
     "evaluate": (evaluate.evaluate, None),
     "demo": (demo.demo, None),
     "recipe-from-script": (recipe_from_script.recipe_from_script, None),

@@ -1,11 +1,13 @@
-"""Answering prompts with a trained model: the training prompt, the training images, greedy
-decoding that stops at the end of the turn.
+"""Answering prompts with a trained model: the training prompt, the training images, decoding
+that stops at the end of the turn — greedy unless a `Sampling` asks otherwise.
 
 The prompt comes from the processor's chat template, which training saved to render the
 training template (`data.text.chat_template.attach_chat_template`), so inference sees exactly
 the text the model was trained on. Images go through the one `ImageLoader` training used
 (transparency onto the mean colour, then the run's `image_aspect_ratio`: LLaVA's `pad` pads to
-a square with the mean colour). Decoding is greedy: the same inputs always give the same answer.
+a square with the mean colour). Greedy decoding (the default) gives the same answer to the same
+inputs; sampling with a seed gives the same answers on the same machine and library versions.
+A conversation of several turns renders each through the same chat template (`Conversation`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,50 @@ from llava_cli.data.text.stops import template_stop
 from llava_cli.data.text.templates import template_named
 
 DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are drawn: temperature 0 is greedy (the default, one answer); above 0 each
+    of `answers` answers is sampled with `top_p` / `top_k` (None: off), from `seed` when given."""
+
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    answers: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p {self.top_p}: must be above 0 and at most 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k {self.top_k}: must be at least 1")
+        if self.answers < 1:
+            raise ValueError(f"--num-answers {self.answers}: must be at least 1")
+        if self.answers > 1 and self.temperature == 0:
+            raise ValueError(f"--num-answers {self.answers}: greedy decoding gives one answer; "
+                             "set --temperature above 0 to sample several")
+        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
+            raise ValueError("--top-p / --top-k shape sampling; set --temperature above 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def kwargs(self) -> dict[str, Any]:
+        """The `generate` arguments of this way of drawing."""
+        if self.greedy:
+            return {"do_sample": False, "num_beams": 1}
+        out: dict[str, Any] = {"do_sample": True, "temperature": self.temperature,
+                               "num_return_sequences": self.answers, "num_beams": 1,
+                               "top_p": 1.0 if self.top_p is None else self.top_p,
+                               "top_k": 0 if self.top_k is None else self.top_k}
+        return out
+
+
+GREEDY = Sampling()
 
 
 @dataclass(frozen=True)
@@ -45,15 +91,17 @@ def template_stops(tokenizer: Any, template: str | None) -> Stops:
 
 
 def generation_kwargs(processor: Any, template: str | None, max_new_tokens: int,
-                      stops: Stops | None = None) -> dict[str, Any]:
-    """Greedy decoding that stops at EOS or the template's end-of-turn string."""
+                      stops: Stops | None = None, sampling: Sampling = GREEDY
+                      ) -> dict[str, Any]:
+    """Decoding (greedy unless `sampling` says otherwise) that stops at EOS or the template's
+    end-of-turn string."""
     tokenizer = processor.tokenizer
     stops = stops or template_stops(tokenizer, template)
     eos = [tokenizer.eos_token_id, *stops.extra_eos] if tokenizer.eos_token_id is not None \
         else stops.extra_eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     # tokenizer: the saved generation config may hold stop_strings, which need it
-    return {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1,
+    return {"max_new_tokens": max_new_tokens, **sampling.kwargs(),
             "eos_token_id": eos, "pad_token_id": pad, "stopping_criteria": stops.criteria,
             "tokenizer": tokenizer}
 
@@ -72,6 +120,30 @@ def build_prompt(processor: Any, prompt: str, images: int = 1) -> str:
     content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
     return processor.apply_chat_template([{"role": "user", "content": content}],
                                          add_generation_prompt=True, tokenize=False)
+
+
+@dataclass
+class Conversation:
+    """The turns of a chat so far: (role, text, images attached to that turn). Rendered whole
+    through the training chat template, as training rendered multi-turn records."""
+
+    turns: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def ask(self, text: str, images: int = 0) -> None:
+        self.turns.append(("user", text, images))
+
+    def reply(self, text: str) -> None:
+        self.turns.append(("assistant", text, 0))
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def render(self, processor: Any) -> str:
+        messages = [{"role": role, "content": [{"type": "image"}] * images
+                     + [{"type": "text", "text": text}]}
+                    for role, text, images in self.turns]
+        return processor.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
 
 
 @dataclass
@@ -102,17 +174,27 @@ class Generator:
         """Greedy answer to `prompt` about `image`: a PIL image, an image file path, a list of
         either, or None for a text-only prompt. `stream` prints tokens to stdout as they come.
         """
+        return self.answers(image, prompt, max_new_tokens, GREEDY, stream)[0]
+
+    def answers(self, image: Any, prompt: str | Conversation,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: Sampling = GREEDY,
+                stream: bool = False) -> list[str]:
+        """`sampling.answers` answers to `prompt` (one user turn, or a whole `Conversation`
+        whose images are `image`, in turn order); `stream` prints the first as it comes."""
         import torch
 
         inputs = self.inputs(_as_list(image), prompt)
-        kwargs = generation_kwargs(self.processor, self.template, max_new_tokens, self.stops)
-        if stream:
+        kwargs = generation_kwargs(self.processor, self.template, max_new_tokens, self.stops,
+                                   sampling)
+        if stream and sampling.answers == 1:
             kwargs["streamer"] = _streamer(self.processor.tokenizer, self.stops.text)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         with torch.no_grad():
             output = self.model.generate(**inputs, **kwargs)
-        new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        return clean_answer(self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True),
-                            self.template)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [clean_answer(text, self.template) for text in texts]
 
     def answer_batch(self, asks: list[tuple[list[Any], str]],
                      max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
@@ -130,16 +212,18 @@ class Generator:
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [clean_answer(text, self.template) for text in texts]
 
-    def inputs(self, images: list[Any], prompt: str | list[str],
+    def inputs(self, images: list[Any], prompt: str | list[str] | Conversation,
                counts: list[int] | None = None) -> Any:
         """Tokenized prompt(s) and pixel values on the model's device, images as in training.
         Several prompts (`counts`: the images of each, in order) are padded on the left, where
         generation continues every row from its own last token."""
         prepared = [self.images.open(im) if isinstance(im, str | os.PathLike)
                     else self.images.prepare(im) for im in images]
-        if isinstance(prompt, str):
-            text: Any = build_prompt(self.processor, prompt, len(prepared))
-            padding: dict[str, Any] = {}
+        padding: dict[str, Any] = {}
+        if isinstance(prompt, Conversation):
+            text: Any = prompt.render(self.processor)
+        elif isinstance(prompt, str):
+            text = build_prompt(self.processor, prompt, len(prepared))
         else:
             text = [build_prompt(self.processor, p, n)
                     for p, n in zip(prompt, counts or [0] * len(prompt), strict=True)]

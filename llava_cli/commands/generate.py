@@ -18,6 +18,22 @@ Overwrite = Annotated[bool, typer.Option("--overwrite",
                                          help="Replace an existing --output file.")]
 Adapter = Annotated[Path | None, typer.Option(
     "--adapter", help="A LoRA run directory to apply to CHECKPOINT.")]
+SAMPLING = "Sampling (greedy unless --temperature > 0)"
+Temperature = Annotated[float, typer.Option(
+    "--temperature", min=0.0, help="0: greedy (the same answer every time); above 0: sample.",
+    rich_help_panel=SAMPLING)]
+TopP = Annotated[float | None, typer.Option(
+    "--top-p", help="Sample from the smallest set of tokens holding this much probability "
+    "(default: off).", rich_help_panel=SAMPLING)]
+TopK = Annotated[int | None, typer.Option(
+    "--top-k", help="Sample from the K likeliest tokens (default: off).",
+    rich_help_panel=SAMPLING)]
+NumAnswers = Annotated[int, typer.Option(
+    "--num-answers", "-n", min=1, help="Answers to sample per prompt (needs --temperature).",
+    rich_help_panel=SAMPLING)]
+Seed = Annotated[int | None, typer.Option(
+    "--seed", help="Seed the sampling: the same answers again (default: a fresh draw).",
+    rich_help_panel=SAMPLING)]
 AllowOutside = Annotated[bool, typer.Option(
     "--allow-images-outside-folder", help="Accept image paths that leave the image folder "
     "(../x.jpg, /abs/x.jpg); only regular files are ever read.")]
@@ -45,8 +61,17 @@ def generate(
     overwrite: Overwrite = False,
     adapter: Adapter = None,
     allow_outside: AllowOutside = False,
+    temperature: Temperature = 0.0,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    num_answers: NumAnswers = 1,
+    seed: Seed = None,
 ) -> None:
-    """Answer a prompt with a trained model (greedy decoding, the training prompt format)."""
+    """Answer a prompt with a trained model (the training prompt format; greedy unless
+    --temperature is above 0)."""
+    from llava_cli.answers.generator import Sampling
+
+    sampling = Sampling(temperature, top_p, top_k, num_answers, seed)
     if data is None and prompt is None:
         raise ValueError("pass --prompt TEXT (single mode) or --data FILE --output OUT (batch "
                          "mode)")
@@ -70,7 +95,11 @@ def generate(
     if data is None:
         image_file = None if image is None else _checked_image(image)
         generator = load_for_generation(checkpoint, adapter)
-        generator.answer(image_file, prompt, max_new_tokens, stream=True)  # None: text only
+        answers = generator.answers(image_file, prompt, max_new_tokens, sampling,
+                                    stream=True)  # image None: text only
+        if len(answers) > 1:
+            for number, answer in enumerate(answers, 1):
+                typer.echo(f"[{number}] {answer}")
         return
     assert output is not None
     from llava_cli.generation.answering_model import model_folders
@@ -83,7 +112,7 @@ def generate(
                                           "checkpoint given": checkpoint},
                       {"data file": data}, (p for r in prompts.records for p in r.images))
     generator = load_for_generation(checkpoint, adapter)
-    count = answer_records(generator, prompts, output, max_new_tokens)
+    count = answer_records(generator, prompts, output, max_new_tokens, sampling=sampling)
     typer.echo(f"wrote {count} answers to {output}", err=True)
 
 

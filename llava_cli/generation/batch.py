@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llava_cli.answers.generator import DEFAULT_MAX_NEW_TOKENS, Generator
+from llava_cli.answers.generator import DEFAULT_MAX_NEW_TOKENS, GREEDY, Generator, Sampling
 from llava_cli.answers.qa_set import QASet, read_qa_set
 from llava_cli.generation.output_file import write_lines
 
@@ -22,20 +22,26 @@ def read_prompts(data: str | Path, image_folder: str | Path | None = None,
 
 
 def answer_records(generator: Generator, prompts: QASet, output: str | Path,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True) -> int:
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True,
+                   sampling: Sampling = GREEDY) -> int:
     """Answer every record of `prompts`; write JSON lines to `output` when all are answered.
 
-    Each line: `{"id", "prompt", "answer", "reference"}` (reference: the first one, or null).
+    Each line: `{"id", "prompt", "answer", "reference"}` (reference: the first one, or null),
+    and `"answers"` (all of them) when several are sampled per prompt.
     Returns the number of records answered.
     """
     lines = []
     with progress_bar(progress, len(prompts)) as advance:
         for record in prompts.records:
             images = [generator.images.decode(path, label=path) for path in record.images]
-            reply = generator.answer(images or None, record.question, max_new_tokens)
+            replies = generator.answers(images or None, record.question, max_new_tokens,
+                                        sampling)
             reference = record.references[0] if record.references else None
-            lines.append(json.dumps({"id": record.record_id, "prompt": record.question,
-                                     "answer": reply, "reference": reference}) + "\n")
+            line = {"id": record.record_id, "prompt": record.question, "answer": replies[0],
+                    "reference": reference}
+            if sampling.answers > 1:
+                line["answers"] = replies
+            lines.append(json.dumps(line) + "\n")
             advance()
     write_lines(Path(output), lines)
     return len(lines)
