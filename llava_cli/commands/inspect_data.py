@@ -32,7 +32,7 @@ AllowOutside = option_for("allow_images_outside_folder", COMMAND)
 
 def inspect_data(
     data: Annotated[Path | None, typer.Argument(
-        help="LLaVA .json (list) or .jsonl file, or a mix file (README: Data mixes).",
+        help="LLaVA .json (list) or .jsonl file, or a mix file (docs/data.md).",
         show_default=False)] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--recipe", help="Take data/template/tokenizer settings from a recipe YAML.",
