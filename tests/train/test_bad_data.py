@@ -41,8 +41,9 @@ def _record(rid: str, image: str) -> dict:
 
 def test_a_missing_image_stops_the_run_before_the_model_loads(tmp_path):
     data = _data(tmp_path, [_record("lost", "images/nowhere.png")])
-    # A vision tower that does not exist: had the model been built first, that would be the
-    # error; the data check comes before it.
+    # A vision tower folder with no model in it: had the model been built first, that would
+    # be the error; the data check comes before it.
+    (tmp_path / "no-such-tower").mkdir()
     result = _finetune(tmp_path, data, vision=str(tmp_path / "no-such-tower"))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

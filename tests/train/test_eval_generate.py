@@ -185,6 +185,7 @@ def test_a_bad_qa_record_is_refused_before_the_model_loads(data, tmp_path):
     bad = tmp_path / "qa.json"
     bad.write_text(json.dumps([{"id": "q1", "question": "What?", "answer": "x"},
                                {"id": "q2", "question": "Which?"}]))
+    (tmp_path / "no-such-model").mkdir()  # no model in it: loading it would be the error
     flags = {**COMMON, "data_path": str(data["finetune"]),
              "image_folder": str(data["finetune"].parent), "output_dir": str(tmp_path / "out"),
              "model_name_or_path": str(tmp_path / "no-such-model"), "eval_generate": str(bad)}

@@ -60,7 +60,8 @@ def test_the_pre_training_check_scans_a_mix_and_names_the_source(tmp_path: Path)
     mix.write_text(yaml.safe_dump({"sources": [
         {"name": "demo", "path": RECORDS, "image_folder": IMAGES},
         {"name": "escapes", "path": "bad.jsonl", "image_folder": "images"}]}))
-    # A tower that does not exist: the data check comes before the model loads.
+    # A tower folder with no model in it: the data check comes before the model loads.
+    (tmp_path / "no-tower").mkdir()
     result = CliRunner().invoke(app, [
         "finetune", "--model-name-or-path", str(TINY_LLM), "--vision-tower",
         str(tmp_path / "no-tower"), "--tokenizer", "demo", "--random-init", "--data-path",
