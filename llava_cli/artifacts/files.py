@@ -125,3 +125,10 @@ def full_disk_named(directory: str | os.PathLike[str]) -> Iterator[None]:
         if free >= NEARLY_FULL:
             raise
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory)) from err
+
+
+def default_cache_dir() -> Path:
+    """Where our caches live (record indexes, transformers' field table):
+    ``$LLAVA_CLI_CACHE/index`` if that variable is set, else ``~/.cache/llava_cli/index``."""
+    root = os.environ.get("LLAVA_CLI_CACHE")
+    return Path(root) / "index" if root else Path.home() / ".cache" / "llava_cli" / "index"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llava_cli.artifacts.files import write_text_atomically
-from llava_cli.artifacts.manifest import OutputKind
 from llava_cli.config.deepspeed import refuse_incompatible_deepspeed
 from llava_cli.config.setting import (
     DATA,
@@ -35,7 +34,11 @@ from llava_cli.config.training_checks import (
     refuse_preference_conflicts,
     refuse_uncacheable_tower,
 )
-from llava_cli.data.samples import DataOptions, ImageCheck
+from llava_cli.data.problems import ImageCheck
+
+if TYPE_CHECKING:
+    from llava_cli.artifacts.manifest import OutputKind
+    from llava_cli.data.samples import DataOptions
 from llava_cli.data.text.templates import CHAT_TEMPLATE, TEMPLATE_NAMES, canonical_template_name
 
 Trainability = Literal["frozen", "full", "lora"]
@@ -347,6 +350,8 @@ class RunConfig(BaseModel):
     def output_kind(self) -> OutputKind:
         """What the run writes, from trainability alone: a LoRA adapter, the projector alone
         (nothing else trains), or a full checkpoint."""
+        from llava_cli.artifacts.manifest import OutputKind
+
         if self.train_llm == "lora":
             return OutputKind.LORA
         if (self.train_llm, self.train_vision_tower, self.train_lm_head or "frozen") == (
@@ -356,6 +361,8 @@ class RunConfig(BaseModel):
 
     def data_options(self, held_out: bool = False) -> DataOptions:
         """The data settings of the training records (or, `held_out`, the evaluation ones)."""
+        from llava_cli.data.samples import DataOptions
+
         folder = (self.eval_image_folder or self.image_folder) if held_out else self.image_folder
         return DataOptions(self.template, self.tokenization, folder, self.image_aspect_ratio,
                            self.model_max_length, image_check=self.image_check,

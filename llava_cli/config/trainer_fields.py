@@ -79,8 +79,7 @@ def _cached_extract(package: Path) -> dict[str, Any]:
     import json
     import os
 
-    from llava_cli.artifacts.files import write_text_atomically
-    from llava_cli.data.records import default_cache_dir
+    from llava_cli.artifacts.files import default_cache_dir, write_text_atomically
 
     stats = [[name, os.stat(package / name).st_size, os.stat(package / name).st_mtime_ns]
              for name in SOURCES]

@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
+
+# How deep the data checks (pre-training, held-out, `inspect-data --check`) look for image
+# problems: fast = header, Pillow's pixel limit and the file's end; full = decode every file.
+ImageCheck = Literal["fast", "full"]
 
 
 class Problem:

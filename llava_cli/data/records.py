@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_cli.artifacts.files import atomic_path
+from llava_cli.artifacts.files import atomic_path, default_cache_dir
 from llava_cli.data.json_scan import (
     CHUNK_SIZE,
     FIELDS,
@@ -33,12 +33,6 @@ __all__ = ["RecordFormatError", "RecordIndex", "default_cache_dir"]
 # 2: has_image also reads the "images" key; 3: an object on top is refused; 4: and RLAIF-V's
 # "image_path" (where neither "image" nor "images" is there)
 FORMAT_VERSION = 4
-def default_cache_dir() -> Path:
-    """``$LLAVA_CLI_CACHE/index`` if that variable is set, else ``~/.cache/llava_cli/index``."""
-    root = os.environ.get("LLAVA_CLI_CACHE")
-    return Path(root) / "index" if root else Path.home() / ".cache" / "llava_cli" / "index"
-
-
 class RecordIndex:
     """Where each record of one LLaVA annotation file lies; records are parsed on demand.
 

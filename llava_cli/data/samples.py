@@ -10,12 +10,12 @@ import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from llava_cli.data.conversation import Conversation, RecordError, llava_normalize, parse_record
 from llava_cli.data.image_paths import ImageOutsideFolder, confine, image_base, join_image_path
 from llava_cli.data.images import ImageError, ImageLoader, check_image
-from llava_cli.data.problems import Problem
+from llava_cli.data.problems import ImageCheck, Problem
 from llava_cli.data.sources.record import SourceRecord
 from llava_cli.data.text.encoding import Encoded, TextEncoder, TokenizationMode
 from llava_cli.data.text.templates import (
@@ -34,7 +34,6 @@ TokenCounter = Callable[[tuple[int, int] | None], int]
 
 # What the data checks read of each image (`images.check_image`): header, pixel limit and end
 # ("fast"), or every byte decoded ("full").
-ImageCheck = Literal["fast", "full"]
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_cli.artifacts.files import atomic_path
-from llava_cli.data.records import default_cache_dir
+from llava_cli.artifacts.files import atomic_path, default_cache_dir
 
 EDGE = 1 << 14  # the bytes hashed at each end of a file for its cache key
 
