@@ -31,7 +31,7 @@ def chat(
     sampling = Sampling(temperature, top_p, top_k, 1, seed)
     from llava_cli.commands.common import quiet_libraries
     from llava_cli.generation.answering_model import load_for_generation
-    from llava_cli.generation.chat import ChatSession, run_chat
+    from llava_cli.generation.chat_session import ChatSession, run_chat
 
     if image is not None:
         from llava_cli.data.images import check_image
