@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHARED_ASSETS
+from tests.helpers import require_assets
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-thread OpenMP is 15-100x slower on 2 cores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,11 +19,9 @@ os.environ.setdefault("LLAVA_CLI_CACHE", tempfile.mkdtemp(prefix="llava-cli-test
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    """`../shared/assets`: real tokenizers, images and LLaVA records (CI always has them)."""
-    if not SHARED_ASSETS.is_dir():
-        pytest.skip(f"shared test assets not found at {SHARED_ASSETS} (a fresh clone without "
-                    "../shared); CI provides them")
-    return SHARED_ASSETS
+    """`../shared/assets`: real tokenizers, images and LLaVA records (CI always has them); every
+    test that needs them asks for this fixture, and is skipped with the reason without them."""
+    return require_assets()
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,69 @@
 
 from __future__ import annotations
 
+import os
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 RECIPES = ROOT / "recipes"
 # Config-only tiny LLM (Llama, hidden 64, 2 layers) and CLIP vision tower (32 px, patch 8),
 # shipped with the tiny recipes; tests build them with random_init.
 TINY_LLM = RECIPES / "tiny" / "llm"
 TINY_VISION = RECIPES / "tiny" / "vision"
 PROBE_TEXT = "USER: <image>\nWhat color is the shape? ASSISTANT: red"
+
+
+def shared_assets() -> Path:
+    """Where the real test assets are expected: `../shared/assets`, or `$LLAVA_TEST_SHARED/assets`
+    when that variable names another shared folder (CI sets it to a missing folder to prove a
+    plain clone passes). Tests reach it through the `assets` fixture or `require_assets()`."""
+    shared = os.environ.get("LLAVA_TEST_SHARED")
+    return (Path(shared) if shared else ROOT.parent / "shared") / "assets"
+
+
+def require_assets() -> Path:
+    """The shared assets folder; skips the calling test, with its reason, when it is absent
+    (a plain clone without ../shared). The one place such a skip is decided."""
+    import pytest
+
+    folder = shared_assets()
+    if not folder.is_dir():
+        pytest.skip(f"shared test assets not found at {folder} (a plain clone without "
+                    "../shared); CI provides them")
+    return folder
+
+
+def golden_folder() -> Path:
+    """`assets/golden`: reference ids/labels produced by the original LLaVA code (skips the
+    calling test without the shared assets)."""
+    return require_assets() / "golden"
+
+
+GOLDEN_MAX_LENGTH = 2048  # the golden files were made with model_max_length 2048
+
+
+@cache
+def golden_encoder(name: str):
+    """Our `llava`-mode TextEncoder on one of the golden folder's tokenizers."""
+    from llava_cli.data.text.encoding import TextEncoder
+
+    tokenizer = load_tokenizer(golden_folder() / "tokenizers" / name)
+    return TextEncoder(tokenizer, -200, "llava", GOLDEN_MAX_LENGTH)
+
+
+def golden_encode(record: dict, mode: str, encoder):
+    """One golden record encoded in template `mode` the way training does: (encoded, conv)."""
+    from llava_cli.data.conversation import RecordError, llava_normalize, parse_record
+    from llava_cli.data.text.templates import TEMPLATES, render
+
+    template = TEMPLATES[mode]
+    conv = parse_record(record, strict=template.max_rounds is not None)
+    if template.requires_image and not conv.images:
+        raise RecordError(conv.record_id, "needs-image", "needs an image")
+    conv = llava_normalize(conv)
+    rendered = render(template, conv.messages, conv.system)
+    return encoder(rendered, [1] * len(conv.images)), conv
 
 
 def load_tokenizer(path: Path):
@@ -21,15 +74,10 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def llama_tokenizer_as_trained():
-    """The real Llama-2/Vicuna tokenizer with `<image>` (id 32000) and `<unk>` as pad, as
-    training sets it up; the calling test is skipped without ../shared's assets."""
-    import pytest
-
-    folder = SHARED_ASSETS / "tokenizers" / "llama2-vicuna-v1.5"
-    if not folder.is_dir():
-        pytest.skip(f"shared test assets not found at {SHARED_ASSETS}; CI provides them")
-    tok = load_tokenizer(folder)
+def llama_tokenizer_as_trained(assets: Path):
+    """The real Llama-2/Vicuna tokenizer (from the `assets` folder) with `<image>` (id 32000)
+    and `<unk>` as pad, as training sets it up."""
+    tok = load_tokenizer(assets / "tokenizers" / "llama2-vicuna-v1.5")
     tok.add_special_tokens({"extra_special_tokens": ["<image>"]})
     tok.pad_token = tok.unk_token
     return tok
