@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_assets
+from tests.helpers import finetuned_base, require_assets, tiny_runs
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-thread OpenMP is 15-100x slower on 2 cores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,3 +28,28 @@ def assets() -> Path:
 def golden(assets: Path) -> Path:
     """`assets/golden`: reference ids/labels produced by the original LLaVA code."""
     return assets / "golden"
+
+
+# --- tiny trained models, built once per session (tests that change one copy it first) --------
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_finetune(tmp_path_factory) -> dict[str, Path]:
+    """`tests.helpers.tiny_runs`: a tiny random-init pretrain → finetune (2 steps each, 4 shape
+    pictures per stage), {"pretrain": output, "finetune": output}. Read-only for tests."""
+    return tiny_runs(tmp_path_factory.mktemp("tiny-runs"))
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune(tiny_pretrain_finetune) -> Path:
+    """The finetune output of `tiny_pretrain_finetune` (a trained checkpoint on disk)."""
+    return tiny_pretrain_finetune["finetune"]
+
+
+@pytest.fixture(scope="session")
+def finetuned_base_dir(tmp_path_factory) -> Path:
+    """`tests.helpers.finetuned_base`'s saved output: the start of the 2-process runs (slow
+    tests of tests/train). Read-only for tests."""
+    root = tmp_path_factory.mktemp("finetuned-base")
+    finetuned_base(root)
+    return root / "base"
