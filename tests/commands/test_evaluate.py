@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from llava_cli.cli import app
 from tests.answers.independent_scorer import ind_score
-from tests.helpers import tiny_finetune_output
 
 MAX_NEW = 5
 SIZES = [(48, 30), (30, 52), (64, 40), (40, 24)]  # none square
@@ -22,9 +21,9 @@ INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A finetune output of a tiny random-init model, 2 steps per stage."""
-    return tiny_finetune_output(tmp_path_factory.mktemp("eval-runs"))
+def checkpoint(tiny_finetune) -> Path:
+    """The session's finetune output of a tiny random-init model, 2 steps per stage."""
+    return tiny_finetune
 
 
 def stock_answers(model_dir: Path, folder: Path, asks: list[tuple[str | None, str]]) -> list[str]:

@@ -17,7 +17,7 @@ from llava_cli.data.problems import Dropped, Problem, ProblemCounter
 from llava_cli.data.records import RecordIndex
 from llava_cli.data.samples import DataOptions, InputSpec, SampleBuilder
 from llava_cli.data.text.encoding import IGNORE_INDEX
-from tests.helpers import SHARED_ASSETS, llama_tokenizer_as_trained
+from tests.helpers import llama_tokenizer_as_trained
 
 N_IMAGE_TOKENS = (32 // 8) ** 2  # a 32px CLIP with patch 8, "default" feature strategy
 IMG = 32000  # `<image>` is added right after Llama-2's 32000 pieces
@@ -41,9 +41,9 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(assets):
     """The real Llama-2/Vicuna tokenizer with `<image>` and a pad token, as training sets it."""
-    tok = llama_tokenizer_as_trained()
+    tok = llama_tokenizer_as_trained(assets)
     assert tok.convert_tokens_to_ids("<image>") == IMG and tok.pad_token_id == PAD
     return tok
 
@@ -123,13 +123,13 @@ def test_truncation_keeps_only_images_whose_tokens_remain(data_file, tokenizer, 
     assert torch.equal(cut["pixel_values"], full[0]["pixel_values"][:1])
 
 
-def test_real_odd_images(tmp_path, tokenizer, processor):
+def test_real_odd_images(tmp_path, tokenizer, processor, assets):
     odd = ["camera_grayscale.png", "alpaca_rgba.png", "palette_animated.gif", "tiny_1x1.png"]
     records = [{"id": name, "image": name,
                 "conversations": _turns("<image>\nWhat?", "A picture")} for name in odd]
     path = tmp_path / "odd.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    ds = make_dataset(path, tokenizer, processor, image_folder=SHARED_ASSETS / "images")
+    ds = make_dataset(path, tokenizer, processor, image_folder=assets / "images")
     for n in range(len(ds)):
         pixels = ds[n]["pixel_values"]
         assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all(), odd[n]

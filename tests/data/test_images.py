@@ -19,9 +19,7 @@ from llava_cli.data.images import (
     prepare_image,
     resolve_image_path,
 )
-from tests.helpers import SHARED_ASSETS
 
-ASSETS = SHARED_ASSETS
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 RED, BLUE, FILL = (255, 0, 0), (0, 0, 255), (7, 8, 9)
 # LLaVA-NeXT's default pinpoints, (width, height).
@@ -47,11 +45,8 @@ def anyres_grid_shape(size, pinpoints, tile):
 
 
 @pytest.fixture(scope="module")
-def images() -> Path:
-    folder = ASSETS / "images"
-    if not folder.is_dir():
-        pytest.skip(f"shared test assets not found at {folder} (expected ../shared/assets)")
-    return folder
+def images(assets: Path) -> Path:
+    return assets / "images"
 
 
 def pixels(img: Image.Image) -> np.ndarray:

@@ -14,11 +14,10 @@ from llava_cli.data.preference_pairs import PairBuilder, is_preference_record, p
 from llava_cli.data.problems import Problem
 from llava_cli.data.samples import DataOptions, InputSpec, SampleBuilder
 from llava_cli.data.text.encoding import IGNORE_INDEX
-from tests.helpers import SHARED_ASSETS, llama_tokenizer_as_trained
+from tests.helpers import llama_tokenizer_as_trained
 
 IMG = 32000  # `<image>` right after Llama-2's 32000 pieces
 N_IMAGE_TOKENS = 4
-IMAGES = SHARED_ASSETS / "images"
 WIDE, CAT, TALL = "extreme_ironing.jpg", "chelsea_cat.png", "cat_tall_500x666.webp"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
           "assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -27,15 +26,15 @@ CHOSEN, REJECTED = "A man irons clothes on the back of a taxi.", "Nothing."
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    tok = llama_tokenizer_as_trained()
+def tokenizer(assets):
+    tok = llama_tokenizer_as_trained(assets)
     assert tok.convert_tokens_to_ids("<image>") == IMG
     return tok
 
 
 @pytest.fixture(scope="module")
-def pairs(tokenizer):
-    options = DataOptions(template="v1", image_folder=str(IMAGES))
+def pairs(tokenizer, assets):
+    options = DataOptions(template="v1", image_folder=str(assets / "images"))
     spec = InputSpec(tokenizer, IMG, lambda size: N_IMAGE_TOKENS, (0.5, 0.5, 0.5))
     return PairBuilder(SampleBuilder(options, spec))
 

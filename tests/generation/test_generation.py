@@ -18,7 +18,6 @@ from llava_cli.data.text.templates import TEMPLATES, Message, render
 from llava_cli.demo.shapes import QUESTIONS, generate_split
 from llava_cli.generation.answering_model import load_for_generation
 from llava_cli.train.run import run_training
-from tests.helpers import TINY_LLM, TINY_VISION
 
 COMMON = {"per_device_train_batch_size": 2, "save_steps": 100, "overwrite": True,
           "learning_rate": 1e-2, "seed": 7}
@@ -32,20 +31,16 @@ def _train(stage: str, data: Path, out: Path, **keys):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """A pretrain, a finetune and a LoRA run of a tiny random-init model, 2 steps each."""
+def runs(tiny_pretrain_finetune, tmp_path_factory) -> dict[str, Path]:
+    """The session's tiny pretrain and finetune runs (random init, 2 steps each) and a LoRA
+    run (1 step) on them."""
     root = tmp_path_factory.mktemp("gen")
-    data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("pretrain", "finetune",
-                                                                      "lora", "eval")}
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        pretrain = _train("pretrain", data["pretrain"], root / "pretrain-run", max_steps=2,
-                          model_name_or_path=str(TINY_LLM), vision_tower=str(TINY_VISION),
-                          tokenizer="demo", random_init=True)
-    finetune = _train("finetune", data["finetune"], root / "finetune-run", max_steps=2,
-                      model_name_or_path=str(pretrain))
+    data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("lora", "eval")}
+    finetune = tiny_pretrain_finetune["finetune"]
     lora = _train("lora", data["lora"], root / "lora-run", max_steps=1, lora_r=4, lora_alpha=8,
                   model_name_or_path=str(finetune))
-    return {"pretrain": pretrain, "finetune": finetune, "lora": lora, "eval": data["eval"]}
+    return {"pretrain": tiny_pretrain_finetune["pretrain"], "finetune": finetune, "lora": lora,
+            "eval": data["eval"]}
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,9 @@ from typer.testing import CliRunner
 
 from llava_cli.cli import app
 from llava_cli.data.text.encoding import IGNORE_INDEX
-from tests.helpers import SHARED_ASSETS
+from tests.helpers import require_assets
 
 runner = CliRunner()
-LLAMA = SHARED_ASSETS / "tokenizers" / "llava-1.5-7b-hf"
-IMAGES = SHARED_ASSETS / "images"
 SFT = {"id": "sft", "conversations": [{"from": "human", "value": "Hi"},
                                       {"from": "gpt", "value": "Hello"}]}
 
@@ -35,9 +33,14 @@ def _write(tmp_path: Path, records: list, name: str = "pairs.json") -> Path:
     return path
 
 
+def _images() -> Path:
+    """The shared assets' images (the pairs' pictures); skips the test without them."""
+    return require_assets() / "images"
+
+
 def _invoke(path: Path, *args: str):
     return runner.invoke(app, ["inspect-data", str(path), "--demo", "--image-folder",
-                               str(IMAGES), "--workers", "1", *args])
+                               str(_images()), "--workers", "1", *args])
 
 
 def _report(result) -> dict:
@@ -64,7 +67,7 @@ def test_pair_panel_highlights_exactly_each_reply():
     from llava_cli.inspect.view import SUPERVISED_STYLE
 
     config = resolve_config("inspect-data", flags={"tokenizer": "demo",
-                                                  "image_folder": str(IMAGES)})
+                                                  "image_folder": str(_images())})
     builder = make_builder(config, 16)
     pair = PairBuilder(builder).build(_pair("p", "On a taxi.", "In a kitchen."))
     texts = [part for part in pair_panel(pair, builder.tokenizer, 0, False).renderable.renderables
@@ -85,8 +88,7 @@ def test_pair_panel_highlights_exactly_each_reply():
 
 
 def test_jsonl_has_both_rows_as_training_builds_them(tmp_path):
-    if not LLAMA.is_dir():
-        pytest.skip(f"shared test assets not found at {SHARED_ASSETS}")
+    llama = require_assets() / "tokenizers" / "llava-1.5-7b-hf"
     from llava_cli.config.resolve import resolve_config
     from llava_cli.data.preference_pairs import PairBuilder
     from llava_cli.inspect.inspection import make_builder
@@ -98,13 +100,13 @@ def test_jsonl_has_both_rows_as_training_builds_them(tmp_path):
                 "chosen": [{"role": "assistant", "content": "A cat."}],
                 "rejected": [{"role": "assistant", "content": "A dog."}]}]
     path = _write(tmp_path, records)
-    result = runner.invoke(app, ["inspect-data", str(path), "--tokenizer", str(LLAMA),
-                                 "--image-folder", str(IMAGES), "--image-tokens", "8",
+    result = runner.invoke(app, ["inspect-data", str(path), "--tokenizer", str(llama),
+                                 "--image-folder", str(_images()), "--image-tokens", "8",
                                  "--format", "jsonl"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    config = resolve_config("inspect-data", flags={"tokenizer": str(LLAMA),
-                                                  "image_folder": str(IMAGES)})
+    config = resolve_config("inspect-data", flags={"tokenizer": str(llama),
+                                                  "image_folder": str(_images())})
     builder = PairBuilder(make_builder(config, 8))
     for line, record in zip(lines, records, strict=True):
         pair = builder.build(record)
@@ -158,7 +160,7 @@ def test_check_a_pair_with_a_reply_truncated_away_is_fully_masked(tmp_path):
 def test_check_on_two_processes_and_ok(tmp_path):
     path = _write(tmp_path, [_pair(f"p{n}") for n in range(2100)])
     result = runner.invoke(app, ["inspect-data", str(path), "--demo", "--image-folder",
-                                 str(IMAGES), "--check", "--workers", "2"])
+                                 str(_images()), "--check", "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert "OK" in result.output and "2100" in result.output
     assert "either reply has no supervised token" in " ".join(result.output.split())

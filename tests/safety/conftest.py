@@ -3,7 +3,6 @@ then a short finetune, written by our own command line) and tools to snapshot fo
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,6 @@ from llava_cli.train.run import run_training
 from tests.helpers import TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file under `root` (relative path → sha256): equal digests, identical bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")

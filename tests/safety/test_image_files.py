@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from llava_cli.cli import app
 from llava_cli.data.images import ImageError, check_image, load_image
-from tests.helpers import SHARED_ASSETS, TINY_LLM, TINY_VISION
+from tests.helpers import TINY_LLM, TINY_VISION
 
 runner = CliRunner()
 TRACEBACK = "Traceback (most recent call last)"
@@ -52,7 +52,7 @@ def write_blank_png(path: Path, width: int, height: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, assets: Path) -> Path:
     """An image folder with one of each: good, bombs, huge, truncated; and a file beside it."""
     root = tmp_path_factory.mktemp("image-files")
     images = root / "images"
@@ -61,10 +61,7 @@ def folder(tmp_path_factory) -> Path:
     write_blank_png(images / "bomb.png", 30000, 30000)  # over twice the limit: Pillow's error
     write_blank_png(images / "warn.png", 10000, 10000)  # 1x-2x: Pillow only warns
     write_blank_png(images / "huge.png", 8500, 8000)  # 68 megapixels: under the limit
-    truncated = SHARED_ASSETS / "images" / "extreme_ironing_truncated.jpg"
-    if not truncated.is_file():
-        pytest.skip(f"shared test assets not found at {SHARED_ASSETS}; CI provides them")
-    shutil.copy(truncated, images / "cut.jpg")
+    shutil.copy(assets / "images" / "extreme_ironing_truncated.jpg", images / "cut.jpg")
     Image.new("RGB", (20, 20), (0, 0, 200)).save(root / "outside.png")
     return images
 

@@ -14,7 +14,9 @@ import yaml
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from tests.safety.conftest import IMAGES, RECORDS, tree_digest
+from tests.helpers import demo_sample, tree_digest
+
+RECORDS, IMAGES = demo_sample()
 
 runner = CliRunner()
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from tests.helpers import TINY_LLM, TINY_VISION
-from tests.safety.conftest import IMAGES, RECORDS, tree_digest
+from tests.helpers import TINY_LLM, TINY_VISION, demo_sample, tree_digest
+
+RECORDS, IMAGES = demo_sample()
 
 runner = CliRunner()
 TRACEBACK = "Traceback (most recent call last)"

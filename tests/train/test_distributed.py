@@ -34,10 +34,9 @@ from llava_cli.artifacts.projector_file import (
     read_projector_file,
     write_projector_file,
 )
-from llava_cli.config.resolve import resolve_config
 from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.projector import projector_state
-from llava_cli.train.run import run_training
+from tests import helpers
 from tests.helpers import eval_logits as _logits
 from tests.helpers import probe_batch as _probe
 
@@ -48,63 +47,22 @@ STEPS = 4  # checkpoints at 2 and 4 (save_steps 2): resume from 2, consolidate 4
 PERTURB = 0.5  # added to every projector tensor of the base to make the imported projector
 
 
-def _launcher() -> list[str]:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    return [str(torchrun)] if torchrun.exists() else [sys.executable, "-m",
-                                                      "torch.distributed.run"]
-
-
-def finetuned_base(root: Path):
-    """One finetune step of a new tiny LLaVA (random init, in-process), saved in root/base:
-    the base the 2-process runs load from disk. Returns the run's result."""
-    transformers.LlamaConfig(
-        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    ).save_pretrained(root / "llm")
-    transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4).save_pretrained(root / "vit")
-    config = resolve_config("finetune", flags={
-        "data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2, "seed": 7, "max_steps": 1, "output_dir": str(root / "base"),
-        "model_name_or_path": str(root / "llm"), "vision_tower": str(root / "vit"),
-        "tokenizer": "demo", "random_init": True})
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        return run_training(config)
+_launcher = helpers.torchrun_launcher
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
-    """A tiny finetuned LLaVA (single process, in-process) and a perturbed projector file."""
+def base(finetuned_base_dir, tmp_path_factory) -> dict[str, Path]:
+    """The session's tiny finetuned LLaVA (`finetuned_base_dir`) and a perturbed projector file."""
     root = tmp_path_factory.mktemp("dist")
-    model = finetuned_base(root).trainer.model
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(finetuned_base_dir)
     with torch.no_grad():  # a projector unlike the base's: a run that ignored it is detectable
         for param in model.model.multi_modal_projector.parameters():
             param.add_(PERTURB)
     write_projector_file(projector_state(model), root / "projector.safetensors")
-    return {"base": root / "base", "projector": root / "projector.safetensors", "root": root}
+    return {"base": finetuned_base_dir, "projector": root / "projector.safetensors", "root": root}
 
 
-class Run:
-    """One finished `torchrun --nproc_per_node 2 -m llava_cli …` job and its per-rank logs."""
-
-    def __init__(self, output_dir: Path, logs: Path, seconds: float) -> None:
-        self.output_dir = output_dir
-        self.logs = logs
-        self.seconds = seconds
-
-    def rank_log(self, rank: int) -> str:
-        """stdout + stderr of one rank (torchrun --redirects 3 writes them per rank)."""
-        return "".join(p.read_text(errors="replace")
-                       for p in sorted(self.logs.glob(f"**/attempt_*/{rank}/std*.log")))
-
-    @property
-    def state(self) -> dict:
-        return json.loads((self.output_dir / "trainer_state.json").read_text())
-
-    @property
-    def losses(self) -> list[float]:
-        return [row["loss"] for row in self.state["log_history"] if "loss" in row]
+Run = helpers.Run
 
 
 def launch(base: dict[str, Path], out: Path, *extra: str, stage: str = "finetune",
@@ -152,45 +110,11 @@ def zero3(base, tmp_path_factory) -> Run:
                   str(base["projector"]), "--deepspeed", ZERO3)
 
 
-def consolidated(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's fp32 master weights from a ZeRO checkpoint, whole (its own tooling)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-
-
-def _from_state(config_dir: Path, state: dict[str, torch.Tensor]):
-    """A LLaVA built from a saved config with exactly `state`'s weights (no file loading)."""
-    config = transformers.AutoConfig.from_pretrained(config_dir)
-    model = transformers.LlavaForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and not [k for k in missing if k in dict(model.named_parameters())]
-    return model
-
-
-def _plain(output_dir: Path):
-    """The output as any user loads it: stock transformers, one process, no DeepSpeed config."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    assert not is_deepspeed_zero3_enabled()
-    return transformers.LlavaForConditionalGeneration.from_pretrained(output_dir)
-
-
-def _assert_quiet_other_rank(run: Run) -> None:
-    """Only rank 0 prints the Rich UI and the metrics; rank 1 says nothing of the run."""
-    rank0, rank1 = run.rank_log(0), run.rank_log(1)
-    assert "step 1:" in rank0 and "train metrics" in rank0 and "done:" in rank0
-    for marker in ("step 1:", "train metrics", "llava training run", "done:", "Traceback"):
-        assert marker not in rank1, marker
-
-
-def _assert_no_placeholders(file: Path, reference: Path) -> None:
-    """Every tensor of a saved file has its full shape (ZeRO-3 leaves (0,) when not gathered)."""
-    saved, expected = load_file(str(file)), load_file(str(reference))
-    assert saved.keys() == expected.keys()
-    for key, tensor in saved.items():
-        assert tensor.shape == expected[key].shape and tensor.numel() > 0, key
-        assert torch.isfinite(tensor).all(), key
+consolidated = helpers.consolidated
+_from_state = helpers.model_from_state
+_plain = helpers.plain_model
+_assert_quiet_other_rank = helpers.assert_quiet_other_rank
+_assert_no_placeholders = helpers.assert_no_placeholders
 
 
 def _assert_same_run(run: Run, reference: Run) -> None:
@@ -223,14 +147,15 @@ def test_ddp_trains_one_job_on_two_ranks(ddp, base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_the_feature_cache_trains_as_without_it_on_two_ranks(ddp, base, tmp_path, strategy):
+def test_the_feature_cache_trains_as_without_it_on_two_ranks(ddp, base, tmp_path):
     """Both ranks share one cache directory (atomic entries); DDP and ZeRO-2 still reduce the
-    projector's gradients when it runs outside the wrapped model's forward."""
-    extra = ["--deepspeed", ZERO2] if strategy == "zero2" else []
+    projector's gradients when it runs outside the wrapped model's forward. The cold run (DDP)
+    fills the cache, the warm run (ZeRO-2) only reads it: the projector runs outside the forward
+    on both paths, so each strategy walks one (one launch each instead of two)."""
+    cache = str(tmp_path / "cache")
     cached = [launch(base, tmp_path / name, "--pretrained-projector", str(base["projector"]),
-                     "--vision-feature-cache", str(tmp_path / "cache"), *extra)
-              for name in ("cold", "warm")]
+                     "--vision-feature-cache", cache, *extra)
+              for name, extra in (("cold-ddp", ()), ("warm-zero2", ("--deepspeed", ZERO2)))]
     for run in cached:
         _assert_same_run(run, ddp)
     metrics = [json.loads((run.output_dir / "train_results.json").read_text()) for run in cached]
@@ -240,15 +165,7 @@ def test_the_feature_cache_trains_as_without_it_on_two_ranks(ddp, base, tmp_path
 
 
 def _assert_output_is_the_trained_model(run: Run) -> None:
-    """Plain reload of the output == DeepSpeed's consolidated fp32 masters, weights and logits."""
-    masters = consolidated(run.output_dir / f"checkpoint-{STEPS}")
-    reference = _from_state(run.output_dir, masters)
-    reloaded = _plain(run.output_dir)
-    ours = reloaded.state_dict()
-    for key, tensor in reference.state_dict().items():
-        assert torch.equal(ours[key], tensor), key
-    batch = _probe(transformers.AutoProcessor.from_pretrained(run.output_dir))
-    assert torch.equal(_logits(reloaded, batch), _logits(reference, batch))
+    helpers.assert_output_is_the_trained_model(run, STEPS)
 
 
 @pytest.mark.slow

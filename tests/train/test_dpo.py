@@ -31,7 +31,6 @@ from llava_cli.train.dpo.pair_forward import encode_images, reply_forward
 from llava_cli.train.dpo.reference_policy import COPY, DISABLED_ADAPTER, Reference
 from llava_cli.train.run import run_training
 from llava_cli.train.stages import preference
-from tests.helpers import tiny_finetune_output
 
 TEXT_PAIR = {"id": "chat-pair", "conversations": [
     {"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."},
@@ -40,11 +39,11 @@ TEXT_PAIR = {"id": "chat-pair", "conversations": [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
-    """A finetune output of a tiny random-init model (2 steps per stage) and preference data:
-    4 shape pairs (non-square pictures) and a multi-turn text-only pair."""
+def base(tiny_finetune, tmp_path_factory) -> dict[str, Path]:
+    """The session's tiny finetune output (random-init model, 2 steps per stage) and preference
+    data: 4 shape pairs (non-square pictures) and a multi-turn text-only pair."""
     root = tmp_path_factory.mktemp("dpo")
-    model = tiny_finetune_output(root)
+    model = tiny_finetune
     pairs = generate_split(root / "dpo", 4, 0, "dpo")
     records = json.loads(pairs.read_text())
     pairs.write_text(json.dumps([*records[:2], TEXT_PAIR, *records[2:]]))

@@ -34,18 +34,13 @@ from safetensors.torch import load_file
 from llava_cli.config.resolve import resolve_config
 from llava_cli.demo.shapes import generate_split
 from llava_cli.train.run import run_training
+from tests.helpers import Run, assert_output_is_the_trained_model, consolidated
+from tests.helpers import assert_no_placeholders as _assert_no_placeholders
+from tests.helpers import assert_quiet_other_rank as _assert_quiet_other_rank
 from tests.helpers import eval_logits as _logits
+from tests.helpers import plain_model as _plain
 from tests.helpers import probe_batch as _probe
-from tests.train.test_distributed import (
-    Run,
-    _assert_no_placeholders,
-    _assert_output_is_the_trained_model,
-    _assert_quiet_other_rank,
-    _launcher,
-    _plain,
-    consolidated,
-    finetuned_base,
-)
+from tests.helpers import torchrun_launcher as _launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO2, ZERO3 = (str(ROOT / "recipes" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
@@ -58,14 +53,13 @@ LORA = ("--lora", "--lora-r", "8", "--lora-alpha", "16")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
-    """A tiny finetuned LLaVA (one process, in-process) saved to disk, and preference pairs."""
+def base(finetuned_base_dir, tmp_path_factory) -> dict[str, Path]:
+    """The session's tiny finetuned LLaVA (`finetuned_base_dir`), and preference pairs."""
     root = tmp_path_factory.mktemp("dpo-dist")
-    finetuned_base(root)
     pairs = generate_split(root / "pairs", PAIRS, 3, "dpo")
     held_out = pairs.with_name("held-out.json")  # one pair: fewer than the ranks
     held_out.write_text(json.dumps(json.loads(pairs.read_text())[:1]))
-    return {"base": root / "base", "records": pairs, "images": pairs.parent,
+    return {"base": finetuned_base_dir, "records": pairs, "images": pairs.parent,
             "held_out": held_out, "root": root}
 
 
@@ -103,6 +97,10 @@ def one_process(base: dict[str, Path], out: Path, **flags) -> Path:
         "output_dir": str(out), **flags})
     run_training(config)
     return out
+
+
+def _assert_output_is_the_trained_model(run: Run) -> None:
+    assert_output_is_the_trained_model(run, STEPS)
 
 
 def _stats(state: dict) -> dict[str, list[float]]:

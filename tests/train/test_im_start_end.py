@@ -17,8 +17,12 @@ from llava_cli.artifacts.projector_file import EMBEDDINGS_KEY, read_projector_pa
 from llava_cli.data.text.tokenizer import check_image_markers, marker_ids
 from llava_cli.model.inputs import input_spec_of, sample_builder
 from llava_cli.model.start import load_starting_model
-from tests.train.test_training import RECORDS, _config, _losses, _start_state
+from tests.helpers import demo_run_config as _config
+from tests.helpers import demo_sample
+from tests.helpers import logged_losses as _losses
+from tests.helpers import start_state as _start_state
 
+RECORDS, _ = demo_sample()
 EMBED = "model.language_model.embed_tokens.weight"
 FLAG = {"mm_use_im_start_end": True}
 

@@ -19,14 +19,13 @@ from llava_cli.config.run_config import RunConfig
 from llava_cli.data.batching.collator import DataCollator
 from llava_cli.inspect.inspection import demo_data
 from llava_cli.train.run import run_training
-from tests.helpers import TINY_LLM, TINY_VISION
-from tests.train.test_speed_levers import (
-    SAMPLES,
-    _assert_same,
-    _loss_and_grads,
-    _sample,
-    _tiny_llava,
-)
+from tests.helpers import TINY_LLM, TINY_VISION, lever_samples
+from tests.helpers import assert_same_loss_and_grads as _assert_same
+from tests.helpers import lever_sample as _sample
+from tests.helpers import loss_and_grads as _loss_and_grads
+from tests.helpers import tiny_llava as _tiny_llava
+
+SAMPLES = lever_samples()
 
 RECORDS, IMAGES = demo_data()
 MORE = [_sample([30, 31], [50, 51, 52, 53, 54], False, 3),

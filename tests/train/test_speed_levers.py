@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from llava_cli.config.resolve import resolve_config
 from llava_cli.config.run_config import ConfigError, RunConfig
@@ -23,66 +22,15 @@ from llava_cli.train.supervised_loss import (
     supervised_positions,
     supervised_targets,
 )
+from tests import helpers
 from tests.helpers import TINY_LLM, TINY_VISION
 
-IMAGE = 599  # the tiny LLM's last id stands in for the image token
-IMAGE_TOKENS = 16  # 32 px, patch 8, CLS dropped
-
-
-def _tiny_llava(attn: str = "sdpa") -> transformers.LlavaForConditionalGeneration:
-    text = transformers.AutoConfig.from_pretrained(TINY_LLM)
-    vision = transformers.AutoConfig.from_pretrained(TINY_VISION)
-    config = transformers.LlavaConfig(text_config=text, vision_config=vision,
-                                      image_token_id=IMAGE, vision_feature_layer=-1,
-                                      vision_feature_select_strategy="default",
-                                      image_seq_length=IMAGE_TOKENS)
-    torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn)
-    return model.train()
-
-
-def _sample(prompt: list[int], reply: list[int], image: bool, seed: int) -> dict:
-    """A dataset-style sample: prompt (and image tokens) masked, reply supervised."""
-    ids = [1, *([IMAGE] * IMAGE_TOKENS if image else []), *prompt, *reply, 2]
-    labels = [-100] * (len(ids) - len(reply) - 1) + [*reply, 2]
-    sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-    if image:
-        sample["pixel_values"] = torch.randn(1, 3, 32, 32,
-                                             generator=torch.Generator().manual_seed(seed))
-    return sample
-
-
-SAMPLES = [_sample([10, 11, 12], [40, 41, 42, 43], True, 0),
-           _sample([13, 14, 15, 16, 17, 18, 19], [44, 45], False, 1),
-           _sample([20, 21], [46, 47, 48], True, 2)]
-
-
-def _loss_and_grads(model, batch: dict, supervised: bool, num_items=None):
-    model.zero_grad()
-    labels = batch["labels"]
-    # use_cache=False as LlavaTrainer.compute_loss passes it: with a cache, transformers
-    # ignores packed position ids.
-    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
-    if supervised:
-        outputs = model(**inputs, logits_to_keep=supervised_positions(labels))
-        loss = supervised_cross_entropy(outputs, labels, num_items_in_batch=num_items)
-    else:
-        extra = {} if num_items is None else {"num_items_in_batch": num_items}
-        loss = model(**inputs, labels=labels, **extra).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                           if p.grad is not None}
-
-
-def _assert_same(a, b) -> None:
-    loss_a, grads_a = a
-    loss_b, grads_b = b
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6,
-                                   msg=f"gradient of {name} differs")
+IMAGE, IMAGE_TOKENS = helpers.IMAGE, helpers.IMAGE_TOKENS
+_tiny_llava = helpers.tiny_llava
+_sample = helpers.lever_sample
+SAMPLES = helpers.lever_samples()
+_loss_and_grads = helpers.loss_and_grads
+_assert_same = helpers.assert_same_loss_and_grads
 
 
 def test_supervised_positions_and_targets_are_the_shifted_labels():

@@ -14,16 +14,21 @@ import transformers
 from llava_cli.config.resolve import resolve_config
 from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.parts import components
-from llava_cli.model.start import load_starting_model
 from llava_cli.train.run import run_training
 from llava_cli.train.stages.supervised import check_command
-from tests.helpers import TINY_LLM, TINY_VISION
+from tests.helpers import (
+    TINY_LLM,
+    TINY_VISION,
+    demo_run_config,
+    demo_run_flags,
+    logged_losses,
+    start_state,
+)
 from tests.helpers import eval_logits as _logits
 from tests.helpers import probe_batch as _probe
 
 RECORDS, IMAGES = demo_data()
-COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
-          "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7}
+COMMON = demo_run_flags()
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +37,9 @@ def parts() -> dict[str, Path]:
     return {"llm": TINY_LLM, "vit": TINY_VISION}
 
 
-def _config(stage: str, out: Path, **keys):
-    return resolve_config(stage, flags={**COMMON, "output_dir": str(out), **keys})
-
-
-def _start_state(config) -> dict[str, torch.Tensor]:
-    transformers.set_seed(config.training_args.get("seed", 42))
-    model = load_starting_model(config).model
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _losses(output_dir: Path) -> list[float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return [row["loss"] for row in state["log_history"] if "loss" in row]
+_config = demo_run_config
+_start_state = start_state
+_losses = logged_losses
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from llava_cli.data.text.chunked_tokenizer import ChunkedEncoder
 from llava_cli.data.text.encoding import TextEncoder
 from llava_cli.data.text.templates import TEMPLATES, render
 from llava_cli.data.text.tokenizer import add_llava_tokens
-from tests.helpers import SHARED_ASSETS, load_tokenizer
+from tests.helpers import load_tokenizer
 
 SENTENCEPIECE_STYLE = ("llama2-vicuna-v1.5", "mistral-7b-v0.1")  # prepend "first" / "always"
 DATA_FILES = ("llava_instruct_misc_real.json", "sharegpt_text_only_sample.json",
@@ -28,15 +28,15 @@ FUZZ_PARTS = [*"ab cd\n\t.,?!'", "▁", "  ", "   ", "<image>", "</s>", "<s>", "
 
 
 @cache
-def _tokenizer(name: str):
-    tokenizer = load_tokenizer(SHARED_ASSETS / "tokenizers" / name)
+def _tokenizer(assets: Path, name: str):
+    tokenizer = load_tokenizer(assets / "tokenizers" / name)
     add_llava_tokens(tokenizer)
     return tokenizer
 
 
 @pytest.fixture
 def llama(assets: Path):
-    return _tokenizer("llama2-vicuna-v1.5")
+    return _tokenizer(assets, "llama2-vicuna-v1.5")
 
 
 def _records(assets: Path) -> list[dict]:
@@ -64,7 +64,7 @@ def _texts(assets: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", SENTENCEPIECE_STYLE)
 def test_equal_to_the_library_on_every_real_record(assets: Path, name: str) -> None:
-    encoder = ChunkedEncoder.for_tokenizer(_tokenizer(name))
+    encoder = ChunkedEncoder.for_tokenizer(_tokenizer(assets, name))
     assert encoder is not None
     texts = _texts(assets)
     assert len(texts) > 100
@@ -78,7 +78,7 @@ def test_equal_to_the_library_on_every_real_record(assets: Path, name: str) -> N
 
 @pytest.mark.parametrize("name", SENTENCEPIECE_STYLE)
 def test_equal_to_the_library_on_fuzzed_texts(assets: Path, name: str) -> None:
-    encoder = ChunkedEncoder.for_tokenizer(_tokenizer(name))
+    encoder = ChunkedEncoder.for_tokenizer(_tokenizer(assets, name))
     rng = random.Random(7)
     for _ in range(3000):
         text = "".join(rng.choice(FUZZ_PARTS) for _ in range(rng.randint(0, 25)))
@@ -102,7 +102,7 @@ def test_text_encoder_output_unchanged(assets: Path, llama) -> None:
 
 def test_tokenizers_it_cannot_prove_exact_get_none(assets: Path) -> None:
     # Byte-level BPE with a regex pre-tokenizer (Qwen2): a different pipeline.
-    assert ChunkedEncoder.for_tokenizer(_tokenizer("qwen2-1.5b-instruct")) is None
+    assert ChunkedEncoder.for_tokenizer(_tokenizer(assets, "qwen2-1.5b-instruct")) is None
     # A slow (pure-Python) tokenizer has no backend.
     assert ChunkedEncoder.for_tokenizer(object()) is None
 

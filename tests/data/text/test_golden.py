@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-from functools import cache
 
 import pytest
 
-from llava_cli.data.conversation import RecordError, llava_normalize, parse_record
-from llava_cli.data.text.encoding import IGNORE_INDEX, TextEncoder
-from llava_cli.data.text.templates import TEMPLATES, render
-from tests.helpers import SHARED_ASSETS, load_tokenizer
+from llava_cli.data.conversation import RecordError
+from llava_cli.data.text.encoding import IGNORE_INDEX
+from tests.helpers import GOLDEN_MAX_LENGTH as MAX_LENGTH
+from tests.helpers import golden_encode as _encode
+from tests.helpers import golden_encoder as _encoder
 
-GOLDEN = SHARED_ASSETS / "golden"
 CASES = [(data, tok) for data in ("real_records", "synthetic_finetune", "synthetic_pretrain")
          for tok in ("vicuna", "vicuna-legacy")]
 MODES = ("plain", "v1", "llava_llama_2")
-MAX_LENGTH = 2048  # the golden files were made with model_max_length 2048
-
-
-@cache
-def _encoder(name: str) -> TextEncoder:
-    return TextEncoder(load_tokenizer(GOLDEN / "tokenizers" / name), -200, "llava", MAX_LENGTH)
-
-
-def _encode(record: dict, mode: str, encoder: TextEncoder):
-    template = TEMPLATES[mode]
-    conv = parse_record(record, strict=template.max_rounds is not None)
-    if template.requires_image and not conv.images:
-        raise RecordError(conv.record_id, "needs-image", "needs an image")
-    conv = llava_normalize(conv)
-    rendered = render(template, conv.messages, conv.system)
-    return encoder(rendered, [1] * len(conv.images)), conv
-
 
 def _supervised_ids(labels):
     return [t for t in labels if t != IGNORE_INDEX]

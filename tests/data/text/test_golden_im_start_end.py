@@ -22,8 +22,8 @@ from llava_cli.data.text.sp_original import OriginalSentencePieceTokenizer
 from llava_cli.data.text.templates import TEMPLATES
 from llava_cli.data.text.tokenizer import IMAGE_MARKERS
 from tests.data.text import original_preprocess as original
-from tests.data.text.test_golden import GOLDEN, MAX_LENGTH
-from tests.helpers import load_tokenizer
+from tests.helpers import GOLDEN_MAX_LENGTH as MAX_LENGTH
+from tests.helpers import golden_folder, load_tokenizer
 
 TOKENIZERS = ("vicuna", "vicuna-legacy")
 FINETUNE = [(data, tok) for data in ("real_records", "synthetic_finetune") for tok in TOKENIZERS]
@@ -31,12 +31,12 @@ FINETUNE = [(data, tok) for data in ("real_records", "synthetic_finetune") for t
 
 @cache
 def _records(data: str) -> list[dict]:
-    return json.loads((GOLDEN / f"{data}.json").read_text())
+    return json.loads((golden_folder() / f"{data}.json").read_text())
 
 
 @cache
 def _tokenizer(tok: str, markers: bool):
-    tokenizer = load_tokenizer(GOLDEN / "tokenizers" / tok)
+    tokenizer = load_tokenizer(golden_folder() / "tokenizers" / tok)
     if markers:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False)
                               for t in IMAGE_MARKERS], special_tokens=True)
@@ -70,7 +70,7 @@ def _supervised(encoded, tok: str) -> list[str]:
 def test_the_v1_reference_reproduces_the_v1_golden(data, tok):
     tokenize, bos, legacy = _reference(tok, False)
     records = {r["id"]: r for r in _records(data)}
-    rows = json.loads((GOLDEN / f"{data}.golden.{tok}.json").read_text())["rows"]
+    rows = json.loads((golden_folder() / f"{data}.golden.{tok}.json").read_text())["rows"]
     checked = 0
     for row in (r for r in rows if r["mode"] == "v1" and "error" not in r):
         record = records[row["id"]]

@@ -24,7 +24,10 @@ from llava_cli.data.text.encoding import IGNORE_INDEX
 from llava_cli.data.text.sp_original import OriginalSentencePieceTokenizer
 from llava_cli.data.text.templates import TEMPLATES
 from tests.data.text import original_preprocess as original
-from tests.data.text.test_golden import GOLDEN, MAX_LENGTH, _encode, _encoder
+from tests.helpers import GOLDEN_MAX_LENGTH as MAX_LENGTH
+from tests.helpers import golden_encode as _encode
+from tests.helpers import golden_encoder as _encoder
+from tests.helpers import golden_folder
 
 CASES = [(data, tok) for data in ("real_records", "synthetic_finetune")
          for tok in ("vicuna", "vicuna-legacy")]
@@ -32,7 +35,7 @@ CASES = [(data, tok) for data in ("real_records", "synthetic_finetune")
 
 @cache
 def _records(data: str) -> list[dict]:
-    return json.loads((GOLDEN / f"{data}.json").read_text())
+    return json.loads((golden_folder() / f"{data}.json").read_text())
 
 
 def _reference(tok: str):
@@ -54,7 +57,7 @@ def _supervised_text(encoded, tok: str) -> str:
 def test_the_reference_reproduces_the_llava_llama_2_golden(data, tok):
     tokenize, bos, _ = _reference(tok)
     records = {r["id"]: r for r in _records(data)}
-    rows = json.loads((GOLDEN / f"{data}.golden.{tok}.json").read_text())["rows"]
+    rows = json.loads((golden_folder() / f"{data}.golden.{tok}.json").read_text())["rows"]
     checked = 0
     for row in (r for r in rows if r["mode"] == "llava_llama_2" and "error" not in r):
         record = records[row["id"]]
