@@ -117,7 +117,7 @@ def tiny_finetune_output(root: Path) -> Path:
     from llava_cli.train.run import run_training
 
     common = {"per_device_train_batch_size": 2, "save_steps": 100, "learning_rate": 1e-2,
-              "seed": 7, "dataloader_num_workers": 0}
+              "seed": 7, "dataloader_num_workers": 0, **PLAIN_SCHEDULE}
     data = {kind: generate_split(root / kind, 4, 0, kind) for kind in ("pretrain", "finetune")}
 
     def train(stage: str, **keys) -> Path:
@@ -142,11 +142,19 @@ def demo_sample() -> tuple[str, str]:
     return demo_data()
 
 
+# The schedule these tests were written for (transformers' defaults). The stage defaults are
+# LLaVA-1.5's (cosine, warmup 0.03; dpo accumulates 16 batches), which in a 1-3 step test
+# would spend the first step at learning rate 0 and multiply a dpo step's work by 16.
+PLAIN_SCHEDULE = {"warmup_ratio": 0.0, "lr_scheduler_type": "linear",
+                  "gradient_accumulation_steps": 1}
+
+
 def demo_run_flags() -> dict:
     """Training flags on the demo sample: batch 2, save every 2 steps, lr 1e-2, seed 7."""
     records, images = demo_sample()
     return {"data_path": records, "image_folder": images, "per_device_train_batch_size": 2,
-            "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7}
+            "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7,
+            **PLAIN_SCHEDULE}
 
 
 def demo_run_config(stage: str, out: Path, **keys):

@@ -18,9 +18,10 @@ from llava_cli.data.text.templates import TEMPLATES, Message, render
 from llava_cli.demo.shapes import QUESTIONS, generate_split
 from llava_cli.generation.answering_model import load_for_generation
 from llava_cli.train.run import run_training
+from tests.helpers import PLAIN_SCHEDULE
 
 COMMON = {"per_device_train_batch_size": 2, "save_steps": 100, "overwrite": True,
-          "learning_rate": 1e-2, "seed": 7}
+          "learning_rate": 1e-2, "seed": 7, **PLAIN_SCHEDULE}
 QUESTION = QUESTIONS["color"]
 
 

@@ -22,11 +22,11 @@ from llava_cli.merge.verify import probe_batch, probe_logits
 from llava_cli.model.parts import components
 from llava_cli.model.projector import load_projector_weights
 from llava_cli.train.run import run_training
-from tests.helpers import TINY_LLM, TINY_VISION
+from tests.helpers import PLAIN_SCHEDULE, TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()
 COMMON = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
-          "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7}
+          "save_steps": 2, "overwrite": True, "learning_rate": 1e-2, "seed": 7, **PLAIN_SCHEDULE}
 LLAVA_KEYS = ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
               "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
 runner = CliRunner()

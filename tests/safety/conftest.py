@@ -10,7 +10,7 @@ import pytest
 from llava_cli.config.resolve import resolve_config
 from llava_cli.inspect.inspection import demo_data
 from llava_cli.train.run import run_training
-from tests.helpers import TINY_LLM, TINY_VISION
+from tests.helpers import PLAIN_SCHEDULE, TINY_LLM, TINY_VISION
 
 RECORDS, IMAGES = demo_data()
 
@@ -20,7 +20,7 @@ def llava_checkpoint(tmp_path_factory) -> Path:
     """A full LLaVA checkpoint as `finetune` writes it (weights loaded with from_pretrained)."""
     runs = tmp_path_factory.mktemp("safety-runs")
     common = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
-              "seed": 7, "save_steps": 100, "dataloader_num_workers": 0}
+              "seed": 7, "save_steps": 100, "dataloader_num_workers": 0, **PLAIN_SCHEDULE}
     pretrain = resolve_config("pretrain", flags={
         **common, "output_dir": str(runs / "pretrain"), "model_name_or_path": str(TINY_LLM),
         "vision_tower": str(TINY_VISION), "tokenizer": "demo", "random_init": True,

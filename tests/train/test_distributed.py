@@ -37,6 +37,7 @@ from llava_cli.artifacts.projector_file import (
 from llava_cli.inspect.inspection import demo_data
 from llava_cli.model.projector import projector_state
 from tests import helpers
+from tests.helpers import PLAIN_SCHEDULE
 from tests.helpers import eval_logits as _logits
 from tests.helpers import probe_batch as _probe
 
@@ -76,7 +77,9 @@ def launch(base: dict[str, Path], out: Path, *extra: str, stage: str = "finetune
                "--redirects", "3", "-m", "llava_cli", stage,
                "--model-name-or-path", str(base["base"]), "--data-path", RECORDS,
                "--image-folder", IMAGES, "--batch-size", "2", "--max-steps", str(STEPS),
-               "--save-steps", "2", "--lr", "1e-2", "--seed", "7", "-o", str(out), *extra]
+               "--save-steps", "2", "--lr", "1e-2", "--seed", "7",
+               *(f"--{k.replace('_', '-')}={v}" for k, v in PLAIN_SCHEDULE.items()),
+               "-o", str(out), *extra]
     if overwrite:
         command.append("--overwrite")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -31,6 +31,7 @@ from llava_cli.train.dpo.pair_forward import encode_images, reply_forward
 from llava_cli.train.dpo.reference_policy import COPY, DISABLED_ADAPTER, Reference
 from llava_cli.train.run import run_training
 from llava_cli.train.stages import preference
+from tests.helpers import PLAIN_SCHEDULE
 
 TEXT_PAIR = {"id": "chat-pair", "conversations": [
     {"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."},
@@ -55,7 +56,7 @@ def _flags(base: dict[str, Path], out: str, **keys) -> dict:
             "image_folder": str(base["data"].parent), "output_dir": str(base["root"] / out),
             "per_device_train_batch_size": 2, "max_steps": 3, "learning_rate": 1e-3,
             "logging_steps": 1, "save_steps": 100, "seed": 3, "dataloader_num_workers": 0,
-            "overwrite": True, **keys}
+            "overwrite": True, **PLAIN_SCHEDULE, **keys}
 
 
 def _batch(base: dict[str, Path], model, processor, positions=(0, 2, 1)):

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from llava_cli.config.resolve import resolve_config
 from llava_cli.demo.shapes import generate_split
 from llava_cli.train.run import run_training
-from tests.helpers import Run, assert_output_is_the_trained_model, consolidated
+from tests.helpers import PLAIN_SCHEDULE, Run, assert_output_is_the_trained_model, consolidated
 from tests.helpers import assert_no_placeholders as _assert_no_placeholders
 from tests.helpers import assert_quiet_other_rank as _assert_quiet_other_rank
 from tests.helpers import eval_logits as _logits
@@ -72,6 +72,7 @@ def launch(base: dict[str, Path], out: Path, *extra: str, overwrite: bool = True
                "--model-name-or-path", str(base["base"]), "--data-path", str(base["records"]),
                "--image-folder", str(base["images"]), "--batch-size", "2",
                "--max-steps", str(STEPS), "--save-steps", "2", "--lr", LR, "--seed", "7",
+               *(f"--{k.replace('_', '-')}={v}" for k, v in PLAIN_SCHEDULE.items()),
                "-o", str(out), *extra]
     if overwrite:
         command.append("--overwrite")
@@ -94,7 +95,7 @@ def one_process(base: dict[str, Path], out: Path, **flags) -> Path:
         "model_name_or_path": str(base["base"]), "data_path": str(base["records"]),
         "image_folder": str(base["images"]), "per_device_train_batch_size": 4,
         "max_steps": STEPS, "save_steps": 100, "learning_rate": float(LR), "seed": 7,
-        "output_dir": str(out), **flags})
+        "output_dir": str(out), **PLAIN_SCHEDULE, **flags})
     run_training(config)
     return out
 

@@ -23,10 +23,10 @@ from llava_cli.demo.shapes import generate_split
 from llava_cli.generation.answering_model import load_for_generation
 from llava_cli.train.eval_generate import shard
 from llava_cli.train.run import run_training
-from tests.helpers import ROOT, TINY_LLM, TINY_VISION
+from tests.helpers import PLAIN_SCHEDULE, ROOT, TINY_LLM, TINY_VISION
 
 COMMON = {"per_device_train_batch_size": 2, "learning_rate": 1e-2, "seed": 7,
-          "dataloader_num_workers": 0, "eval_generate_max_new_tokens": 6}
+          "dataloader_num_workers": 0, "eval_generate_max_new_tokens": 6, **PLAIN_SCHEDULE}
 
 
 @pytest.fixture(scope="module")
