@@ -17,7 +17,8 @@ import typer
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from tests.safety.conftest import IMAGES, RECORDS, tree_digest
+from tests.helpers import tree_digest
+from tests.safety.conftest import IMAGES, RECORDS
 
 runner = CliRunner()
 TRACEBACK = "Traceback (most recent call last)"
