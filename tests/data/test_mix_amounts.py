@@ -20,9 +20,9 @@ from tests.helpers import llama_tokenizer_as_trained
 
 
 @pytest.fixture(scope="module")
-def builder() -> SampleBuilder:
+def builder(assets) -> SampleBuilder:
     return SampleBuilder(DataOptions(model_max_length=256),
-                         InputSpec(llama_tokenizer_as_trained(), 32000, lambda size: 4,
+                         InputSpec(llama_tokenizer_as_trained(assets), 32000, lambda size: 4,
                                    (0.5,) * 3))
 
 

@@ -31,9 +31,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def pairs() -> PairBuilder:
+def pairs(assets) -> PairBuilder:
     builder = SampleBuilder(DataOptions(model_max_length=256),
-                            InputSpec(llama_tokenizer_as_trained(), 32000, lambda size: 4,
+                            InputSpec(llama_tokenizer_as_trained(assets), 32000, lambda size: 4,
                                       (0.5,) * 3))
     return PairBuilder(builder)
 

@@ -27,8 +27,8 @@ CAT = "chelsea_cat.png"  # 451×300: not square, so padding shows in the pixels
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return llama_tokenizer_as_trained()
+def tokenizer(assets):
+    return llama_tokenizer_as_trained(assets)
 
 
 def _builder(tokenizer, folder=None) -> SampleBuilder:

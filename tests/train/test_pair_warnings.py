@@ -98,12 +98,13 @@ def test_the_suggested_check_command_runs_as_printed(tmp_path: Path, monkeypatch
     assert report["problems"] == {"bad-image": 1} and report["examples"]["bad-image"] == ["r-1"]
 
 
-def test_records_longer_than_the_packing_budget_are_said(tmp_path: Path, caplog) -> None:
+def test_records_longer_than_the_packing_budget_are_said(tmp_path: Path, caplog,
+                                                        assets: Path) -> None:
     data = tmp_path / "text.json"
     data.write_text(json.dumps([{"id": f"t{k}", "conversations": turns("q", "a " * (5 * k))}
                                 for k in range(4)]))
     builder = SampleBuilder(DataOptions(model_max_length=512),
-                            InputSpec(llama_tokenizer_as_trained(), 32000, lambda size: 4,
+                            InputSpec(llama_tokenizer_as_trained(assets), 32000, lambda size: 4,
                                       (0.5,) * 3))
     dataset = LazySupervisedDataset.open(data, builder)
     config = _config("finetune", tmp_path, data, packing="on", packing_budget=20)
