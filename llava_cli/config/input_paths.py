@@ -34,13 +34,18 @@ def looks_local(value: str) -> bool:
 def refuse_missing_inputs(config: RunConfig, reach_hub: bool = True) -> None:
     """Raise ConfigError naming the first input that cannot be read. `reach_hub`: also
     check that a hub id not in the local cache can be fetched (not for `--print-config`)."""
-    for key in DATA_INPUTS + FOLDER_INPUTS:
+    for key in DATA_INPUTS:
         value = getattr(config, key)
         if value and not Path(value).expanduser().exists():
             raise ConfigError(f"{key} {value!r}: no such file or folder")
-        if value and key in FOLDER_INPUTS and not Path(value).expanduser().is_dir():
-            raise ConfigError(f"{key} {value!r}: not a folder (give the folder the records' "
-                              "image paths are relative to)")
+    for key in FOLDER_INPUTS:
+        value = getattr(config, key)
+        if value and not Path(value).expanduser().is_dir():
+            # worded as the QA reader words it (`answers.qa_set`), for the file it serves
+            which = f"--eval-generate {config.eval_generate}: " \
+                if key == "eval_generate_image_folder" else f"{key}: "
+            raise ConfigError(f"{which}image folder {value!r} is not a folder; give the folder "
+                              "the records' image paths start from (default: the data file's)")
     deepspeed = config.training_args.get("deepspeed")
     if isinstance(deepspeed, str) and not Path(deepspeed).expanduser().is_file():
         raise ConfigError(f"deepspeed {deepspeed!r}: no such file (give a DeepSpeed JSON "

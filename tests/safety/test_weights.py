@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from llava_cli.cli import app
-from tests.helpers import TINY_LLM, TINY_VISION, demo_sample, tree_digest
+from tests.helpers import PLAIN_SCHEDULE, TINY_LLM, TINY_VISION, demo_sample, tree_digest
 
 RECORDS, IMAGES = demo_sample()
 
@@ -25,7 +25,8 @@ WEIGHTS = "model.safetensors"
 def _train(stage: str, model: Path | str, out: Path, *extra: str) -> list[str]:
     return [stage, "--model-name-or-path", str(model), "--data-path", RECORDS,
             "--image-folder", IMAGES, "-o", str(out), "--batch-size", "2", "--seed", "7",
-            "--max-steps", "1", "--dataloader-num-workers", "0", *extra]
+            "--max-steps", "1", "--dataloader-num-workers", "0",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in PLAIN_SCHEDULE.items()), *extra]
 
 
 def _one_line_error(result, command: str) -> str:

@@ -381,7 +381,8 @@ def test_evaluation_needs_held_out_records_and_defaults_to_the_save_schedule(tmp
     args = to_training_arguments(resolve_config("finetune", flags={
         "eval_data_path": RECORDS, "save_steps": 50}), str(tmp_path))
     assert (args.eval_strategy, args.eval_steps, args.prediction_loss_only) == ("steps", 50, True)
-    assert args.per_device_eval_batch_size == args.per_device_train_batch_size == 8
+    # the eval batch follows the train batch: finetune's default, LLaVA-1.5's 16
+    assert args.per_device_eval_batch_size == args.per_device_train_batch_size == 16
     for saves, evaluations in (("epoch", "epoch"), ("no", "epoch"), ("best", "steps")):
         args = to_training_arguments(resolve_config("finetune", flags={
             "eval_data_path": RECORDS, "save_strategy": saves, "per_device_train_batch_size": 2}),
