@@ -56,16 +56,27 @@ def resolve_format(output: str | Path, fmt: str | None) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
+def _inputs(checkpoint: Path) -> tuple[dict[str, str | None], dict[str, str | None] | None]:
+    """What the output may never be: the checkpoint (a projector file), or any file already in
+    the checkpoint folder, whatever --overwrite says. A new file inside the folder is allowed:
+    LLaVA's stage-2 scripts read `PRETRAIN_OUTPUT/mm_projector.bin` (its original layout)."""
+    if not checkpoint.is_dir():
+        return {"checkpoint": str(checkpoint)}, None
+    files = {f"checkpoint file {p.name}": str(p) for p in sorted(checkpoint.iterdir())
+             if p.is_file()}
+    return files, {"checkpoint": str(checkpoint)}
+
+
 def export_projector(checkpoint: str | Path, output: str | Path,
                      fmt: str | None = None, overwrite: bool = False) -> ExportResult:
     """Write the projector of `checkpoint` to `output` in `fmt` (see `resolve_format`); an
     existing file (or its safetensors description) is replaced only with `overwrite`."""
     output = Path(output)
-    inputs = {"checkpoint": str(checkpoint)}  # never written over, whatever --overwrite says
-    refuse_existing_file(output, overwrite, inputs)
+    inputs, may_hold = _inputs(Path(checkpoint))
+    refuse_existing_file(output, overwrite, inputs, may_hold)
     fmt = resolve_format(output, fmt)
     if fmt == SAFETENSORS_FORMAT:
-        refuse_existing_file(Path(f"{output}.json"), overwrite, inputs)
+        refuse_existing_file(Path(f"{output}.json"), overwrite, inputs, may_hold)
     state, source = projector_from_checkpoint(checkpoint)
     _check_mlp2x(state, source)
     output.parent.mkdir(parents=True, exist_ok=True)

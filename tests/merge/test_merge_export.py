@@ -276,7 +276,7 @@ def test_export_never_replaces_a_file_without_overwrite(runs, tmp_path):
     model = (run / "model.safetensors").read_bytes()
     result = runner.invoke(app, ["export-projector", str(run), "-o",
                                  str(run / "model.safetensors")])
-    assert result.exit_code == 2 and "lies inside the checkpoint" in result.stderr
+    assert result.exit_code == 2 and "is the checkpoint file model.safetensors" in result.stderr
     assert (run / "model.safetensors").read_bytes() == model
     result = runner.invoke(app, ["export-projector", str(run), "-o", str(tmp_path)])
     assert result.exit_code == 2 and "is a directory" in result.stderr
