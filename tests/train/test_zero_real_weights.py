@@ -34,7 +34,7 @@ from llava_cli.config.resolve import resolve_config  # noqa: E402
 from llava_cli.data.text.demo_tokenizer import build_demo_tokenizer  # noqa: E402
 from llava_cli.inspect.inspection import demo_data  # noqa: E402
 from llava_cli.train.run import run_training  # noqa: E402
-from tests.helpers import ROOT  # noqa: E402
+from tests.helpers import PLAIN_SCHEDULE, ROOT  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RECORDS, IMAGES = demo_data()
@@ -80,7 +80,7 @@ def launch(stage: str, out: Path, **flags) -> Path:
     """Two ranks on gloo through the command's library call; returns the output directory."""
     flags = {"data_path": RECORDS, "image_folder": IMAGES, "per_device_train_batch_size": 2,
              "max_steps": STEPS, "save_steps": 2, "learning_rate": 1e-2, "seed": 7,
-             "output_dir": str(out), "dataloader_num_workers": 0, **flags}
+             "output_dir": str(out), "dataloader_num_workers": 0, **PLAIN_SCHEDULE, **flags}
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(PROBE_SCRIPT), stage,
                str(out.parent / f"{out.name}.probe.safetensors"), json.dumps(flags)]
