@@ -301,7 +301,7 @@ def finetuned_base(root: Path):
         "data_path": records, "image_folder": images, "per_device_train_batch_size": 2,
         "learning_rate": 1e-2, "seed": 7, "max_steps": 1, "output_dir": str(root / "base"),
         "model_name_or_path": str(root / "llm"), "vision_tower": str(root / "vit"),
-        "tokenizer": "demo", "random_init": True})
+        "tokenizer": "demo", "random_init": True, **PLAIN_SCHEDULE})
     with pytest.warns(UserWarning, match="RANDOM weights"):
         return run_training(config)
 

@@ -67,11 +67,11 @@ def parts(tmp_path_factory) -> dict[str, Path]:
         "model_name_or_path": str(root / "llm"), "vision_tower": str(root / "vit"),
         "data_path": RECORDS, "image_folder": IMAGES, "max_steps": 1,
         "per_device_train_batch_size": 2, "output_dir": str(root / "pretrain"),
-        "skip_bad_records": True}))  # the sample has a text-only record: not for stage 1
+        "skip_bad_records": True, **PLAIN_SCHEDULE}))  # the sample has a text-only record
     run_training(resolve_config("finetune", flags={  # an existing LLaVA checkpoint
         "model_name_or_path": str(root / "pretrain"), "data_path": RECORDS,
         "image_folder": IMAGES, "max_steps": 1, "per_device_train_batch_size": 2,
-        "output_dir": str(root / "checkpoint")}))
+        "output_dir": str(root / "checkpoint"), **PLAIN_SCHEDULE}))
     return {"llm": root / "llm", "vit": root / "vit", "projector": root / "projector.safetensors",
             "pretrain": root / "pretrain", "checkpoint": root / "checkpoint"}
 
