@@ -15,6 +15,7 @@ Imports nothing heavy: transformers' fields are read from its source (`config.tr
 from __future__ import annotations
 
 import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def declared_settings() -> list[DeclaredSetting]:
-    """Every declared setting: `RunConfig`'s annotated fields, then `TRAINER_SETTINGS`."""
+@functools.cache
+def declared_settings() -> tuple[DeclaredSetting, ...]:
+    """Every declared setting: `RunConfig`'s annotated fields, then `TRAINER_SETTINGS` (read
+    once per process: every command's options at start-up come from here)."""
     out = []
     for name, field in RunConfig.model_fields.items():
         setting = next((m for m in field.metadata if isinstance(m, Setting)), None)
@@ -108,7 +111,7 @@ def declared_settings() -> list[DeclaredSetting]:
         theirs = fields[name]
         out.append(DeclaredSetting(name, theirs.annotation,
                                    theirs.default if ours is None else ours, setting, True))
-    return out
+    return tuple(out)
 
 
 def stage_layer(command: str) -> dict[str, Any]:
